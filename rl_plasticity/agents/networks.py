@@ -1,0 +1,143 @@
+"""Network building blocks shared by the agents.
+
+Layers are kept as plain modules in order (linear, optional LayerNorm, ReLU, ...) so that the
+plasticity code can find weight matrices, LayerNorm gains and post-activation features by walking
+the modules, whatever agent owns them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mlp(in_dim: int, hidden_sizes: Sequence[int], out_dim: int, layer_norm: bool) -> nn.Sequential:
+    """Linear -> [LayerNorm] -> ReLU per hidden layer, then a linear head (LayerNorm before the ReLU)."""
+    layers: list[nn.Module] = []
+    last = in_dim
+    for width in hidden_sizes:
+        layers.append(nn.Linear(last, width))
+        if layer_norm:
+            layers.append(nn.LayerNorm(width))
+        layers.append(nn.ReLU())
+        last = width
+    layers.append(nn.Linear(last, out_dim))
+    return nn.Sequential(*layers)
+
+
+class EnsembleLinear(nn.Module):
+    """`num_members` independent linear layers evaluated as one batched matmul.
+
+    weight: (members, in, out), bias: (members, 1, out).  Input (B, in) is shared by all
+    members; input (members, B, in) gives each member its own rows.  Initialised like
+    `nn.Linear` (uniform in ±1/sqrt(in)) independently per member.
+    """
+
+    def __init__(self, num_members: int, in_features: int, out_features: int):
+        super().__init__()
+        self.num_members, self.in_features, self.out_features = num_members, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(num_members, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(num_members, 1, out_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor, detached: bool = False) -> torch.Tensor:
+        w, b = (self.weight.detach(), self.bias.detach()) if detached else (self.weight, self.bias)
+        if x.dim() == 2:
+            return torch.matmul(x, w) + b
+        return torch.baddbmm(b, x, w)
+
+    def extra_repr(self) -> str:
+        return f"members={self.num_members}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class EnsembleLayerNorm(nn.Module):
+    """LayerNorm with separate gain and bias per ensemble member."""
+
+    def __init__(self, num_members: int, width: int, eps: float = 1e-5):
+        super().__init__()
+        self.width, self.eps = width, eps
+        self.weight = nn.Parameter(torch.ones(num_members, 1, width))
+        self.bias = nn.Parameter(torch.zeros(num_members, 1, width))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor, detached: bool = False) -> torch.Tensor:
+        w, b = (self.weight.detach(), self.bias.detach()) if detached else (self.weight, self.bias)
+        return torch.addcmul(b, F.layer_norm(x, (self.width,), eps=self.eps), w)
+
+
+class EnsembleMLP(nn.Module):
+    """`num_members` MLPs of identical shape as one module: every layer is one batched op.
+
+    Output shape (members, B, out_dim).  `forward(x, detached=True)` uses the parameters without
+    recording gradients for them (the actor's loss differentiates through the critic this way).
+    """
+
+    def __init__(self, num_members: int, in_dim: int, hidden_sizes: Sequence[int], out_dim: int, layer_norm: bool):
+        super().__init__()
+        layers: list[nn.Module] = []
+        last = in_dim
+        for width in hidden_sizes:
+            layers.append(EnsembleLinear(num_members, last, width))
+            if layer_norm:
+                layers.append(EnsembleLayerNorm(num_members, width))
+            layers.append(nn.ReLU())
+            last = width
+        layers.append(EnsembleLinear(num_members, last, out_dim))
+        self.layers = nn.Sequential(*layers)
+        self.num_members = num_members
+
+    def forward(self, x: torch.Tensor, detached: bool = False) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x) if isinstance(layer, nn.ReLU) else layer(x, detached)
+        return x
+
+
+class Critic(nn.Module):
+    """Q(s, a) for `num_critics` members at once: returns (num_critics, B)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: Sequence[int], num_critics: int, layer_norm: bool):
+        super().__init__()
+        self.net = EnsembleMLP(num_critics, obs_dim + action_dim, hidden_sizes, 1, layer_norm)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor, detached: bool = False) -> torch.Tensor:
+        return self.net(torch.cat([obs, action], dim=-1), detached).squeeze(-1)
+
+
+class TanhGaussianActor(nn.Module):
+    """π(a|s) = tanh(N(μ(s), σ(s))), log σ squashed smoothly into [log_std_min, log_std_max]."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: Sequence[int], layer_norm: bool,
+                 log_std_min: float = -5.0, log_std_max: float = 2.0):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden_sizes, 2 * action_dim, layer_norm)
+        self.log_std_min, self.log_std_max = float(log_std_min), float(log_std_max)
+
+    def distribution_params(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, raw = self.net(obs).chunk(2, dim=-1)
+        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(raw) + 1.0)
+        return mean, log_std
+
+    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised action and its log-probability under the squashed Gaussian."""
+        mean, log_std = self.distribution_params(obs)
+        noise = torch.randn_like(mean)
+        u = torch.addcmul(mean, log_std.exp(), noise)
+        # log N(u; mean, std) - log|d tanh(u)/du|, with log(1 - tanh(u)^2) = 2(log 2 - u - softplus(-2u)).
+        log_prob = (-0.5 * noise.square() - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_prob = log_prob - (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).sum(-1)
+        return torch.tanh(u), log_prob
+
+    def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        """The evaluation action tanh(mean)."""
+        return torch.tanh(self.distribution_params(obs)[0])

@@ -1,0 +1,193 @@
+"""Soft actor-critic for high replay ratios (Haarnoja et al. 2018, automatic temperature).
+
+Settings default to those of the SAC experiments in spectral-regularization.md §5.4 / App. B:
+replay ratio 16, 2x256 ReLU MLPs with LayerNorm after each hidden linear layer, one critic,
+batch 256, Adam 3e-4, γ 0.99, Polyak τ 0.005, target entropy −|A|.
+
+The update path is built for speed: `update(batch)` takes all the batches of one environment
+step at once (leading dimension = replay ratio), the critics are one batched module, the three
+losses share one backward pass, optimizers are fused, the target critic moves with one
+`_foreach_lerp_`, and nothing synchronises with the host; metrics come back as device tensors.
+
+The critic, actor and temperature losses are evaluated at the same parameters and stepped
+together, as in the original SAC implementation: the actor's loss reads the critic through
+detached parameters, so each loss sends gradients only into its own network.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+
+from rl_plasticity.agents.networks import Critic, TanhGaussianActor
+from rl_plasticity.buffers import Batch
+from rl_plasticity.config import from_node, require
+
+
+@dataclasses.dataclass
+class SACConfig:
+    name: str = "sac"
+    replay_ratio: int = 16
+    batch_size: int = 256
+    buffer_size: int = 1_000_000
+    prefill_steps: int = 10_000
+    hidden_sizes: tuple[int, ...] = (256, 256)
+    layer_norm: bool = True
+    num_critics: int = 1
+    gamma: float = 0.99
+    tau: float = 0.005
+    actor_lr: float = 3e-4
+    critic_lr: float = 3e-4
+    alpha_lr: float = 3e-4
+    init_alpha: float = 1.0
+    target_entropy: Optional[float] = None  # None: −|A|
+    log_std_min: float = -5.0
+    log_std_max: float = 2.0
+
+    @classmethod
+    def from_node(cls, node: Mapping[str, Any]) -> "SACConfig":
+        cfg = from_node(cls, node, "agent")
+        require(cfg.replay_ratio >= 1, f"agent.replay_ratio must be >= 1, got {cfg.replay_ratio}")
+        require(cfg.batch_size >= 1, f"agent.batch_size must be >= 1, got {cfg.batch_size}")
+        require(cfg.buffer_size >= cfg.batch_size,
+                f"agent.batch_size ({cfg.batch_size}) must not exceed agent.buffer_size ({cfg.buffer_size})")
+        require(cfg.prefill_steps >= 0, f"agent.prefill_steps must be >= 0, got {cfg.prefill_steps}")
+        require(len(cfg.hidden_sizes) >= 1 and min(cfg.hidden_sizes) >= 1,
+                f"agent.hidden_sizes must be a non-empty list of positive widths, got {list(cfg.hidden_sizes)}")
+        require(cfg.num_critics >= 1, f"agent.num_critics must be >= 1, got {cfg.num_critics}")
+        require(0.0 <= cfg.gamma <= 1.0, f"agent.gamma must be in [0, 1], got {cfg.gamma}")
+        require(0.0 < cfg.tau <= 1.0, f"agent.tau must be in (0, 1], got {cfg.tau}")
+        for key in ("actor_lr", "critic_lr", "alpha_lr", "init_alpha"):
+            require(getattr(cfg, key) > 0, f"agent.{key} must be > 0, got {getattr(cfg, key)}")
+        require(cfg.log_std_min < cfg.log_std_max, "agent.log_std_min must be below agent.log_std_max")
+        return cfg
+
+
+def _adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
+    # Fused Adam runs the whole step as one kernel per parameter group (CPU and CUDA).
+    return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"))
+
+
+class SACAgent:
+    """SAC with a tanh-Gaussian actor, `num_critics` critics (min over them) and auto temperature."""
+
+    def __init__(self, obs_dim: int, action_dim: int, cfg: SACConfig, device: torch.device | str = "cpu"):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.obs_dim, self.action_dim = obs_dim, action_dim
+        self.target_entropy = float(-action_dim if cfg.target_entropy is None else cfg.target_entropy)
+        self.update_count = 0
+        self._build()
+
+    # -- construction -------------------------------------------------------------------------
+    def _build(self) -> None:
+        """Fresh networks, target, temperature and optimizer state (also what a full reset does)."""
+        cfg, dev = self.cfg, self.device
+        self.actor = TanhGaussianActor(self.obs_dim, self.action_dim, cfg.hidden_sizes, cfg.layer_norm,
+                                       cfg.log_std_min, cfg.log_std_max).to(dev)
+        self.critic = Critic(self.obs_dim, self.action_dim, cfg.hidden_sizes, cfg.num_critics, cfg.layer_norm).to(dev)
+        self.critic_target = Critic(self.obs_dim, self.action_dim, cfg.hidden_sizes, cfg.num_critics,
+                                    cfg.layer_norm).to(dev)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.critic_target.requires_grad_(False)
+        self.log_alpha = torch.tensor(float(np.log(cfg.init_alpha)), device=dev, requires_grad=True)
+        self.actor_optimizer = _adam(self.actor.parameters(), cfg.actor_lr, dev)
+        self.critic_optimizer = _adam(self.critic.parameters(), cfg.critic_lr, dev)
+        self.alpha_optimizer = _adam([self.log_alpha], cfg.alpha_lr, dev)
+        self._optimizers = (self.actor_optimizer, self.critic_optimizer, self.alpha_optimizer)
+        self._critic_params = list(self.critic.parameters())
+        self._target_params = list(self.critic_target.parameters())
+
+    @property
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """The trained networks by name (what plasticity code and checkpoints iterate over)."""
+        return {"actor": self.actor, "critic": self.critic}
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return self.log_alpha.detach().exp()
+
+    # -- acting -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
+        """Action in [-1, 1] for one observation (or a batch of them)."""
+        o = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        a = self.actor.deterministic(o) if deterministic else self.actor.sample(o)[0]
+        return a.cpu().numpy()
+
+    @torch.no_grad()
+    def value(self, obs: np.ndarray) -> float:
+        """Critic's estimate of V(s) ≈ Q(s, tanh(mean)) (min over critics), for diagnostics."""
+        o = torch.as_tensor(obs, dtype=torch.float32, device=self.device).unsqueeze(0)
+        return float(self.critic(o, self.actor.deterministic(o)).min(0).values.item())
+
+    # -- learning -----------------------------------------------------------------------------
+    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One gradient update per leading slice of `batch` (shape (updates, batch_size, ...)).
+
+        Returns the last update's metrics as detached device tensors (no host sync).
+        """
+        metrics: dict[str, torch.Tensor] = {}
+        for i in range(batch.obs.shape[0]):
+            metrics = self._update_once(batch.obs[i], batch.action[i], batch.reward[i], batch.next_obs[i],
+                                        batch.terminated[i])
+        return metrics
+
+    def _update_once(self, obs, action, reward, next_obs, terminated) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        alpha = self.log_alpha.detach().exp()
+        with torch.no_grad():
+            next_action, next_log_prob = self.actor.sample(next_obs)
+            next_q = self.critic_target(next_obs, next_action).min(0).values
+            # Only a true termination stops bootstrapping; a time-limit truncation does not.
+            target = reward + cfg.gamma * (1.0 - terminated) * (next_q - alpha * next_log_prob)
+        q = self.critic(obs, action)
+        critic_loss = (q - target).square().mean(-1).sum()
+
+        new_action, log_prob = self.actor.sample(obs)
+        q_pi = self.critic(obs, new_action, detached=True).min(0).values
+        actor_loss = (alpha * log_prob - q_pi).mean()
+        alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+
+        for opt in self._optimizers:
+            opt.zero_grad(set_to_none=True)
+        (critic_loss + actor_loss + alpha_loss).backward()
+        for opt in self._optimizers:
+            opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(self._target_params, self._critic_params, cfg.tau)
+        self.update_count += 1
+        return {
+            "losses/critic": critic_loss.detach(),
+            "losses/actor": actor_loss.detach(),
+            "losses/alpha": alpha_loss.detach(),
+            "value/alpha": alpha,
+            "value/q_mean": q.detach().mean(),
+            "value/entropy": -log_prob.detach().mean(),
+        }
+
+    # -- checkpointing ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "critic_target": self.critic_target.state_dict(),
+            "log_alpha": self.log_alpha.detach().clone(),
+            "actor_optimizer": self.actor_optimizer.state_dict(),
+            "critic_optimizer": self.critic_optimizer.state_dict(),
+            "alpha_optimizer": self.alpha_optimizer.state_dict(),
+            "update_count": self.update_count,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.critic_target.load_state_dict(state["critic_target"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
+        self.update_count = int(state["update_count"])

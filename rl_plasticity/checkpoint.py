@@ -1,0 +1,80 @@
+"""Checkpoints: one file of tensors, numbers, strings and containers of them.
+
+Every file loads with `torch.load(weights_only=True)`, so opening a checkpoint never runs code.
+Writes go to a temporary file that is flushed, fsynced and atomically renamed, so a crash while
+writing leaves the previous checkpoint intact; only the newest `keep` files are kept.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or unsafe; the message names the file."""
+
+
+def checkpoint_path(directory: str | Path, step: int) -> Path:
+    return Path(directory) / f"step_{step:09d}.pt"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Checkpoint files of a run's checkpoint folder, oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, keep: int = 3) -> Path:
+    """Write `state` as `<directory>/step_<step>.pt` atomically, then prune to the newest `keep`."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(d, step)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    if keep > 0:
+        for old in list_checkpoints(d)[:-keep]:
+            old.unlink(missing_ok=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`; any failure is a CheckpointError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint file not found: {p}")
+    try:
+        state = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refusing to load {p}: it holds objects that only arbitrary unpickling could "
+                              f"rebuild (not a rl_plasticity checkpoint): {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {p}: truncated or not a torch file "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict) or "format" not in state:
+        raise CheckpointError(f"{p} is a torch file but not a rl_plasticity checkpoint")
+    return state

@@ -1,0 +1,85 @@
+"""TensorBoard writer and console progress line: the only place that writes metrics."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Mapping
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Logger:
+    """Scalars to TensorBoard (one namespace per concern: charts/, eval/, losses/, value/, ...)
+    and a one-line progress report on the console."""
+
+    def __init__(self, run_dir: str, total_steps: int, stream=sys.stdout):
+        self.writer = SummaryWriter(log_dir=run_dir)
+        self.total_steps = total_steps
+        self.stream = stream
+        self.last_return: float | None = None
+
+    def text(self, tag: str, text: str) -> None:
+        self.writer.add_text(tag, text, 0)
+
+    def scalar(self, tag: str, value: float | torch.Tensor, step: int) -> None:
+        self.writer.add_scalar(tag, float(value), step)
+
+    def scalars(self, values: Mapping[str, float | torch.Tensor], step: int) -> None:
+        """Write many scalars; device tensors are moved to the host in one transfer."""
+        if not values:
+            return
+        tags = list(values)
+        tensors = [torch.as_tensor(values[t], dtype=torch.float32).reshape(()) for t in tags]
+        host = torch.stack([t.to(tensors[0].device) for t in tensors]).cpu().tolist()
+        for tag, v in zip(tags, host):
+            self.writer.add_scalar(tag, v, step)
+
+    def episode(self, episode_return: float, length: int, step: int) -> None:
+        self.last_return = episode_return
+        self.writer.add_scalar("charts/episode_return", episode_return, step)
+        self.writer.add_scalar("charts/episode_length", length, step)
+
+    def progress(self, step: int, sps: float, ups: float, elapsed_s: float, started_at: int) -> None:
+        """Console: env steps, steps/s, updates/s, last episode return, ETA."""
+        remaining = (self.total_steps - step) / sps if sps > 0 else float("inf")
+        ret = "n/a" if self.last_return is None else f"{self.last_return:.1f}"
+        pct = 100.0 * step / max(self.total_steps, 1)
+        print(f"step {step:>9,}/{self.total_steps:,} ({pct:5.1f}%) | {sps:7.1f} steps/s | {ups:8.1f} updates/s | "
+              f"return {ret} | elapsed {_fmt_duration(elapsed_s)} | ETA {_fmt_duration(remaining)}",
+              file=self.stream, flush=True)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class RateMeter:
+    """Steps and updates per second over the interval since the last `rates()` call."""
+
+    def __init__(self, step: int = 0, updates: int = 0):
+        self.t0 = self.t_last = time.perf_counter()
+        self.step_last, self.upd_last = step, updates
+
+    def rates(self, step: int, updates: int) -> tuple[float, float]:
+        now = time.perf_counter()
+        dt = max(now - self.t_last, 1e-9)
+        sps, ups = (step - self.step_last) / dt, (updates - self.upd_last) / dt
+        self.t_last, self.step_last, self.upd_last = now, step, updates
+        return sps, ups
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
