@@ -15,6 +15,7 @@ detached parameters, so each loss sends gradients only into its own network.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Mapping, Optional
 
@@ -135,14 +136,23 @@ class SACAgent:
                                         batch.terminated[i])
         return metrics
 
+    @torch.no_grad()
+    def td_target(self, reward: torch.Tensor, next_obs: torch.Tensor, terminated: torch.Tensor,
+                  alpha: torch.Tensor | None = None) -> torch.Tensor:
+        """r + γ (1 − terminated) (min_i Q̄_i(s', a') − α log π(a'|s')), a' ~ π(·|s').
+
+        Only a true termination stops bootstrapping; a time-limit truncation does not (the loop
+        stores it as terminated = 0).
+        """
+        alpha = self.alpha if alpha is None else alpha
+        next_action, next_log_prob = self.actor.sample(next_obs)
+        next_q = self.critic_target(next_obs, next_action).min(0).values
+        return reward + self.cfg.gamma * (1.0 - terminated) * (next_q - alpha * next_log_prob)
+
     def _update_once(self, obs, action, reward, next_obs, terminated) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         alpha = self.log_alpha.detach().exp()
-        with torch.no_grad():
-            next_action, next_log_prob = self.actor.sample(next_obs)
-            next_q = self.critic_target(next_obs, next_action).min(0).values
-            # Only a true termination stops bootstrapping; a time-limit truncation does not.
-            target = reward + cfg.gamma * (1.0 - terminated) * (next_q - alpha * next_log_prob)
+        target = self.td_target(reward, next_obs, terminated, alpha)
         q = self.critic(obs, action)
         critic_loss = (q - target).square().mean(-1).sum()
 
@@ -187,7 +197,9 @@ class SACAgent:
         self.critic_target.load_state_dict(state["critic_target"])
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
-        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
+        # Optimizer.load_state_dict keeps the given tensors when device and dtype already match;
+        # copy them so that two agents never share moment estimates.
+        self.actor_optimizer.load_state_dict(copy.deepcopy(state["actor_optimizer"]))
+        self.critic_optimizer.load_state_dict(copy.deepcopy(state["critic_optimizer"]))
+        self.alpha_optimizer.load_state_dict(copy.deepcopy(state["alpha_optimizer"]))
         self.update_count = int(state["update_count"])
