@@ -3,15 +3,17 @@
 Both agents train on the same env (default DMC cheetah-run) with the same settings: 2x256 ReLU
 MLPs, batch 256, `--num-critics` critics, 16 gradient updates per call, LayerNorm off on our side
 (SB3 has none).  Each side fills its replay buffer with `--fill` random transitions, warms up,
-then times `--calls` calls of 16 updates (batch sampling included).  The last line reads
+then the two sides alternate `--rounds` rounds of `--calls` calls of 16 updates (batch sampling
+included); the ratio is the median of the per-round ratios.  The last line reads
 `speedup_vs_sb3 <ratio>`.
 
-    python benchmarks/sac_update_speed.py [--env cheetah-run] [--num-critics 2] [--calls 30]
+    python benchmarks/sac_update_speed.py [--env cheetah-run] [--num-critics 1] [--rounds 9]
 """
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 
 import numpy as np
@@ -28,7 +30,8 @@ def _fill_env(env, n: int, seed: int):
         obs = env.reset()[0] if (terminated or truncated) else next_obs
 
 
-def time_ours(env_cfg, args) -> float:
+def build_ours(env_cfg, args):
+    """This package's SAC with a filled buffer; returns a function that times `calls` calls."""
     from rl_plasticity.agents.sac import SACAgent, SACConfig
     from rl_plasticity.buffers import ReplayBuffer
     from rl_plasticity.envs import make_env
@@ -40,16 +43,19 @@ def time_ours(env_cfg, args) -> float:
     buffer = ReplayBuffer(obs_dim, act_dim, args.fill, "cpu", seed=0)
     for transition in _fill_env(env, args.fill, 0):
         buffer.add(*transition)
-    for _ in range(args.warmup):
-        agent.update(buffer.sample(16, 256))
-    start = time.perf_counter()
-    for _ in range(args.calls):
-        metrics = agent.update(buffer.sample(16, 256))
-    float(metrics["losses/critic"])  # one sync at the end, as at log time
-    return args.calls * 16 / (time.perf_counter() - start)
+
+    def run(calls: int) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            metrics = agent.update(buffer.sample(16, 256))
+        float(metrics["losses/critic"])  # one sync at the end, as at log time
+        return calls * 16 / (time.perf_counter() - start)
+
+    return run
 
 
-def time_sb3(env_cfg, args) -> float:
+def build_sb3(env_cfg, args):
+    """Stable-Baselines3 SAC with the same settings and a filled buffer; same timing function."""
     from stable_baselines3 import SAC
 
     from rl_plasticity.envs import make_env
@@ -59,36 +65,44 @@ def time_sb3(env_cfg, args) -> float:
                 train_freq=1, gradient_steps=16, policy_kwargs=dict(net_arch=[256, 256], n_critics=args.num_critics),
                 device="cpu", seed=0, verbose=0)
     model.learn(total_timesteps=args.fill + 1)  # fills the buffer with random actions, sets up the logger
-    for _ in range(args.warmup):
-        model.train(gradient_steps=16, batch_size=256)
-    start = time.perf_counter()
-    for _ in range(args.calls):
-        model.train(gradient_steps=16, batch_size=256)
-    return args.calls * 16 / (time.perf_counter() - start)
+
+    def run(calls: int) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            model.train(gradient_steps=16, batch_size=256)
+        return calls * 16 / (time.perf_counter() - start)
+
+    return run
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--env", default="cheetah-run", help="DMC <domain>-<task>")
-    p.add_argument("--num-critics", type=int, default=2)
+    p.add_argument("--num-critics", type=int, default=1, help="1 as in the paper; SB3 gets the same")
     p.add_argument("--layer-norm", action="store_true", help="LayerNorm on our side (SB3 has none)")
     p.add_argument("--fill", type=int, default=5000)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--calls", type=int, default=30)
-    p.add_argument("--repeats", type=int, default=3, help="alternate the two sides this many times, keep the best")
+    p.add_argument("--calls", type=int, default=10, help="calls of 16 updates per round and side")
+    p.add_argument("--rounds", type=int, default=9, help="rounds alternating the two sides")
     args = p.parse_args()
     domain, task = args.env.split("-", 1)
     env_cfg = {"kind": "dmc", "domain": domain, "task": task}
     print(f"device cpu ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, env {args.env}, critics {args.num_critics}, batch 256, 16 updates/call")
+    ours_run, sb3_run = build_ours(env_cfg, args), build_sb3(env_cfg, args)
+    ours_run(args.warmup)
+    sb3_run(args.warmup)
+    # Alternate short rounds so that both sides see the same machine load; the ratio is the
+    # median of the per-round ratios.
     ours, sb3 = [], []
-    for _ in range(args.repeats):
-        ours.append(time_ours(env_cfg, args))
-        sb3.append(time_sb3(env_cfg, args))
-    o, s = max(ours), max(sb3)
-    print(f"rl_plasticity  {o:8.1f} updates/s  ({1e3 / o:.2f} ms/update)  runs: {', '.join(f'{x:.0f}' for x in ours)}")
-    print(f"sb3            {s:8.1f} updates/s  ({1e3 / s:.2f} ms/update)  runs: {', '.join(f'{x:.0f}' for x in sb3)}")
-    print(f"speedup_vs_sb3 {o / s:.2f}")
+    for _ in range(args.rounds):
+        ours.append(ours_run(args.calls))
+        sb3.append(sb3_run(args.calls))
+    ratios = sorted(o / s for o, s in zip(ours, sb3))
+    o, s = statistics.median(ours), statistics.median(sb3)
+    print(f"rl_plasticity  {o:8.1f} updates/s  ({1e3 / o:.2f} ms/update)  rounds: {', '.join(f'{x:.0f}' for x in ours)}")
+    print(f"sb3            {s:8.1f} updates/s  ({1e3 / s:.2f} ms/update)  rounds: {', '.join(f'{x:.0f}' for x in sb3)}")
+    print(f"speedup_vs_sb3 {statistics.median(ratios):.2f}")
 
 
 if __name__ == "__main__":

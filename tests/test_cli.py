@@ -61,10 +61,12 @@ def test_short_run_writes_checkpoints_loadable_weights_only(short_run):
     assert state["config"]["env"]["name"] == "cartpole-balance"
     assert state["config"]["agent"]["replay_ratio"] == 2
     agent = state["agent"]
-    for key in ("actor", "critic", "critic_target", "log_alpha", "actor_optimizer", "critic_optimizer",
-                "alpha_optimizer"):
+    for key in ("actor", "critic", "critic_target", "log_alpha", "optimizer"):
         assert key in agent
     assert agent["update_count"] == 2 * (600 - 300 + 1)
+    groups = agent["optimizer"]["param_groups"]
+    assert [g["name"] for g in groups] == ["actor", "critic", "alpha"]
+    assert len(agent["optimizer"]["state"]) == sum(len(g["params"]) for g in groups)
 
 
 def test_default_run_dir_is_named_by_date_and_overrides(tmp_path):

@@ -13,7 +13,7 @@ def test_sac_learns_cartpole_balance(tmp_path):
 
     result = subprocess.run(
         [sys.executable, "-m", "rl_plasticity.train", "env=cartpole-balance", "env.action_repeat=4",
-         "total_steps=6000", "agent.prefill_steps=1000", "agent.replay_ratio=4", "eval.every=1000",
+         "total_steps=4000", "agent.prefill_steps=1000", "agent.replay_ratio=4", "eval.every=1000",
          "eval.episodes=5", "log.every=1000", "seed=0", f"run_dir={tmp_path}"],
         capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr

@@ -80,7 +80,7 @@ def test_termination_stops_bootstrapping_truncation_does_not():
 
 def test_actor_loss_does_not_train_the_critic():
     agent = make_agent()
-    agent.critic_optimizer.param_groups[0]["lr"] = 0.0  # only the critic's own loss could move it
+    agent.optimizer.param_groups[1]["lr"] = 0.0  # the critic's group: only its own loss could move it
     before = copy.deepcopy(agent.critic.state_dict())
     agent.update(fixed_batch())
     assert all(torch.equal(before[k], v) for k, v in agent.critic.state_dict().items())

@@ -22,7 +22,7 @@ def mlp(in_dim: int, hidden_sizes: Sequence[int], out_dim: int, layer_norm: bool
         layers.append(nn.Linear(last, width))
         if layer_norm:
             layers.append(nn.LayerNorm(width))
-        layers.append(nn.ReLU())
+        layers.append(nn.ReLU(inplace=True))
         last = width
     layers.append(nn.Linear(last, out_dim))
     return nn.Sequential(*layers)
@@ -50,6 +50,10 @@ class EnsembleLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, detached: bool = False) -> torch.Tensor:
         w, b = (self.weight.detach(), self.bias.detach()) if detached else (self.weight, self.bias)
+        if self.num_members == 1:
+            # One member: a plain fused addmm (cheaper than a batched matmul, and its backward
+            # needs no transposed copies).
+            return torch.addmm(b[0], x.reshape(-1, self.in_features), w[0]).unsqueeze(0)
         if x.dim() == 2:
             return torch.matmul(x, w) + b
         return torch.baddbmm(b, x, w)
@@ -73,6 +77,8 @@ class EnsembleLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, detached: bool = False) -> torch.Tensor:
         w, b = (self.weight.detach(), self.bias.detach()) if detached else (self.weight, self.bias)
+        if w.shape[0] == 1:
+            return F.layer_norm(x, (self.width,), w[0, 0], b[0, 0], self.eps)
         return torch.addcmul(b, F.layer_norm(x, (self.width,), eps=self.eps), w)
 
 
@@ -91,7 +97,7 @@ class EnsembleMLP(nn.Module):
             layers.append(EnsembleLinear(num_members, last, width))
             if layer_norm:
                 layers.append(EnsembleLayerNorm(num_members, width))
-            layers.append(nn.ReLU())
+            layers.append(nn.ReLU(inplace=True))
             last = width
         layers.append(EnsembleLinear(num_members, last, out_dim))
         self.layers = nn.Sequential(*layers)

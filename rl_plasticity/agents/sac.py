@@ -11,7 +11,8 @@ losses share one backward pass, optimizers are fused, the target critic moves wi
 
 The critic, actor and temperature losses are evaluated at the same parameters and stepped
 together, as in the original SAC implementation: the actor's loss reads the critic through
-detached parameters, so each loss sends gradients only into its own network.
+detached parameters, so each loss sends gradients only into its own network, and one fused Adam step (a parameter group
+per network) applies all three.
 """
 from __future__ import annotations
 
@@ -66,9 +67,9 @@ class SACConfig:
         return cfg
 
 
-def _adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
-    # Fused Adam runs the whole step as one kernel per parameter group (CPU and CUDA).
-    return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"))
+def _min_over_critics(q: torch.Tensor) -> torch.Tensor:
+    """Clipped double-Q: the minimum over the critic dimension (a plain view for one critic)."""
+    return q[0] if q.shape[0] == 1 else q.min(0).values
 
 
 class SACAgent:
@@ -94,10 +95,13 @@ class SACAgent:
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.critic_target.requires_grad_(False)
         self.log_alpha = torch.tensor(float(np.log(cfg.init_alpha)), device=dev, requires_grad=True)
-        self.actor_optimizer = _adam(self.actor.parameters(), cfg.actor_lr, dev)
-        self.critic_optimizer = _adam(self.critic.parameters(), cfg.critic_lr, dev)
-        self.alpha_optimizer = _adam([self.log_alpha], cfg.alpha_lr, dev)
-        self._optimizers = (self.actor_optimizer, self.critic_optimizer, self.alpha_optimizer)
+        # One Adam, one parameter group per trained object: a single optimizer step per update
+        # (less Python overhead than three), while each group keeps its own learning rate.
+        self.optimizer = torch.optim.Adam(
+            [{"params": list(self.actor.parameters()), "lr": cfg.actor_lr, "name": "actor"},
+             {"params": list(self.critic.parameters()), "lr": cfg.critic_lr, "name": "critic"},
+             {"params": [self.log_alpha], "lr": cfg.alpha_lr, "name": "alpha"}],
+            fused=dev.type in ("cpu", "cuda"))
         self._critic_params = list(self.critic.parameters())
         self._target_params = list(self.critic_target.parameters())
 
@@ -122,7 +126,7 @@ class SACAgent:
     def value(self, obs: np.ndarray) -> float:
         """Critic's estimate of V(s) ≈ Q(s, tanh(mean)) (min over critics), for diagnostics."""
         o = torch.as_tensor(obs, dtype=torch.float32, device=self.device).unsqueeze(0)
-        return float(self.critic(o, self.actor.deterministic(o)).min(0).values.item())
+        return float(_min_over_critics(self.critic(o, self.actor.deterministic(o))).item())
 
     # -- learning -----------------------------------------------------------------------------
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -146,7 +150,7 @@ class SACAgent:
         """
         alpha = self.alpha if alpha is None else alpha
         next_action, next_log_prob = self.actor.sample(next_obs)
-        next_q = self.critic_target(next_obs, next_action).min(0).values
+        next_q = _min_over_critics(self.critic_target(next_obs, next_action))
         return reward + self.cfg.gamma * (1.0 - terminated) * (next_q - alpha * next_log_prob)
 
     def _update_once(self, obs, action, reward, next_obs, terminated) -> dict[str, torch.Tensor]:
@@ -157,15 +161,13 @@ class SACAgent:
         critic_loss = (q - target).square().mean(-1).sum()
 
         new_action, log_prob = self.actor.sample(obs)
-        q_pi = self.critic(obs, new_action, detached=True).min(0).values
+        q_pi = _min_over_critics(self.critic(obs, new_action, detached=True))
         actor_loss = (alpha * log_prob - q_pi).mean()
         alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
 
-        for opt in self._optimizers:
-            opt.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         (critic_loss + actor_loss + alpha_loss).backward()
-        for opt in self._optimizers:
-            opt.step()
+        self.optimizer.step()
         with torch.no_grad():
             torch._foreach_lerp_(self._target_params, self._critic_params, cfg.tau)
         self.update_count += 1
@@ -185,9 +187,7 @@ class SACAgent:
             "critic": self.critic.state_dict(),
             "critic_target": self.critic_target.state_dict(),
             "log_alpha": self.log_alpha.detach().clone(),
-            "actor_optimizer": self.actor_optimizer.state_dict(),
-            "critic_optimizer": self.critic_optimizer.state_dict(),
-            "alpha_optimizer": self.alpha_optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
             "update_count": self.update_count,
         }
 
@@ -199,7 +199,5 @@ class SACAgent:
             self.log_alpha.copy_(state["log_alpha"])
         # Optimizer.load_state_dict keeps the given tensors when device and dtype already match;
         # copy them so that two agents never share moment estimates.
-        self.actor_optimizer.load_state_dict(copy.deepcopy(state["actor_optimizer"]))
-        self.critic_optimizer.load_state_dict(copy.deepcopy(state["critic_optimizer"]))
-        self.alpha_optimizer.load_state_dict(copy.deepcopy(state["alpha_optimizer"]))
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.update_count = int(state["update_count"])
