@@ -29,6 +29,26 @@ class Logger:
         self.stream = stream
         self.last_return: float | None = None
 
+    def dashboard(self, networks: list[str]) -> None:
+        """Register a custom-scalars layout so the run opens as a dashboard (CUSTOM SCALARS tab)."""
+        metrics = ["spectral_norm", "param_norm|grad_norm", "feature_effective_rank", "dormant_fraction|dead_fraction",
+                   "distance_from_init"]
+        layout = {
+            "Return": {
+                "episode and evaluation return": ["Multiline", ["charts/episode_return", "eval/return_mean"]],
+                "speed": ["Multiline", ["charts/sps", "charts/updates_per_s"]],
+            },
+            "Losses": {name: ["Multiline", [f"losses/{name}"]] for name in ("critic", "actor", "alpha", "plasticity")},
+            "Value": {
+                "overestimation": ["Multiline", ["value/overestimation"]],
+                "q and temperature": ["Multiline", ["value/q_mean", "value/alpha", "value/entropy"]],
+            },
+        }
+        for net in networks:
+            layout[f"Plasticity: {net}"] = {m.replace("|", " / "): ["Multiline", [f"plasticity/{net}/({m})"]]
+                                            for m in metrics}
+        self.writer.add_custom_scalars(layout)
+
     def text(self, tag: str, text: str) -> None:
         self.writer.add_text(tag, text, 0)
 

@@ -23,6 +23,10 @@ class OffPolicyAgent(Protocol):
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]: ...
 
+    def value(self, obs: np.ndarray) -> float: ...
+
+    def diagnostics(self, batch: Batch) -> dict[str, torch.Tensor]: ...
+
 
 @dataclasses.dataclass
 class OffPolicySchedule:
@@ -37,20 +41,37 @@ class OffPolicySchedule:
     log_every: int
     checkpoint_every: int
     seed: int
+    gamma: float = 0.99              # for the discounted returns of value/overestimation
+    diagnostics_every: int = 16_000  # gradient updates between plasticity diagnostics
 
 
-def evaluate(agent: OffPolicyAgent, env: gym.Env, episodes: int, seed: int) -> np.ndarray:
-    """Returns of `episodes` episodes of the deterministic policy; episode k resets with seed+k,
-    so the result depends only on the policy and `seed`."""
+def evaluate(agent: OffPolicyAgent, env: gym.Env, episodes: int, seed: int,
+             gamma: float | None = None) -> dict[str, np.ndarray]:
+    """Run `episodes` episodes of the deterministic policy; episode k resets with seed+k, so the
+    result depends only on the policy and `seed`.
+
+    Returns per-episode `returns`; with `gamma`, also `overestimation`: the critic's value of
+    the first state minus the discounted return actually obtained from it.
+    """
     returns = np.zeros(episodes)
+    over = np.zeros(episodes)
     for k in range(episodes):
         obs, _ = env.reset(seed=seed + k)
+        start_value = agent.value(obs) if gamma is not None else 0.0
+        discounted, discount = 0.0, 1.0
         done = False
         while not done:
             obs, reward, terminated, truncated, _ = env.step(agent.act(obs, deterministic=True))
             returns[k] += float(reward)
+            if gamma is not None:
+                discounted += discount * float(reward)
+                discount *= gamma
             done = terminated or truncated
-    return returns
+        over[k] = start_value - discounted
+    result = {"returns": returns}
+    if gamma is not None:
+        result["overestimation"] = over
+    return result
 
 
 def run_off_policy(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, eval_env: gym.Env, logger: Logger,
@@ -66,6 +87,8 @@ def run_off_policy(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, ev
     metrics: dict[str, torch.Tensor] = {}
     last_eval: dict[str, float] = {}
     meter = RateMeter(0, agent.update_count)
+    probe: Batch | None = None  # fixed probe batch for plasticity diagnostics, drawn once
+    last_diagnostics = None
     for step in range(1, s.total_steps + 1):
         if step <= s.prefill_steps:
             action = env.action_space.sample()
@@ -89,13 +112,22 @@ def run_off_policy(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, ev
 
         if step % s.log_every == 0 or step == s.total_steps:
             sps, ups = meter.rates(step, agent.update_count)
-            logger.scalars(metrics, step)  # the only host sync of the update metrics
+            values = dict(metrics)
+            if agent.update_count > 0 and (last_diagnostics is None
+                                           or agent.update_count - last_diagnostics >= s.diagnostics_every):
+                if probe is None:
+                    probe = Batch(*(t[0] for t in buffer.sample(1, min(s.batch_size, 256))))
+                values.update(agent.diagnostics(probe))
+                last_diagnostics = agent.update_count
+            logger.scalars(values, step)  # the only host sync of the update metrics
             logger.scalar("charts/sps", sps, step)
             logger.scalar("charts/updates_per_s", ups, step)
             logger.progress(step, sps, ups, meter.elapsed, 0)
         if s.eval_episodes > 0 and (step % s.eval_every == 0 or step == s.total_steps):
-            returns = evaluate(agent, eval_env, s.eval_episodes, s.seed + 1_000_000)
-            last_eval = {"eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std())}
+            result = evaluate(agent, eval_env, s.eval_episodes, s.seed + 1_000_000, s.gamma)
+            returns = result["returns"]
+            last_eval = {"eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std()),
+                         "value/overestimation": float(result["overestimation"].mean())}
             logger.scalars(last_eval, step)
             logger.flush()
         if step % s.checkpoint_every == 0 or step == s.total_steps:

@@ -83,6 +83,7 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
     from rl_plasticity.envs import make_env
     from rl_plasticity.logging import Logger
     from rl_plasticity.loops import OffPolicySchedule, run_off_policy
+    from rl_plasticity.plasticity.mixin import PlasticityConfig
 
     container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     container["run_dir"] = run_dir
@@ -100,8 +101,7 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
     agent_name = container["agent"].get("name")
     if agent_name not in agents:
         raise ConfigError(f"unknown agent '{agent_name}'. Valid choices: {', '.join(agents)}")
-    plasticity = container.get("plasticity", {}).get("name", "none")
-    require(plasticity == "none", f"plasticity '{plasticity}' is not available yet. Valid choices: none")
+    plasticity_cfg = PlasticityConfig.from_node(container["plasticity"])
     agent_cfg = SACConfig.from_node(container["agent"])
     device = resolve_device(run.device)
     if run.threads is not None:
@@ -112,15 +112,16 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
     env = make_env(container["env"])
     eval_env = make_env(container["env"])
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    agent = SACAgent(obs_dim, action_dim, agent_cfg, device)
+    agent = SACAgent(obs_dim, action_dim, agent_cfg, device, plasticity=plasticity_cfg)
     buffer = ReplayBuffer(obs_dim, action_dim, agent_cfg.buffer_size, device, seed=run.seed)
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     logger = Logger(run_dir, run.total_steps)
     logger.text("config", _yaml_block(container))
+    logger.dashboard(list(agent.networks))
     print(f"run dir: {run_dir}  (tensorboard --logdir {run_dir})\n"
           f"agent {agent_name} on {container['env']['name']} | device {device} | obs {obs_dim} | actions {action_dim} | "
-          f"replay ratio {agent_cfg.replay_ratio} | replay buffer {buffer.nbytes / 2**20:.0f} MiB", flush=True)
+          f"replay ratio {agent_cfg.replay_ratio} | plasticity {plasticity_cfg.name} | replay buffer {buffer.nbytes / 2**20:.0f} MiB", flush=True)
 
     def checkpoint(step: int) -> None:
         state = {
@@ -137,7 +138,8 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
     schedule = OffPolicySchedule(
         total_steps=run.total_steps, prefill_steps=agent_cfg.prefill_steps, replay_ratio=agent_cfg.replay_ratio,
         batch_size=agent_cfg.batch_size, eval_every=evaluation.every, eval_episodes=evaluation.episodes,
-        log_every=log.every, checkpoint_every=ckpt.every, seed=run.seed,
+        log_every=log.every, checkpoint_every=ckpt.every, seed=run.seed, gamma=agent_cfg.gamma,
+        diagnostics_every=plasticity_cfg.log_every,
     )
     try:
         result = run_off_policy(agent, buffer, env, eval_env, logger, schedule, checkpoint)

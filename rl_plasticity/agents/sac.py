@@ -26,6 +26,7 @@ import torch
 from rl_plasticity.agents.networks import Critic, TanhGaussianActor
 from rl_plasticity.buffers import Batch
 from rl_plasticity.config import from_node, require
+from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
 
 
 @dataclasses.dataclass
@@ -47,6 +48,7 @@ class SACConfig:
     target_entropy: Optional[float] = None  # None: −|A|
     log_std_min: float = -5.0
     log_std_max: float = 2.0
+    reset_interval: Optional[int] = None  # full reset every N gradient updates (null: never)
 
     @classmethod
     def from_node(cls, node: Mapping[str, Any]) -> "SACConfig":
@@ -64,6 +66,8 @@ class SACConfig:
         for key in ("actor_lr", "critic_lr", "alpha_lr", "init_alpha"):
             require(getattr(cfg, key) > 0, f"agent.{key} must be > 0, got {getattr(cfg, key)}")
         require(cfg.log_std_min < cfg.log_std_max, "agent.log_std_min must be below agent.log_std_max")
+        require(cfg.reset_interval is None or cfg.reset_interval >= 1,
+                f"agent.reset_interval must be >= 1 (gradient updates) or null, got {cfg.reset_interval}")
         return cfg
 
 
@@ -72,15 +76,22 @@ def _min_over_critics(q: torch.Tensor) -> torch.Tensor:
     return q[0] if q.shape[0] == 1 else q.min(0).values
 
 
-class SACAgent:
-    """SAC with a tanh-Gaussian actor, `num_critics` critics (min over them) and auto temperature."""
+class SACAgent(PlasticityMixin):
+    """SAC with a tanh-Gaussian actor, `num_critics` critics (min over them) and auto temperature.
 
-    def __init__(self, obs_dim: int, action_dim: int, cfg: SACConfig, device: torch.device | str = "cpu"):
+    Plasticity: the actor's and critic's MLPs are registered with the mixin as "actor" and
+    "critic"; each one's penalty joins the summed loss, and `agent.reset_interval` triggers a
+    full reset (actor, critic, target, temperature, optimizer state; the replay buffer is kept).
+    """
+
+    def __init__(self, obs_dim: int, action_dim: int, cfg: SACConfig, device: torch.device | str = "cpu",
+                 plasticity: Optional[PlasticityConfig] = None):
         self.cfg = cfg
         self.device = torch.device(device)
         self.obs_dim, self.action_dim = obs_dim, action_dim
         self.target_entropy = float(-action_dim if cfg.target_entropy is None else cfg.target_entropy)
         self.update_count = 0
+        self.init_plasticity(plasticity or PlasticityConfig(), cfg.reset_interval)
         self._build()
 
     # -- construction -------------------------------------------------------------------------
@@ -104,6 +115,19 @@ class SACAgent:
             fused=dev.type in ("cpu", "cuda"))
         self._critic_params = list(self.critic.parameters())
         self._target_params = list(self.critic_target.parameters())
+        self.register_networks({"actor": self.actor.net, "critic": self.critic.net})
+
+    def reset_networks(self) -> None:
+        """Full reset (the SR-SAC reset baseline): everything re-initialised, buffer kept."""
+        self._build()
+
+    def plasticity_inputs(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        obs, action = batch
+        return {"actor": obs, "critic": torch.cat([obs, action], dim=-1)}
+
+    def diagnostics(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Plasticity diagnostics on a probe batch of shape (B, ...) (see PlasticityMixin)."""
+        return self.plasticity_diagnostics((batch.obs, batch.action))
 
     @property
     def networks(self) -> dict[str, torch.nn.Module]:
@@ -165,12 +189,18 @@ class SACAgent:
         actor_loss = (alpha * log_prob - q_pi).mean()
         alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
 
+        loss = critic_loss + actor_loss + alpha_loss
+        for name in ("critic", "actor"):
+            penalty = self.plasticity_loss(name)
+            if penalty is not None:
+                loss = loss + penalty
         self.optimizer.zero_grad(set_to_none=True)
-        (critic_loss + actor_loss + alpha_loss).backward()
+        loss.backward()
         self.optimizer.step()
         with torch.no_grad():
             torch._foreach_lerp_(self._target_params, self._critic_params, cfg.tau)
         self.update_count += 1
+        self.plasticity_after_update((obs, action))
         return {
             "losses/critic": critic_loss.detach(),
             "losses/actor": actor_loss.detach(),
@@ -189,6 +219,7 @@ class SACAgent:
             "log_alpha": self.log_alpha.detach().clone(),
             "optimizer": self.optimizer.state_dict(),
             "update_count": self.update_count,
+            "plasticity": self.plasticity_state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -201,3 +232,4 @@ class SACAgent:
         # copy them so that two agents never share moment estimates.
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.update_count = int(state["update_count"])
+        self.load_plasticity_state_dict(state["plasticity"])

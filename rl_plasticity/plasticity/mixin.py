@@ -1,0 +1,203 @@
+"""PlasticityMixin: regularizers, interventions and diagnostics for any agent's networks.
+
+The mixin knows networks, not algorithms.  An agent
+
+1. calls `init_plasticity(cfg, reset_interval)` and `register_networks({"actor": ..., ...})` with
+   modules whose forward takes one input tensor (so features can be recorded on any input);
+2. adds `plasticity_loss(name)` to each network's loss (None when the regularizer has no term);
+3. calls `plasticity_after_update(batch)` after each optimizer step (effective-rank steps and
+   periodic resets happen there);
+4. implements `plasticity_inputs(batch) -> {name: input tensor}` and, for resets,
+   `reset_networks()` (fresh networks, targets, temperature and optimizer state, then
+   `register_networks` again).
+
+Regularizer state, initial parameters and counters are saved with `plasticity_state_dict()`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from rl_plasticity.config import ConfigError, from_node, require
+from rl_plasticity.plasticity.layers import FeatureRecorder, weights_and_vectors
+from rl_plasticity.plasticity.regularizers import REGULARIZERS, Regularizer, effective_rank
+
+DORMANT_THRESHOLD = 0.025  # ReDo (Sokar et al. 2023): a unit is dormant when its score ≤ τ
+
+
+@dataclasses.dataclass
+class PlasticityConfig:
+    name: str = "none"
+    coef: float = 0.0                  # penalty coefficient for every network ...
+    coef_actor: Optional[float] = None  # ... unless overridden per network
+    coef_critic: Optional[float] = None
+    k: float = 2.0                     # spectral exponent
+    er: bool = False                   # run the effective-rank step (er, l2_er)
+    er_lr: float = 0.01
+    er_batch: int = 128
+    er_step: int = 1                   # updates between effective-rank steps
+    log_every: int = 16_000            # updates between diagnostics
+
+    @classmethod
+    def from_node(cls, node: Mapping[str, Any]) -> "PlasticityConfig":
+        cfg = from_node(cls, node, "plasticity")
+        if cfg.name not in REGULARIZERS:
+            raise ConfigError(f"unknown plasticity '{cfg.name}'. Valid choices: {', '.join(sorted(REGULARIZERS))}")
+        for key in ("coef", "coef_actor", "coef_critic"):
+            value = getattr(cfg, key)
+            require(value is None or value >= 0, f"plasticity.{key} must be >= 0, got {value}")
+        require(cfg.k > 0, f"plasticity.k must be > 0, got {cfg.k}")
+        require(cfg.er_lr > 0, f"plasticity.er_lr must be > 0, got {cfg.er_lr}")
+        require(cfg.er_batch >= 2, f"plasticity.er_batch must be >= 2, got {cfg.er_batch}")
+        require(cfg.er_step >= 1, f"plasticity.er_step must be >= 1, got {cfg.er_step}")
+        require(cfg.log_every >= 1, f"plasticity.log_every must be >= 1, got {cfg.log_every}")
+        return cfg
+
+    def coef_for(self, network: str) -> float:
+        override = getattr(self, f"coef_{network}", None)
+        return self.coef if override is None else override
+
+
+class PlasticityMixin:
+    """See the module docstring."""
+
+    plasticity_cfg: PlasticityConfig
+    reset_interval: Optional[int]
+
+    def init_plasticity(self, cfg: PlasticityConfig, reset_interval: Optional[int] = None) -> None:
+        if reset_interval is not None and reset_interval < 1:
+            raise ConfigError(f"agent.reset_interval must be >= 1 (updates) or null, got {reset_interval}")
+        self.plasticity_cfg = cfg
+        self.reset_interval = reset_interval
+        self.plasticity_updates = 0
+        self.reset_count = 0
+        self._plasticity_networks: dict[str, nn.Module] = {}
+
+    # -- registration -------------------------------------------------------------------------
+    def register_networks(self, networks: Mapping[str, nn.Module]) -> None:
+        """(Re)build regularizer state, initial-parameter copies and ER optimizers for `networks`."""
+        cfg = self.plasticity_cfg
+        self._plasticity_networks = dict(networks)
+        self._regularizers: dict[str, Regularizer] = {
+            name: REGULARIZERS[cfg.name](net, k=cfg.k) for name, net in networks.items()}
+        self._initial_params = {name: [p.detach().clone() for p in net.parameters()] for name, net in networks.items()}
+        self._layers = {name: weights_and_vectors(net) for name, net in networks.items()}
+        self._er_optimizers = {name: torch.optim.Adam(net.parameters(), lr=cfg.er_lr)
+                               for name, net in networks.items()} if cfg.er else {}
+        self._last_penalty: dict[str, torch.Tensor] = {}
+
+    # -- the loss term ------------------------------------------------------------------------
+    def plasticity_loss(self, name: str) -> Optional[torch.Tensor]:
+        """coef · penalty of network `name` (None when there is no term, so nothing is added)."""
+        coef = self.plasticity_cfg.coef_for(name)
+        if coef == 0.0:
+            return None
+        penalty = self._regularizers[name].penalty()
+        if penalty is None:
+            return None
+        loss = coef * penalty
+        self._last_penalty[name] = loss.detach()
+        return loss
+
+    # -- after each update --------------------------------------------------------------------
+    def plasticity_after_update(self, batch: Any) -> None:
+        """Count the update; run the effective-rank step and a reset when they are due."""
+        self.plasticity_updates += 1
+        cfg = self.plasticity_cfg
+        if cfg.er and self.plasticity_updates % cfg.er_step == 0:
+            self.effective_rank_step(self.plasticity_inputs(batch))
+        if self.reset_interval is not None and self.plasticity_updates % self.reset_interval == 0:
+            self.reset_networks()
+            self.reset_count += 1
+
+    def effective_rank_step(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One step of each network's own optimizer on −mean over hidden layers of ER(features)
+        of a block of `er_batch` inputs (Algorithm 1 of spectral-collapse-l2-er.md)."""
+        ranks = {}
+        for name, net in self._plasticity_networks.items():
+            x = inputs[name][: self.plasticity_cfg.er_batch].detach()
+            with FeatureRecorder(net, detach=False) as rec:
+                net(x)
+            rank = torch.stack([effective_rank(f).mean() for f in rec.features]).mean()
+            opt = self._er_optimizers[name]
+            opt.zero_grad(set_to_none=True)
+            (-rank).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ranks[name] = rank.detach()
+        return ranks
+
+    # -- diagnostics --------------------------------------------------------------------------
+    @torch.no_grad()
+    def plasticity_diagnostics(self, probe: Any) -> dict[str, torch.Tensor]:
+        """`plasticity/<network>/<metric>` on a fixed probe batch, plus `losses/plasticity`.
+
+        Exact spectral norms (torch.linalg.matrix_norm, ord=2) over every weight matrix (ensemble
+        members count as layers), parameter and last-gradient norms, distance from the initial
+        parameters, and on the probe's hidden features: effective rank of the last hidden layer,
+        dormant fraction (ReDo score ≤ 0.025) and dead fraction (never active), over all hidden units.
+        """
+        out: dict[str, torch.Tensor] = {}
+        inputs = self.plasticity_inputs(probe)
+        for name, net in self._plasticity_networks.items():
+            prefix = f"plasticity/{name}/"
+            weights, _ = self._layers[name]
+            sigmas = torch.cat([torch.linalg.matrix_norm(w.matrices().detach(), ord=2) for w in weights])
+            out[prefix + "spectral_norm_max"] = sigmas.max()
+            out[prefix + "spectral_norm_mean"] = sigmas.mean()
+            params = list(net.parameters())
+            out[prefix + "param_norm"] = torch.stack([p.square().sum() for p in params]).sum().sqrt()
+            grads = [p.grad.square().sum() for p in params if p.grad is not None]
+            if grads:
+                out[prefix + "grad_norm"] = torch.stack(grads).sum().sqrt()
+            out[prefix + "distance_from_init"] = torch.stack(
+                [(p - p0).square().sum() for p, p0 in zip(params, self._initial_params[name])]).sum().sqrt()
+            with FeatureRecorder(net) as rec:
+                net(inputs[name])
+            if rec.features:
+                out[prefix + "feature_effective_rank"] = effective_rank(rec.features[-1]).mean()
+                dormant, dead, total = 0, 0, 0
+                for f in rec.features:  # (members, batch, width)
+                    activity = f.abs().mean(1)
+                    score = activity / activity.mean(-1, keepdim=True).clamp_min(1e-12)
+                    dormant += int((score <= DORMANT_THRESHOLD).sum())
+                    dead += int(((f > 0).sum(1) == 0).sum())
+                    total += activity.numel()
+                out[prefix + "dormant_fraction"] = torch.tensor(dormant / total)
+                out[prefix + "dead_fraction"] = torch.tensor(dead / total)
+        if self._last_penalty:
+            out["losses/plasticity"] = torch.stack(list(self._last_penalty.values())).sum()
+        return out
+
+    # -- checkpointing ------------------------------------------------------------------------
+    def plasticity_state_dict(self) -> dict[str, Any]:
+        return {
+            "updates": self.plasticity_updates,
+            "reset_count": self.reset_count,
+            "regularizers": {n: r.state_dict() for n, r in self._regularizers.items()},
+            "initial_params": {n: [t.clone() for t in ts] for n, ts in self._initial_params.items()},
+            "er_optimizers": {n: o.state_dict() for n, o in self._er_optimizers.items()},
+        }
+
+    def load_plasticity_state_dict(self, state: Mapping[str, Any]) -> None:
+        import copy
+
+        self.plasticity_updates = int(state["updates"])
+        self.reset_count = int(state["reset_count"])
+        for n, s in state["regularizers"].items():
+            self._regularizers[n].load_state_dict(s)
+        for n, ts in state["initial_params"].items():
+            for dst, src in zip(self._initial_params[n], ts):
+                dst.copy_(src)
+        for n, s in state["er_optimizers"].items():
+            self._er_optimizers[n].load_state_dict(copy.deepcopy(s))
+
+    # -- hooks the agent implements -----------------------------------------------------------
+    def plasticity_inputs(self, batch: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def reset_networks(self) -> None:
+        raise NotImplementedError

@@ -1,0 +1,189 @@
+"""Plasticity regularizers: penalties added to a network's loss, each with its own state.
+
+Each regularizer is registered by name (`plasticity=<name>` on the command line), is built for
+one network, returns the *unscaled* penalty of that network (the mixin multiplies by the
+coefficient), and saves and restores its state (initial parameters, power-iteration vectors).
+Formulas follow the papers in shared/papers:
+
+- spectral (spectral-regularization.md §4, App. A.7): Σ_W (σ₁(W)^k − 1)² + Σ_b ‖b‖^{2k}
+  + Σ_γ Σ_i (γ_i − 1)²; LayerNorm biases count as biases.  σ₁ = uᵀWv from one power-iteration
+  step per call with persistent u, v (detached), so the gradient flows through uᵀWv.
+- l2: ‖θ‖²;  l2_init (regenerative): ‖θ − θ₀‖²;
+- wasserstein (directions-of-curvature.md): per parameter tensor Σ_i (sort(θ)_i − sort(θ₀)_i)².
+- er / l2_er (spectral-collapse-l2-er.md §7, App. D.2, Algorithm 1): no loss term for er; l2_er
+  adds ‖θ‖².  The effective-rank step itself lives in `EffectiveRankStep`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rl_plasticity.plasticity.layers import weights_and_vectors
+
+REGULARIZERS: dict[str, type["Regularizer"]] = {}
+
+
+def register(name: str) -> Callable[[type["Regularizer"]], type["Regularizer"]]:
+    def deco(cls: type["Regularizer"]) -> type["Regularizer"]:
+        cls.name = name
+        REGULARIZERS[name] = cls
+        return cls
+
+    return deco
+
+
+class Regularizer:
+    """Base: no penalty, no state."""
+
+    name = "base"
+
+    def __init__(self, network: nn.Module, k: float = 2.0):
+        self.network = network
+        self.k = k
+
+    def penalty(self) -> torch.Tensor | None:
+        """The unscaled penalty of the network, or None when this regularizer adds no loss term."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@register("none")
+class NoRegularizer(Regularizer):
+    pass
+
+
+@register("er")
+class EffectiveRankOnly(Regularizer):
+    """ER has no loss term: its own optimizer maximises effective rank (see EffectiveRankStep)."""
+
+
+@register("l2")
+class L2(Regularizer):
+    def __init__(self, network: nn.Module, k: float = 2.0):
+        super().__init__(network, k)
+        self.params = list(network.parameters())
+
+    def penalty(self) -> torch.Tensor:
+        return torch.stack([p.square().sum() for p in self.params]).sum()
+
+
+@register("l2_er")
+class L2ER(L2):
+    """L2 term in the loss; the effective-rank step runs beside it (Algorithm 1)."""
+
+
+class _InitialParams(Regularizer):
+    """Keeps a copy of θ₀ (restored with the state)."""
+
+    def __init__(self, network: nn.Module, k: float = 2.0):
+        super().__init__(network, k)
+        self.params = list(network.parameters())
+        self.initial = [p.detach().clone() for p in self.params]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"initial": [t.clone() for t in self.initial]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for dst, src in zip(self.initial, state["initial"]):
+            dst.copy_(src)
+
+
+@register("l2_init")
+class L2Init(_InitialParams):
+    def penalty(self) -> torch.Tensor:
+        return torch.stack([(p - p0).square().sum() for p, p0 in zip(self.params, self.initial)]).sum()
+
+
+def _member_rows(p: torch.Tensor, ensemble: bool) -> torch.Tensor:
+    return p.reshape(p.shape[0], -1) if ensemble else p.reshape(1, -1)
+
+
+@register("wasserstein")
+class Wasserstein(_InitialParams):
+    """Σ over parameter tensors (and ensemble members) of Σ_i (sort(θ)_i − sort(θ₀)_i)²: the squared
+    2-Wasserstein distance between the empirical distributions of current and initial values."""
+
+    def __init__(self, network: nn.Module, k: float = 2.0):
+        super().__init__(network, k)
+        weights, vectors = weights_and_vectors(network)
+        ens = {id(w.param) for w in weights if w.kind == "ensemble"} | {id(v.param) for v in vectors if v.ensemble}
+        self.ensemble = [id(p) in ens for p in self.params]
+        self.sorted_initial = [_member_rows(p0, e).sort(-1).values for p0, e in zip(self.initial, self.ensemble)]
+
+    def penalty(self) -> torch.Tensor:
+        terms = [(_member_rows(p, e).sort(-1).values - s0).square().sum()
+                 for p, e, s0 in zip(self.params, self.ensemble, self.sorted_initial)]
+        return torch.stack(terms).sum()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.sorted_initial = [_member_rows(p0, e).sort(-1).values for p0, e in zip(self.initial, self.ensemble)]
+
+
+@register("spectral")
+class Spectral(Regularizer):
+    """(σ₁(W)^k − 1)² per weight matrix, ‖b‖^{2k} per bias, (γ − 1)² per LayerNorm gain entry."""
+
+    def __init__(self, network: nn.Module, k: float = 2.0):
+        super().__init__(network, k)
+        self.weights, self.vectors = weights_and_vectors(network)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        self.u: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        for w in self.weights:
+            m = w.matrices().detach()
+            u = torch.randn(m.shape[0], m.shape[1], generator=g).to(m.device)
+            v = torch.randn(m.shape[0], m.shape[2], generator=g).to(m.device)
+            self.u.append(F.normalize(u, dim=-1))
+            self.v.append(F.normalize(v, dim=-1))
+
+    @torch.no_grad()
+    def power_iteration(self) -> None:
+        """One step for every matrix, in place on the persistent vectors."""
+        for w, u, v in zip(self.weights, self.u, self.v):
+            m = w.matrices().detach()
+            v.copy_(F.normalize(torch.einsum("bij,bi->bj", m, u), dim=-1))
+            u.copy_(F.normalize(torch.einsum("bij,bj->bi", m, v), dim=-1))
+
+    def sigmas(self) -> list[torch.Tensor]:
+        """σ₁ estimates uᵀWv per matrix (members,), differentiable in W."""
+        return [torch.einsum("bi,bij,bj->b", u, w.matrices(), v) for w, u, v in zip(self.weights, self.u, self.v)]
+
+    def penalty(self) -> torch.Tensor:
+        self.power_iteration()
+        k = self.k
+        terms = [(s.pow(k) - 1.0).square().sum() for s in self.sigmas()]
+        for vec in self.vectors:
+            rows = vec.rows()
+            if vec.kind == "ln_gain":
+                terms.append((rows - 1.0).square().sum())
+            else:  # biases, LayerNorm biases included: ‖b‖^{2k} = (‖b‖²)^k
+                terms.append(rows.square().sum(-1).pow(k).sum())
+        return torch.stack(terms).sum()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"u": [t.clone() for t in self.u], "v": [t.clone() for t in self.v]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for dst, src in zip(self.u + self.v, state["u"] + state["v"]):
+            dst.copy_(src)
+
+
+def effective_rank(features: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """exp(H(p)) with p = σ/Σσ over the singular values of each (batch, width) feature matrix.
+
+    `features` is (batch, width) or (members, batch, width); returns a scalar or (members,).
+    Differentiable (torch.linalg.svdvals).
+    """
+    s = torch.linalg.svdvals(features)
+    p = s / s.sum(-1, keepdim=True).clamp_min(eps)
+    entropy = -(p * torch.log(p.clamp_min(eps))).sum(-1)
+    return entropy.exp()
