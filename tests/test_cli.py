@@ -112,3 +112,55 @@ def test_cuda_device_without_cuda_is_refused(tmp_path):
     result = train("device=cuda", "total_steps=5", f"run_dir={tmp_path / 'r'}")
     assert result.returncode != 0 and "has none" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+PLASTICITY_TAGS = {f"plasticity/{net}/{m}" for net in ("actor", "critic") for m in (
+    "spectral_norm_max", "spectral_norm_mean", "param_norm", "grad_norm", "feature_effective_rank",
+    "dormant_fraction", "dead_fraction", "distance_from_init")} | {"value/overestimation"}
+
+
+@pytest.mark.parametrize("name", ["none", "spectral", "l2", "l2_init", "wasserstein", "er", "l2_er"])
+def test_every_regularizer_runs_from_the_cli(name, tmp_path):
+    result = train("env=gym", "env.id=Pendulum-v1", f"plasticity={name}", "total_steps=60", "agent.prefill_steps=20",
+                   "agent.replay_ratio=2", "agent.batch_size=16", "agent.hidden_sizes=[32,32]", "eval.every=60",
+                   "eval.episodes=1", "log.every=20", "plasticity.log_every=20", f"run_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    acc = read_events(tmp_path)
+    tags = set(acc.Tags()["scalars"])
+    assert PLASTICITY_TAGS <= tags, PLASTICITY_TAGS - tags
+    if name not in ("none", "er"):
+        assert "losses/plasticity" in tags
+    assert torch.load(list_checkpoints(tmp_path / "checkpoints")[-1], weights_only=True)["config"]["plasticity"][
+        "name"] == name
+
+
+def test_dashboard_layout_is_registered(short_run):
+    run_dir, _ = short_run
+    from tensorboard.plugins.custom_scalar import metadata
+
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    acc = read_events(run_dir)
+    assert metadata.CONFIG_SUMMARY_TAG in acc.Tags()["tensors"]
+    (event,) = acc.Tensors(metadata.CONFIG_SUMMARY_TAG)
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    titles = [c.title for c in layout.category]
+    assert titles[:3] == ["Return", "Losses", "Value"] and "Plasticity: critic" in titles
+    charts = {c.title: c for c in layout.category}["Plasticity: actor"].chart
+    assert any("plasticity/actor/(spectral_norm)" in tag for chart in charts for tag in chart.multiline.tag)
+
+
+def test_multirun_over_the_paper_presets(tmp_path):
+    result = train("-m", "+experiment=sac_layernorm,sac_reset,sac_spectral", "seed=0", "env=gym",
+                   "env.id=Pendulum-v1", "total_steps=30", "agent.prefill_steps=20", "agent.replay_ratio=1",
+                   "agent.batch_size=16", "agent.buffer_size=1000", "eval.episodes=0", "log.every=10",
+                   f"hydra.sweep.dir={tmp_path}", timeout=900)
+    assert result.returncode == 0, result.stderr
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(runs) == 3
+    configs = [torch.load(list_checkpoints(r / "checkpoints")[-1], weights_only=True)["config"] for r in runs]
+    by_name = {c["plasticity"]["name"] + str(c["agent"]["reset_interval"]): c for c in configs}
+    assert set(by_name) == {"noneNone", "none2560000", "spectralNone"}
+    spectral = by_name["spectralNone"]
+    assert spectral["plasticity"]["coef"] == 1e-4 and spectral["agent"]["replay_ratio"] == 1  # CLI beats preset
+    assert all(c["agent"]["layer_norm"] and c["agent"]["num_critics"] == 1 for c in configs)

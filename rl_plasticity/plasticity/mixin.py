@@ -123,10 +123,13 @@ class PlasticityMixin:
                 net(x)
             rank = torch.stack([effective_rank(f).mean() for f in rec.features]).mean()
             opt = self._er_optimizers[name]
+            params = list(net.parameters())
+            task_grads = [p.grad for p in params]  # keep the task update's gradients for diagnostics
             opt.zero_grad(set_to_none=True)
             (-rank).backward()
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            for p, g in zip(params, task_grads):
+                p.grad = g
             ranks[name] = rank.detach()
         return ranks
 
