@@ -196,6 +196,7 @@ class SACAgent(PlasticityMixin):
                 loss = loss + penalty
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.plasticity_before_step()
         self.optimizer.step()
         with torch.no_grad():
             torch._foreach_lerp_(self._target_params, self._critic_params, cfg.tau)

@@ -4,7 +4,9 @@ The mixin knows networks, not algorithms.  An agent
 
 1. calls `init_plasticity(cfg, reset_interval)` and `register_networks({"actor": ..., ...})` with
    modules whose forward takes one input tensor (so features can be recorded on any input);
-2. adds `plasticity_loss(name)` to each network's loss (None when the regularizer has no term);
+2. adds `plasticity_loss(name)` to each network's loss (None when the regularizer has no term),
+   and calls `plasticity_before_step()` between backward and the optimizer step (regularizers
+   whose gradient is cheaper to add directly, like spectral, add it there; same gradient);
 3. calls `plasticity_after_update(batch)` after each optimizer step (effective-rank steps and
    periodic resets happen there);
 4. implements `plasticity_inputs(batch) -> {name: input tensor}` and, for resets,
@@ -93,14 +95,23 @@ class PlasticityMixin:
     def plasticity_loss(self, name: str) -> Optional[torch.Tensor]:
         """coef · penalty of network `name` (None when there is no term, so nothing is added)."""
         coef = self.plasticity_cfg.coef_for(name)
-        if coef == 0.0:
+        reg = self._regularizers[name]
+        if coef == 0.0 or reg.direct_gradient:
             return None
-        penalty = self._regularizers[name].penalty()
+        penalty = reg.penalty()
         if penalty is None:
             return None
         loss = coef * penalty
         self._last_penalty[name] = loss.detach()
         return loss
+
+    def plasticity_before_step(self) -> None:
+        """Between backward and the optimizer step: regularizers that add their gradient directly
+        (spectral) do it here.  The result equals adding `coef · penalty` to the loss."""
+        for name, reg in self._regularizers.items():
+            coef = self.plasticity_cfg.coef_for(name)
+            if reg.direct_gradient and coef != 0.0:
+                self._last_penalty[name] = reg.add_penalty_gradient(coef)
 
     # -- after each update --------------------------------------------------------------------
     def plasticity_after_update(self, batch: Any) -> None:

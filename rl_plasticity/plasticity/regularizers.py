@@ -45,9 +45,16 @@ class Regularizer:
         self.network = network
         self.k = k
 
+    direct_gradient = False
+    """True when the regularizer adds its gradient itself (`add_penalty_gradient`) instead of a loss
+    term, to save the autograd overhead at every update; the gradient is the same."""
+
     def penalty(self) -> torch.Tensor | None:
         """The unscaled penalty of the network, or None when this regularizer adds no loss term."""
         return None
+
+    def add_penalty_gradient(self, coef: float) -> torch.Tensor:
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -253,6 +260,54 @@ class Spectral(Regularizer):
     def penalty(self) -> torch.Tensor:
         self.power_iteration()
         return _SpectralPenalty.apply(self, *self.params)
+
+    direct_gradient = True
+
+    @torch.no_grad()
+    def add_penalty_gradient(self, coef: float) -> torch.Tensor:
+        """One power-iteration step, then add ∇(coef · penalty) to the parameters' `.grad` in place.
+
+        The same gradient `penalty()` sends through autograd (u, v detached: ∂σ₁/∂W = u vᵀ), applied
+        without building a graph: a rank-one `addr_` per matrix and foreach ops over biases and
+        gains.  Agents call it between backward and the optimizer step (PlasticityMixin does, via
+        `plasticity_before_step`), which keeps the per-update cost of the regularizer small.
+        Returns coef · penalty (detached), for logging.
+        """
+        self.power_iteration()
+        k = self.k
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        sigma = torch.cat(self.sigma_cache)
+        sk = sigma.pow(k)
+        value = (sk - 1.0).square().sum()
+        factors = (coef * 2.0 * k) * sigma.pow(k - 1) * (sk - 1.0)
+        if self.single_member:
+            for w, u, v, f in zip(self.weights, self.u, self.v, factors.unbind()):
+                w.param.grad.view(u.shape[1], v.shape[1]).addr_(u[0] * f, v[0])
+        else:
+            for w, u, v, f in zip(self.weights, self.u, self.v, factors.split(self.members_per_weight)):
+                g = (f.reshape(-1, 1) * u).unsqueeze(-1) * v.unsqueeze(-2)
+                w.param.grad.add_(g.reshape(w.param.shape))
+        if self.plain_biases:
+            sq = torch.stack(torch._foreach_norm(self.plain_biases)).square()
+            value = value + sq.pow(k).sum()
+            scales = list(((coef * 2.0 * k) * sq.pow(k - 1)).unbind())
+            torch._foreach_add_([b.grad for b in self.plain_biases], torch._foreach_mul(self.plain_biases, scales))
+        if self.plain_gains:
+            diff = torch._foreach_sub(self.plain_gains, 1.0)
+            value = value + torch.stack(torch._foreach_norm(diff)).square().sum()
+            torch._foreach_add_([g.grad for g in self.plain_gains], diff, alpha=2.0 * coef)
+        for vec in self.member_vectors:
+            rows = vec.rows()
+            if vec.kind == "ln_gain":
+                value = value + (rows - 1.0).square().sum()
+                vec.param.grad.add_((2.0 * coef * (rows - 1.0)).reshape(vec.param.shape))
+            else:
+                sq = rows.square().sum(-1, keepdim=True)
+                value = value + sq.pow(k).sum()
+                vec.param.grad.add_((coef * 2.0 * k * sq.pow(k - 1) * rows).reshape(vec.param.shape))
+        return coef * value
 
     def penalty_autograd(self) -> torch.Tensor:
         """The same penalty through autograd on uᵀWv (slower; the reference the tests compare to)."""
