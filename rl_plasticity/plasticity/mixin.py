@@ -90,6 +90,7 @@ class PlasticityMixin:
         self._er_optimizers = {name: torch.optim.Adam(net.parameters(), lr=cfg.er_lr)
                                for name, net in networks.items()} if cfg.er else {}
         self._last_penalty: dict[str, torch.Tensor] = {}
+        self._direct_penalty: set[str] = set()  # networks whose regularizer adds its gradient itself
 
     # -- the loss term ------------------------------------------------------------------------
     def plasticity_loss(self, name: str) -> Optional[torch.Tensor]:
@@ -111,7 +112,8 @@ class PlasticityMixin:
         for name, reg in self._regularizers.items():
             coef = self.plasticity_cfg.coef_for(name)
             if reg.direct_gradient and coef != 0.0:
-                self._last_penalty[name] = reg.add_penalty_gradient(coef)
+                reg.add_penalty_gradient(coef)
+                self._direct_penalty.add(name)
 
     # -- after each update --------------------------------------------------------------------
     def plasticity_after_update(self, batch: Any) -> None:
@@ -182,8 +184,9 @@ class PlasticityMixin:
                     total += activity.numel()
                 out[prefix + "dormant_fraction"] = torch.tensor(dormant / total)
                 out[prefix + "dead_fraction"] = torch.tensor(dead / total)
-        if self._last_penalty:
-            out["losses/plasticity"] = torch.stack(list(self._last_penalty.values())).sum()
+        penalties = list(self._last_penalty.values()) + [self._regularizers[n].last_value() for n in self._direct_penalty]
+        if penalties:
+            out["losses/plasticity"] = torch.stack(penalties).sum()
         return out
 
     # -- checkpointing ------------------------------------------------------------------------

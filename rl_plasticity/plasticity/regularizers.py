@@ -53,7 +53,10 @@ class Regularizer:
         """The unscaled penalty of the network, or None when this regularizer adds no loss term."""
         return None
 
-    def add_penalty_gradient(self, coef: float) -> torch.Tensor:
+    def add_penalty_gradient(self, coef: float) -> None:
+        raise NotImplementedError
+
+    def last_value(self) -> torch.Tensor:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -264,14 +267,14 @@ class Spectral(Regularizer):
     direct_gradient = True
 
     @torch.no_grad()
-    def add_penalty_gradient(self, coef: float) -> torch.Tensor:
+    def add_penalty_gradient(self, coef: float) -> None:
         """One power-iteration step, then add ∇(coef · penalty) to the parameters' `.grad` in place.
 
         The same gradient `penalty()` sends through autograd (u, v detached: ∂σ₁/∂W = u vᵀ), applied
         without building a graph: a rank-one `addr_` per matrix and foreach ops over biases and
         gains.  Agents call it between backward and the optimizer step (PlasticityMixin does, via
-        `plasticity_before_step`), which keeps the per-update cost of the regularizer small.
-        Returns coef · penalty (detached), for logging.
+        `plasticity_before_step`), which keeps the per-update cost of the regularizer small.  The
+        penalty's value is only computed when asked for (`last_value`).
         """
         self.power_iteration()
         k = self.k
@@ -280,7 +283,6 @@ class Spectral(Regularizer):
                 p.grad = torch.zeros_like(p)
         sigma = torch.cat(self.sigma_cache)
         sk = sigma.pow(k)
-        value = (sk - 1.0).square().sum()
         factors = (coef * 2.0 * k) * sigma.pow(k - 1) * (sk - 1.0)
         if self.single_member:
             for w, u, v, f in zip(self.weights, self.u, self.v, factors.unbind()):
@@ -291,23 +293,33 @@ class Spectral(Regularizer):
                 w.param.grad.add_(g.reshape(w.param.shape))
         if self.plain_biases:
             sq = torch.stack(torch._foreach_norm(self.plain_biases)).square()
-            value = value + sq.pow(k).sum()
             scales = list(((coef * 2.0 * k) * sq.pow(k - 1)).unbind())
             torch._foreach_add_([b.grad for b in self.plain_biases], torch._foreach_mul(self.plain_biases, scales))
         if self.plain_gains:
             diff = torch._foreach_sub(self.plain_gains, 1.0)
-            value = value + torch.stack(torch._foreach_norm(diff)).square().sum()
             torch._foreach_add_([g.grad for g in self.plain_gains], diff, alpha=2.0 * coef)
         for vec in self.member_vectors:
             rows = vec.rows()
             if vec.kind == "ln_gain":
-                value = value + (rows - 1.0).square().sum()
                 vec.param.grad.add_((2.0 * coef * (rows - 1.0)).reshape(vec.param.shape))
             else:
                 sq = rows.square().sum(-1, keepdim=True)
-                value = value + sq.pow(k).sum()
                 vec.param.grad.add_((coef * 2.0 * k * sq.pow(k - 1) * rows).reshape(vec.param.shape))
-        return coef * value
+        self._last_coef = coef
+
+    @torch.no_grad()
+    def last_value(self) -> torch.Tensor:
+        """coef · penalty at the vectors of the last step (for `losses/plasticity`)."""
+        sigma = torch.cat([(u.unsqueeze(-2) @ w.matrices() @ v.unsqueeze(-1)).reshape(-1)
+                           for w, u, v in zip(self.weights, self.u, self.v)])
+        value = (sigma.pow(self.k) - 1.0).square().sum()
+        for vec in self.vectors:
+            rows = vec.rows()
+            if vec.kind == "ln_gain":
+                value = value + (rows - 1.0).square().sum()
+            else:
+                value = value + rows.square().sum(-1).pow(self.k).sum()
+        return getattr(self, "_last_coef", 0.0) * value
 
     def penalty_autograd(self) -> torch.Tensor:
         """The same penalty through autograd on uᵀWv (slower; the reference the tests compare to)."""
