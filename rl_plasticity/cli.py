@@ -103,7 +103,7 @@ def check_overrides(args: Sequence[str], config_name: str = "train") -> None:
                 if v not in choices:
                     raise _unknown(key, v, choices)
             first_choice.append(f"{key}={values[0]}")
-        elif key == "experiment" or key.startswith("experiment"):
+        elif key.startswith("experiment"):
             continue
         elif not (o.is_add() or o.is_force_add()):
             keys.append(o)
@@ -120,9 +120,9 @@ def check_overrides(args: Sequence[str], config_name: str = "train") -> None:
         if leaf not in node:
             valid = sorted(str(k) for k in node.keys() if not (not parent and str(k) in GROUPS))
             raise _unknown("key", key, [f"{parent}.{k}" if parent else k for k in valid])
-        default = node._get_node(leaf)._value() if hasattr(node._get_node(leaf), "_value") else node[leaf]
         if OmegaConf.is_interpolation(node, leaf):
             continue
+        default = node[leaf]
         values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
         for v in values:
             if not _type_ok(default, v):

@@ -70,7 +70,7 @@ class Logger:
         self.writer.add_scalar("charts/episode_return", episode_return, step)
         self.writer.add_scalar("charts/episode_length", length, step)
 
-    def progress(self, step: int, sps: float, ups: float, elapsed_s: float, started_at: int) -> None:
+    def progress(self, step: int, sps: float, ups: float, elapsed_s: float) -> None:
         """Console: env steps, steps/s, updates/s, last episode return, ETA."""
         remaining = (self.total_steps - step) / sps if sps > 0 else float("inf")
         ret = "n/a" if self.last_return is None else f"{self.last_return:.1f}"

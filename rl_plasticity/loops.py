@@ -122,7 +122,7 @@ def run_off_policy(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, ev
             logger.scalars(values, step)  # the only host sync of the update metrics
             logger.scalar("charts/sps", sps, step)
             logger.scalar("charts/updates_per_s", ups, step)
-            logger.progress(step, sps, ups, meter.elapsed, 0)
+            logger.progress(step, sps, ups, meter.elapsed)
         if s.eval_episodes > 0 and (step % s.eval_every == 0 or step == s.total_steps):
             result = evaluate(agent, eval_env, s.eval_episodes, s.seed + 1_000_000, s.gamma)
             returns = result["returns"]

@@ -6,7 +6,6 @@ TensorBoard events and checkpoints into the run directory.
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import sys
 from pathlib import Path

@@ -17,6 +17,7 @@ Regularizer state, initial parameters and counters are saved with `plasticity_st
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Mapping, Optional
 
@@ -200,8 +201,6 @@ class PlasticityMixin:
         }
 
     def load_plasticity_state_dict(self, state: Mapping[str, Any]) -> None:
-        import copy
-
         self.plasticity_updates = int(state["updates"])
         self.reset_count = int(state["reset_count"])
         for n, s in state["regularizers"].items():

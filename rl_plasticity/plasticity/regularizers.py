@@ -7,8 +7,9 @@ Formulas follow the papers in shared/papers:
 
 - spectral (spectral-regularization.md §4, App. A.7): Σ_W (σ₁(W)^k − 1)² + Σ_b ‖b‖^{2k}
   + Σ_γ Σ_i (γ_i − 1)²; LayerNorm biases count as biases.  σ₁ = uᵀWv from one power-iteration
-  step per call with persistent u, v (detached), so the gradient is that of uᵀWv (evaluated in
-  closed form by one autograd node, see `_SpectralPenalty`).
+  step per call with persistent u, v (detached), so the gradient is that of uᵀWv.  In training
+  the gradient is added in closed form (`Spectral.add_penalty_gradient`); `penalty()` is the
+  same term through autograd.
 - l2: ‖θ‖²;  l2_init (regenerative): ‖θ − θ₀‖²;
 - wasserstein (directions-of-curvature.md): per parameter tensor Σ_i (sort(θ)_i − sort(θ₀)_i)².
 - er / l2_er (spectral-collapse-l2-er.md §7, App. D.2, Algorithm 1): no loss term for er; l2_er
@@ -139,68 +140,6 @@ class Wasserstein(_InitialParams):
         self.sorted_initial = [_member_rows(p0, e).sort(-1).values for p0, e in zip(self.initial, self.ensemble)]
 
 
-class _SpectralPenalty(torch.autograd.Function):
-    """The spectral penalty of one network as a single autograd node.
-
-    The forward pass evaluates the penalty with few, batched ops (the σ₁ of all matrices at once,
-    `torch._foreach_*` over biases and LayerNorm gains) and the backward pass returns its exact
-    gradient in closed form: with u, v detached, ∂σ₁/∂W = u vᵀ for σ₁ = uᵀWv, so
-    ∂(σ₁^k − 1)²/∂W = 2k σ₁^{k−1} (σ₁^k − 1) u vᵀ;  ∂‖b‖^{2k}/∂b = 2k ‖b‖^{2(k−1)} b;
-    ∂(γ − 1)²/∂γ = 2(γ − 1).  Same loss and gradient as differentiating uᵀWv with autograd
-    (`Spectral.penalty_autograd`, compared in the tests), at a fraction of the per-op overhead:
-    this runs at every gradient update.
-    """
-
-    @staticmethod
-    def forward(ctx, reg: "Spectral", *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        k = reg.k
-        terms = []
-        sigma = torch.cat(reg.sigma_cache)  # σ₁ of every matrix (members flattened), this update's
-        sk = sigma.pow(k)
-        terms.append((sk - 1.0).square().sum())
-        ctx.weight_factors = (2.0 * k) * sigma.pow(k - 1) * (sk - 1.0)
-        # Plain biases (and LayerNorm biases): ‖b‖^{2k}, one foreach norm for all of them.
-        ctx.bias_grads = []
-        if reg.plain_biases:
-            sq = torch.stack(torch._foreach_norm(reg.plain_biases)).square()
-            terms.append(sq.pow(k).sum())
-            ctx.bias_grads = torch._foreach_mul(reg.plain_biases, list((2.0 * k * sq.pow(k - 1)).unbind()))
-        # LayerNorm gains: Σ (γ − 1)².
-        ctx.gain_grads = []
-        if reg.plain_gains:
-            diff = torch._foreach_sub(reg.plain_gains, 1.0)
-            terms.append(torch.stack(torch._foreach_norm(diff)).square().sum())
-            ctx.gain_grads = torch._foreach_mul(diff, 2.0)
-        # Ensemble members' vectors, one row per member.
-        ctx.member_grads = []
-        for vec in reg.member_vectors:
-            rows = vec.rows()
-            if vec.kind == "ln_gain":
-                terms.append((rows - 1.0).square().sum())
-                ctx.member_grads.append((2.0 * (rows - 1.0)).reshape(vec.param.shape))
-            else:
-                sq = rows.square().sum(-1, keepdim=True)
-                terms.append(sq.pow(k).sum())
-                ctx.member_grads.append((2.0 * k * sq.pow(k - 1) * rows).reshape(vec.param.shape))
-        ctx.reg = reg
-        return torch.stack(terms).sum()
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        reg = ctx.reg
-        factors = ctx.weight_factors * grad_out
-        if reg.single_member:  # one matrix per weight: ∂/∂W = f · u vᵀ as one outer product each
-            grads = [torch.outer(u[0] * f, v[0]).reshape(w.param.shape)
-                     for w, u, v, f in zip(reg.weights, reg.u, reg.v, factors.unbind())]
-        else:
-            grads = [((f.reshape(-1, 1) * u).unsqueeze(-1) * v.unsqueeze(-2)).reshape(w.param.shape)
-                     for w, u, v, f in zip(reg.weights, reg.u, reg.v, factors.split(reg.members_per_weight))]
-        grads += torch._foreach_mul(ctx.bias_grads, grad_out) if ctx.bias_grads else []
-        grads += torch._foreach_mul(ctx.gain_grads, grad_out) if ctx.gain_grads else []
-        grads += [g * grad_out for g in ctx.member_grads]
-        return (None, *grads)
-
-
 @register("spectral")
 class Spectral(Regularizer):
     """(σ₁(W)^k − 1)² per weight matrix, ‖b‖^{2k} per bias, (γ − 1)² per LayerNorm gain entry."""
@@ -212,9 +151,7 @@ class Spectral(Regularizer):
         self.plain_biases = [v.param for v in plain if v.kind != "ln_gain"]
         self.plain_gains = [v.param for v in plain if v.kind == "ln_gain"]
         self.member_vectors = [v for v in self.vectors if v.ensemble]
-        # The order _SpectralPenalty.backward returns gradients in.
-        self.params = ([w.param for w in self.weights] + self.plain_biases + self.plain_gains
-                       + [v.param for v in self.member_vectors])
+        self.params = [w.param for w in self.weights] + [v.param for v in self.vectors]
         self.members_per_weight = [w.matrices().shape[0] for w in self.weights]
         self.single_member = all(m == 1 for m in self.members_per_weight)
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -261,8 +198,9 @@ class Spectral(Regularizer):
         return [torch.einsum("bi,bij,bj->b", u, w.matrices(), v) for w, u, v in zip(self.weights, self.u, self.v)]
 
     def penalty(self) -> torch.Tensor:
+        """One power-iteration step, then the penalty through autograd on uᵀWv."""
         self.power_iteration()
-        return _SpectralPenalty.apply(self, *self.params)
+        return self.penalty_autograd()
 
     direct_gradient = True
 
@@ -270,7 +208,7 @@ class Spectral(Regularizer):
     def add_penalty_gradient(self, coef: float) -> None:
         """One power-iteration step, then add ∇(coef · penalty) to the parameters' `.grad` in place.
 
-        The same gradient `penalty()` sends through autograd (u, v detached: ∂σ₁/∂W = u vᵀ), applied
+        The gradient `penalty()` sends through autograd (u, v detached: ∂σ₁/∂W = u vᵀ), applied
         without building a graph: a rank-one `addr_` per matrix and foreach ops over biases and
         gains.  Agents call it between backward and the optimizer step (PlasticityMixin does, via
         `plasticity_before_step`), which keeps the per-update cost of the regularizer small.  The
@@ -322,7 +260,7 @@ class Spectral(Regularizer):
         return getattr(self, "_last_coef", 0.0) * value
 
     def penalty_autograd(self) -> torch.Tensor:
-        """The same penalty through autograd on uᵀWv (slower; the reference the tests compare to)."""
+        """The penalty at the current u, v through autograd on uᵀWv (no power-iteration step)."""
         k = self.k
         terms = [(s.pow(k) - 1.0).square().sum() for s in self.sigmas()]
         for vec in self.vectors:
