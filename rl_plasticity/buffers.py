@@ -1,8 +1,11 @@
-"""Replay storage for off-policy agents.
+"""Experience storage: a replay buffer for off-policy agents, a rollout buffer and GAE for PPO.
 
-The buffer is preallocated on the training device, so sampling never copies data between host
-and device: one `sample(num_batches, batch_size)` call draws the index tensor for all the
+The replay buffer is preallocated on the training device, so sampling never copies data between
+host and device: one `sample(num_batches, batch_size)` call draws the index tensor for all the
 updates of an environment step at once and gathers every field with a single indexing op each.
+
+The rollout buffer holds one on-policy rollout of `steps × num_envs` transitions on the host
+(where the environments are) and hands it to the agent's device once per iteration.
 """
 from __future__ import annotations
 
@@ -89,3 +92,72 @@ class ReplayBuffer:
             getattr(self, name)[:n] = state[name].to(self.device)
         self.pos, self.size = state["pos"], n
         self.generator.set_state(state["generator"].cpu())
+
+
+def compute_gae(rewards: np.ndarray, values: np.ndarray, next_values: np.ndarray, terminated: np.ndarray,
+                ended: np.ndarray, gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """Generalised advantage estimation over arrays of shape (T, num_envs).
+
+    `next_values[t]` is V of the state after step t: of the next observation while the episode
+    goes on, of the *final* observation at a truncation (a time limit is not a terminal state, so
+    the value is bootstrapped through it), ignored at a termination.  `ended[t]` (terminated or
+    truncated) cuts the recursion, so advantages never leak across episodes:
+
+        δ_t = r_t + γ (1 − terminated_t) V'_t − V_t,      A_t = δ_t + γ λ (1 − ended_t) A_{t+1}.
+
+    Returns (advantages, returns = advantages + values).
+    """
+    T = rewards.shape[0]
+    not_terminal = 1.0 - terminated.astype(np.float64)
+    carry = 1.0 - ended.astype(np.float64)
+    deltas = rewards + gamma * not_terminal * next_values - values
+    advantages = np.zeros(rewards.shape, dtype=np.float64)
+    last = np.zeros(rewards.shape[1:], dtype=np.float64)
+    for t in range(T - 1, -1, -1):
+        last = deltas[t] + gamma * lam * carry[t] * last
+        advantages[t] = last
+    return advantages.astype(np.float32), (advantages + values).astype(np.float32)
+
+
+class RolloutBuffer:
+    """One rollout of `steps` vector steps of `num_envs` environments, filled step by step."""
+
+    def __init__(self, steps: int, num_envs: int, obs_dim: int, action_dim: int):
+        self.steps, self.num_envs = steps, num_envs
+        self.obs = np.zeros((steps, num_envs, obs_dim), dtype=np.float32)
+        self.action = np.zeros((steps, num_envs, action_dim), dtype=np.float32)
+        self.log_prob = np.zeros((steps, num_envs), dtype=np.float32)
+        self.value = np.zeros((steps, num_envs), dtype=np.float32)
+        self.next_value = np.zeros((steps, num_envs), dtype=np.float32)
+        self.reward = np.zeros((steps, num_envs), dtype=np.float32)
+        self.terminated = np.zeros((steps, num_envs), dtype=bool)
+        self.ended = np.zeros((steps, num_envs), dtype=bool)
+        self.pos = 0
+
+    def add(self, obs: np.ndarray, action: np.ndarray, log_prob: np.ndarray, value: np.ndarray,
+            reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray) -> None:
+        t = self.pos
+        self.obs[t], self.action[t], self.log_prob[t], self.value[t] = obs, action, log_prob, value
+        self.reward[t], self.terminated[t] = reward, terminated
+        self.ended[t] = np.logical_or(terminated, truncated)
+        self.pos += 1
+
+    def finish(self, last_value: np.ndarray, final_values: dict[tuple[int, int], float], gamma: float,
+               lam: float) -> dict[str, np.ndarray]:
+        """Advantages and returns of the first `pos` steps, flattened to (pos·num_envs, ...).
+
+        `last_value` is V of the observations after the last step; `final_values[(t, env)]` is V
+        of the final observation of an episode truncated at step t.
+        """
+        T = self.pos
+        nv = self.next_value[:T]
+        nv[:-1] = self.value[1:T]
+        nv[-1] = last_value
+        for (t, i), v in final_values.items():
+            nv[t, i] = v
+        adv, ret = compute_gae(self.reward[:T], self.value[:T], nv, self.terminated[:T], self.ended[:T], gamma, lam)
+        flat = lambda a: a.reshape(T * self.num_envs, *a.shape[2:])  # noqa: E731
+        out = {"obs": flat(self.obs[:T]), "action": flat(self.action[:T]), "log_prob": flat(self.log_prob[:T]),
+               "value": flat(self.value[:T]), "advantage": flat(adv), "return": flat(ret)}
+        self.pos = 0
+        return out

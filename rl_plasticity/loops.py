@@ -133,3 +133,121 @@ def run_off_policy(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, ev
         if step % s.checkpoint_every == 0 or step == s.total_steps:
             save_checkpoint(step)
     return last_eval
+
+
+class OnPolicyAgent(Protocol):
+    update_count: int
+
+    def explore(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
+
+    def values(self, obs: np.ndarray) -> np.ndarray: ...
+
+    def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray: ...
+
+    def value(self, obs: np.ndarray) -> float: ...
+
+    def update(self, rollout: dict[str, np.ndarray]) -> dict[str, torch.Tensor]: ...
+
+    def diagnostics(self, obs: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+@dataclasses.dataclass
+class OnPolicySchedule:
+    """When things happen, in environment steps summed over the vector envs."""
+
+    total_steps: int
+    rollout_steps: int               # vector steps per rollout
+    eval_every: int
+    eval_episodes: int
+    log_every: int
+    checkpoint_every: int
+    seed: int
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    diagnostics_every: int = 16_000  # gradient updates between plasticity diagnostics
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+    return after // every > before // every
+
+
+def run_on_policy(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: gym.Env, logger: Logger,
+                  schedule: OnPolicySchedule, save_checkpoint: Callable[[int], None],
+                  frictions: Callable[[], list[float]] | None = None,
+                  before_eval: Callable[[], None] | None = None) -> dict[str, float]:
+    """Collect rollouts of `rollout_steps` vector steps, update after each, until `total_steps`.
+
+    `envs` must auto-reset in the same step (gymnasium's SAME_STEP mode), so that a truncated
+    episode's final observation is at hand for bootstrapping.  `frictions()` (Slippery Ant) gives
+    each sub-env's current friction, logged as `env/friction` at every episode end; `before_eval()`
+    runs before each evaluation (it sets the evaluation env's friction to the current one).
+    Returns the last evaluation's summary (empty if none ran).
+    """
+    from rl_plasticity.buffers import RolloutBuffer
+
+    s = schedule
+    n_envs = envs.num_envs
+    obs, _ = envs.reset(seed=s.seed)
+    obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    rollout = RolloutBuffer(s.rollout_steps, n_envs, obs_dim, action_dim)
+    episode_return = np.zeros(n_envs)
+    episode_length = np.zeros(n_envs, dtype=np.int64)
+    last_eval: dict[str, float] = {}
+    meter = RateMeter(0, agent.update_count)
+    probe: torch.Tensor | None = None
+    last_diagnostics: int | None = None
+    step = 0
+    usable = (s.total_steps // n_envs) * n_envs
+    if frictions is not None:
+        logger.scalar("env/friction", frictions()[0], 0)
+    while step < usable:
+        before = step
+        final_values: dict[tuple[int, int], float] = {}
+        for t in range(min(s.rollout_steps, (usable - step) // n_envs)):
+            norm_obs, action, log_prob, value = agent.explore(obs)
+            next_obs, reward, terminated, truncated, info = envs.step(np.clip(action, -1.0, 1.0))
+            rollout.add(norm_obs, action, log_prob, value, reward, terminated, truncated)
+            step += n_envs
+            episode_return += reward
+            episode_length += 1
+            ended = np.logical_or(terminated, truncated)
+            if ended.any():
+                cut = np.flatnonzero(np.logical_and(truncated, np.logical_not(terminated)))
+                if len(cut):  # bootstrap through the time limit from the true final observation
+                    finals = np.stack([info["final_obs"][i] for i in cut])
+                    for i, v in zip(cut, agent.values(finals)):
+                        final_values[(t, int(i))] = float(v)
+                current = frictions() if frictions is not None else None
+                for i in np.flatnonzero(ended):
+                    logger.episode(float(episode_return[i]), int(episode_length[i]), step)
+                    if current is not None:
+                        logger.scalar("env/friction", current[i], step)
+                    episode_return[i], episode_length[i] = 0.0, 0
+            obs = next_obs
+        if probe is None:
+            probe = torch.from_numpy(rollout.obs[: rollout.pos].reshape(-1, obs_dim)[:256].copy())
+        data = rollout.finish(agent.values(obs), final_values, s.gamma, s.gae_lambda)
+        metrics = agent.update(data)
+
+        if _crossed(before, step, s.log_every) or step == usable:
+            sps, ups = meter.rates(step, agent.update_count)
+            values = dict(metrics)
+            if last_diagnostics is None or agent.update_count - last_diagnostics >= s.diagnostics_every:
+                values.update(agent.diagnostics(probe))
+                last_diagnostics = agent.update_count
+            logger.scalars(values, step)
+            logger.scalar("charts/sps", sps, step)
+            logger.scalar("charts/updates_per_s", ups, step)
+            logger.progress(step, sps, ups, meter.elapsed)
+        if s.eval_episodes > 0 and (_crossed(before, step, s.eval_every) or step == usable):
+            if before_eval is not None:
+                before_eval()
+            result = evaluate(agent, eval_env, s.eval_episodes, s.seed + 1_000_000, s.gamma)
+            returns = result["returns"]
+            last_eval = {"eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std()),
+                         "value/overestimation": float(result["overestimation"].mean())}
+            logger.scalars(last_eval, step)
+            logger.flush()
+        if _crossed(before, step, s.checkpoint_every) or step == usable:
+            save_checkpoint(step)
+    return last_eval

@@ -28,6 +28,28 @@ def mlp(in_dim: int, hidden_sizes: Sequence[int], out_dim: int, layer_norm: bool
     return nn.Sequential(*layers)
 
 
+def orthogonal_init_(layer: nn.Linear, gain: float) -> nn.Linear:
+    """Orthogonal weights scaled by `gain`, zero bias (the usual PPO initialisation); the scheme
+    is remembered on the layer so that `fresh_weight` can draw from it again (continual backprop)."""
+    nn.init.orthogonal_(layer.weight, gain)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    layer.init_gain = float(gain)  # type: ignore[attr-defined]
+    return layer
+
+
+@torch.no_grad()
+def fresh_weight(layer: nn.Module) -> torch.Tensor:
+    """A new weight tensor for `layer` drawn from its initial distribution: orthogonal with the
+    remembered gain (`orthogonal_init_`), otherwise PyTorch's default uniform(±1/sqrt(fan_in))."""
+    weight = layer.weight
+    if getattr(layer, "init_gain", None) is not None:
+        return nn.init.orthogonal_(torch.empty_like(weight), layer.init_gain)
+    fan_in = weight.shape[-2] if isinstance(layer, EnsembleLinear) else weight[0].numel()
+    bound = 1.0 / math.sqrt(fan_in)
+    return torch.empty_like(weight).uniform_(-bound, bound)
+
+
 class EnsembleLinear(nn.Module):
     """`num_members` independent linear layers evaluated as one batched matmul.
 

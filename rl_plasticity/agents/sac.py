@@ -121,6 +121,9 @@ class SACAgent(PlasticityMixin):
         """Full reset (the SR-SAC reset baseline): everything re-initialised, buffer kept."""
         self._build()
 
+    def plasticity_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
+
     def plasticity_inputs(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         obs, action = batch
         return {"actor": obs, "critic": torch.cat([obs, action], dim=-1)}

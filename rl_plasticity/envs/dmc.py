@@ -108,7 +108,8 @@ def make_dmc(domain: str, task: str, action_repeat: int = 1, **make_kwargs: Any)
 def make_env(cfg: Mapping[str, Any], **make_kwargs: Any) -> gym.Env:
     """Build the env described by an `env` config node (`kind` picks the source).
 
-    `kind: dmc` needs `domain` and `task`; `kind: gym` needs a gymnasium `id`.  Extra keyword
+    `kind: dmc` needs `domain` and `task`; `kind: gym` needs a gymnasium `id`; `kind:
+    slippery_ant` is MuJoCo Ant with a friction schedule (see `slippery_ant.py`).  Extra keyword
     arguments (e.g. `render_mode`) go to `gym.make`.
     """
     kind = cfg.get("kind", "dmc")
@@ -125,4 +126,8 @@ def make_env(cfg: Mapping[str, Any], **make_kwargs: Any) -> gym.Env:
                 unknown_env_message(str(env_id), list(gym.registry.keys())).replace("env", "env.id", 1)
             )
         return _standardise(gym.make(env_id, **make_kwargs), repeat)
-    raise UnknownEnvError(f"unknown env.kind '{kind}'. Valid choices: dmc, gym")
+    if kind == "slippery_ant":
+        from rl_plasticity.envs.slippery_ant import make_slippery_ant
+
+        return make_slippery_ant(cfg, **make_kwargs)
+    raise UnknownEnvError(f"unknown env.kind '{kind}'. Valid choices: dmc, gym, slippery_ant")

@@ -7,9 +7,10 @@ The mixin knows networks, not algorithms.  An agent
 2. adds `plasticity_loss(name)` to each network's loss (None when the regularizer has no term),
    and calls `plasticity_before_step()` between backward and the optimizer step (regularizers
    whose gradient is cheaper to add directly, like spectral, add it there; same gradient);
-3. calls `plasticity_after_update(batch)` after each optimizer step (effective-rank steps and
-   periodic resets happen there);
-4. implements `plasticity_inputs(batch) -> {name: input tensor}` and, for resets,
+3. calls `plasticity_after_update(batch)` after each optimizer step (effective-rank steps,
+   continual-backprop unit replacement and periodic resets happen there);
+4. implements `plasticity_inputs(batch) -> {name: input tensor}`, `plasticity_optimizers()` (whose
+   moment estimates continual backprop clears for the units it re-initialises) and, for resets,
    `reset_networks()` (fresh networks, targets, temperature and optimizer state, then
    `register_networks` again).
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from rl_plasticity.config import ConfigError, from_node, require
+from rl_plasticity.plasticity.cbp import ContinualBackprop
 from rl_plasticity.plasticity.layers import FeatureRecorder, weights_and_vectors
 from rl_plasticity.plasticity.regularizers import REGULARIZERS, Regularizer, effective_rank
 
@@ -43,6 +45,10 @@ class PlasticityConfig:
     er_batch: int = 128
     er_step: int = 1                   # updates between effective-rank steps
     log_every: int = 16_000            # updates between diagnostics
+    cbp: bool = False                  # continual backprop (Dohare et al. 2024) on every hidden layer
+    cbp_replacement_rate: float = 1e-4  # fraction of mature units replaced per update
+    cbp_maturity: int = 10_000         # updates a unit is protected after (re)initialisation
+    cbp_decay: float = 0.99            # running-average decay of the contribution utility
 
     @classmethod
     def from_node(cls, node: Mapping[str, Any]) -> "PlasticityConfig":
@@ -57,6 +63,10 @@ class PlasticityConfig:
         require(cfg.er_batch >= 2, f"plasticity.er_batch must be >= 2, got {cfg.er_batch}")
         require(cfg.er_step >= 1, f"plasticity.er_step must be >= 1, got {cfg.er_step}")
         require(cfg.log_every >= 1, f"plasticity.log_every must be >= 1, got {cfg.log_every}")
+        require(0.0 <= cfg.cbp_replacement_rate <= 1.0,
+                f"plasticity.cbp_replacement_rate must be in [0, 1], got {cfg.cbp_replacement_rate}")
+        require(cfg.cbp_maturity >= 0, f"plasticity.cbp_maturity must be >= 0, got {cfg.cbp_maturity}")
+        require(0.0 <= cfg.cbp_decay < 1.0, f"plasticity.cbp_decay must be in [0, 1), got {cfg.cbp_decay}")
         return cfg
 
     def coef_for(self, network: str) -> float:
@@ -90,6 +100,8 @@ class PlasticityMixin:
         self._layers = {name: weights_and_vectors(net) for name, net in networks.items()}
         self._er_optimizers = {name: torch.optim.Adam(net.parameters(), lr=cfg.er_lr)
                                for name, net in networks.items()} if cfg.er else {}
+        self._cbp = {name: ContinualBackprop(net, cfg.cbp_replacement_rate, cfg.cbp_maturity, cfg.cbp_decay)
+                     for name, net in networks.items()} if cfg.cbp else {}
         self._last_penalty: dict[str, torch.Tensor] = {}
         self._direct_penalty: set[str] = set()  # networks whose regularizer adds its gradient itself
 
@@ -118,11 +130,15 @@ class PlasticityMixin:
 
     # -- after each update --------------------------------------------------------------------
     def plasticity_after_update(self, batch: Any) -> None:
-        """Count the update; run the effective-rank step and a reset when they are due."""
+        """Count the update; run the effective-rank step, continual backprop and a reset when due."""
         self.plasticity_updates += 1
         cfg = self.plasticity_cfg
-        if cfg.er and self.plasticity_updates % cfg.er_step == 0:
-            self.effective_rank_step(self.plasticity_inputs(batch))
+        er_due = cfg.er and self.plasticity_updates % cfg.er_step == 0
+        inputs = self.plasticity_inputs(batch) if er_due or self._cbp else None
+        if er_due:
+            self.effective_rank_step(inputs)
+        if self._cbp:
+            self.continual_backprop_step(inputs)
         if self.reset_interval is not None and self.plasticity_updates % self.reset_interval == 0:
             self.reset_networks()
             self.reset_count += 1
@@ -147,6 +163,18 @@ class PlasticityMixin:
             ranks[name] = rank.detach()
         return ranks
 
+    @torch.no_grad()
+    def continual_backprop_step(self, inputs: Mapping[str, torch.Tensor]) -> int:
+        """Utilities from the hidden features of `inputs` (the update's batch), then replacement of
+        the due units of every network (see plasticity/cbp.py); returns the number replaced."""
+        replaced = 0
+        optimizers = self.plasticity_optimizers()
+        for name, net in self._plasticity_networks.items():
+            with FeatureRecorder(net) as rec:
+                net(inputs[name])
+            replaced += self._cbp[name].step(rec.features, optimizers)
+        return replaced
+
     # -- diagnostics --------------------------------------------------------------------------
     @torch.no_grad()
     def plasticity_diagnostics(self, probe: Any) -> dict[str, torch.Tensor]:
@@ -155,7 +183,8 @@ class PlasticityMixin:
         Exact spectral norms (torch.linalg.matrix_norm, ord=2) over every weight matrix (ensemble
         members count as layers), parameter and last-gradient norms, distance from the initial
         parameters, and on the probe's hidden features: effective rank of the last hidden layer,
-        dormant fraction (ReDo score ≤ 0.025) and dead fraction (never active), over all hidden units.
+        dormant fraction (ReDo score ≤ 0.025), dead units (never active on the probe; count and
+        fraction) over all hidden units, and with continual backprop the units replaced so far.
         """
         out: dict[str, torch.Tensor] = {}
         inputs = self.plasticity_inputs(probe)
@@ -185,6 +214,9 @@ class PlasticityMixin:
                     total += activity.numel()
                 out[prefix + "dormant_fraction"] = torch.tensor(dormant / total)
                 out[prefix + "dead_fraction"] = torch.tensor(dead / total)
+                out[prefix + "dead_units"] = torch.tensor(float(dead))
+            if name in self._cbp:
+                out[prefix + "cbp_replaced"] = torch.tensor(float(self._cbp[name].replaced_total))
         penalties = list(self._last_penalty.values()) + [self._regularizers[n].last_value() for n in self._direct_penalty]
         if penalties:
             out["losses/plasticity"] = torch.stack(penalties).sum()
@@ -198,6 +230,7 @@ class PlasticityMixin:
             "regularizers": {n: r.state_dict() for n, r in self._regularizers.items()},
             "initial_params": {n: [t.clone() for t in ts] for n, ts in self._initial_params.items()},
             "er_optimizers": {n: o.state_dict() for n, o in self._er_optimizers.items()},
+            "cbp": {n: c.state_dict() for n, c in self._cbp.items()},
         }
 
     def load_plasticity_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -210,10 +243,16 @@ class PlasticityMixin:
                 dst.copy_(src)
         for n, s in state["er_optimizers"].items():
             self._er_optimizers[n].load_state_dict(copy.deepcopy(s))
+        for n, s in state.get("cbp", {}).items():
+            self._cbp[n].load_state_dict(s)
 
     # -- hooks the agent implements -----------------------------------------------------------
     def plasticity_inputs(self, batch: Any) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def plasticity_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers holding per-parameter state of the registered networks."""
+        return []
 
     def reset_networks(self) -> None:
         raise NotImplementedError

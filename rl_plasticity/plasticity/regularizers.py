@@ -92,6 +92,16 @@ class L2ER(L2):
     """L2 term in the loss; the effective-rank step runs beside it (Algorithm 1)."""
 
 
+@register("cbp")
+class ContinualBackpropOnly(Regularizer):
+    """No loss term: continual backprop replaces units after each update (plasticity/cbp.py)."""
+
+
+@register("cbp_l2")
+class ContinualBackpropL2(L2):
+    """L2 term in the loss with continual backprop beside it (CBP+L2, Dohare et al. 2024)."""
+
+
 class _InitialParams(Regularizer):
     """Keeps a copy of θ₀ (restored with the state)."""
 

@@ -1,0 +1,296 @@
+"""Proximal policy optimisation (Schulman et al. 2017) with the PlasticityMixin.
+
+The setting of spectral-collapse-l2-er.md App. J (Slippery Ant): a Gaussian policy with a
+state-independent log standard deviation and a separate value network (ReLU MLPs, orthogonal
+initialisation: gain √2 in hidden layers, 0.01 for the policy head, 1 for the value head), GAE,
+the clipped surrogate with advantages normalised per minibatch, an entropy bonus, one Adam over
+both networks.  Defaults are Table 8's (rollout 2048, 10 epochs, 128 minibatches, γ 0.99, λ 0.95,
+clip 0.2, value coefficient 1, entropy coefficient 0.01, lr 2.5e-4, no gradient clipping: its
+1e9 threshold never binds); the presets in configs/experiment/ carry Table 7's swept values.
+
+Observations are normalised by running statistics updated while acting (as with
+Stable-Baselines3's VecNormalize) and stored normalised, so the update sees what the policy saw.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from rl_plasticity.agents.networks import orthogonal_init_
+from rl_plasticity.config import from_node, require
+from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
+
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+@dataclasses.dataclass
+class PPOConfig:
+    name: str = "ppo"
+    num_envs: int = 1                 # environments stepped together (gymnasium vector API)
+    rollout_steps: int = 2048         # steps per environment between updates
+    epochs: int = 10
+    num_minibatches: int = 128
+    hidden_sizes: tuple[int, ...] = (256, 256)
+    layer_norm: bool = False
+    lr: float = 2.5e-4
+    adam_eps: float = 1e-5
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip: float = 0.2
+    vf_coef: float = 1.0
+    ent_coef: float = 0.01
+    max_grad_norm: Optional[float] = None  # null: no clipping (Table 8's 1e9 never binds)
+    normalize_obs: bool = True
+    init_log_std: float = 0.0
+    reset_interval: Optional[int] = None  # full reset every N gradient updates (null: never)
+
+    @classmethod
+    def from_node(cls, node: Mapping[str, Any]) -> "PPOConfig":
+        cfg = from_node(cls, node, "agent")
+        for key in ("num_envs", "rollout_steps", "epochs", "num_minibatches"):
+            require(getattr(cfg, key) >= 1, f"agent.{key} must be >= 1, got {getattr(cfg, key)}")
+        require(cfg.num_minibatches <= cfg.rollout_steps * cfg.num_envs,
+                f"agent.num_minibatches ({cfg.num_minibatches}) must not exceed the rollout size "
+                f"agent.rollout_steps × agent.num_envs ({cfg.rollout_steps * cfg.num_envs})")
+        require(len(cfg.hidden_sizes) >= 1 and min(cfg.hidden_sizes) >= 1,
+                f"agent.hidden_sizes must be a non-empty list of positive widths, got {list(cfg.hidden_sizes)}")
+        require(cfg.lr > 0, f"agent.lr must be > 0, got {cfg.lr}")
+        require(cfg.adam_eps > 0, f"agent.adam_eps must be > 0, got {cfg.adam_eps}")
+        require(0.0 <= cfg.gamma <= 1.0, f"agent.gamma must be in [0, 1], got {cfg.gamma}")
+        require(0.0 <= cfg.gae_lambda <= 1.0, f"agent.gae_lambda must be in [0, 1], got {cfg.gae_lambda}")
+        require(cfg.clip > 0, f"agent.clip must be > 0, got {cfg.clip}")
+        require(cfg.vf_coef >= 0, f"agent.vf_coef must be >= 0, got {cfg.vf_coef}")
+        require(cfg.ent_coef >= 0, f"agent.ent_coef must be >= 0, got {cfg.ent_coef}")
+        require(cfg.max_grad_norm is None or cfg.max_grad_norm > 0,
+                f"agent.max_grad_norm must be > 0 or null, got {cfg.max_grad_norm}")
+        require(cfg.reset_interval is None or cfg.reset_interval >= 1,
+                f"agent.reset_interval must be >= 1 (gradient updates) or null, got {cfg.reset_interval}")
+        return cfg
+
+
+def policy_mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, layer_norm: bool, head_gain: float) -> nn.Sequential:
+    """Linear → [LayerNorm] → ReLU per hidden layer, orthogonal init (gain √2), head with `head_gain`."""
+    layers: list[nn.Module] = []
+    last = in_dim
+    for width in hidden_sizes:
+        layers.append(orthogonal_init_(nn.Linear(last, width), math.sqrt(2.0)))
+        if layer_norm:
+            layers.append(nn.LayerNorm(width))
+        layers.append(nn.ReLU())
+        last = width
+    layers.append(orthogonal_init_(nn.Linear(last, out_dim), head_gain))
+    return nn.Sequential(*layers)
+
+
+class RunningMeanStd:
+    """Running mean and variance of observations (parallel Welford update, float64)."""
+
+    def __init__(self, dim: int):
+        self.mean = np.zeros(dim, dtype=np.float64)
+        self.var = np.ones(dim, dtype=np.float64)
+        self.count = 1e-4
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64).reshape(-1, self.mean.shape[0])
+        batch_mean, batch_var, n = x.mean(0), x.var(0), x.shape[0]
+        delta = batch_mean - self.mean
+        total = self.count + n
+        self.mean = self.mean + delta * n / total
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.var = m2 / total
+        self.count = total
+
+    def normalize(self, x: np.ndarray, clip: float = 10.0) -> np.ndarray:
+        return np.clip((x - self.mean) / np.sqrt(self.var + 1e-8), -clip, clip).astype(np.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": torch.from_numpy(self.mean.copy()), "var": torch.from_numpy(self.var.copy()),
+                "count": float(self.count)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.mean = state["mean"].double().numpy().copy()
+        self.var = state["var"].double().numpy().copy()
+        self.count = float(state["count"])
+
+
+class PPOAgent(PlasticityMixin):
+    """Gaussian-policy PPO; networks registered with the PlasticityMixin as `actor` and `critic`."""
+
+    def __init__(self, obs_dim: int, action_dim: int, cfg: PPOConfig, device: torch.device | str = "cpu",
+                 plasticity: Optional[PlasticityConfig] = None, seed: int = 0):
+        self.obs_dim, self.action_dim, self.cfg = obs_dim, action_dim, cfg
+        self.device = torch.device(device)
+        self.update_count = 0
+        self.obs_rms = RunningMeanStd(obs_dim) if cfg.normalize_obs else None
+        # The minibatch order has its own generator, so it is reproducible and checkpointable.
+        self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        self.init_plasticity(plasticity or PlasticityConfig(), cfg.reset_interval)
+        self._build()
+
+    # -- construction -------------------------------------------------------------------------
+    def _build(self) -> None:
+        """Fresh networks, log-std and optimizer state (also what a full reset does)."""
+        cfg, dev = self.cfg, self.device
+        self.actor = policy_mlp(self.obs_dim, cfg.hidden_sizes, self.action_dim, cfg.layer_norm, 0.01).to(dev)
+        self.critic = policy_mlp(self.obs_dim, cfg.hidden_sizes, 1, cfg.layer_norm, 1.0).to(dev)
+        self.log_std = nn.Parameter(torch.full((self.action_dim,), float(cfg.init_log_std), device=dev))
+        self.params = list(self.actor.parameters()) + list(self.critic.parameters()) + [self.log_std]
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, eps=cfg.adam_eps,
+                                          fused=dev.type in ("cpu", "cuda"))
+        self.register_networks({"actor": self.actor, "critic": self.critic})
+
+    def reset_networks(self) -> None:
+        self._build()
+
+    def plasticity_inputs(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"actor": obs, "critic": obs}
+
+    def plasticity_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
+
+    def diagnostics(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Plasticity diagnostics on a fixed probe of (normalised) observations."""
+        return self.plasticity_diagnostics(obs.to(self.device))
+
+    @property
+    def networks(self) -> dict[str, nn.Module]:
+        return {"actor": self.actor, "critic": self.critic}
+
+    # -- acting -------------------------------------------------------------------------------
+    def normalize(self, obs: np.ndarray, update: bool = False) -> np.ndarray:
+        """Observations as the networks see them; `update` first folds them into the statistics."""
+        obs = np.asarray(obs, dtype=np.float32)
+        if self.obs_rms is None:
+            return obs
+        if update:
+            self.obs_rms.update(obs)
+        return self.obs_rms.normalize(obs)
+
+    @torch.no_grad()
+    def explore(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For a batch of raw observations (num_envs, obs_dim): (normalised obs, sampled action,
+        its log-probability, V(s)).  The action is unclipped; the env gets it clipped to [-1, 1]."""
+        norm = self.normalize(obs, update=True)
+        o = torch.from_numpy(norm).to(self.device)
+        mean = self.actor(o)
+        noise = torch.randn_like(mean)
+        action = mean + self.log_std.exp() * noise
+        log_prob = (-0.5 * noise.square() - self.log_std - _LOG_SQRT_2PI).sum(-1)
+        value = self.critic(o).squeeze(-1)
+        out = torch.cat([action, log_prob.unsqueeze(-1), value.unsqueeze(-1)], -1).cpu().numpy()
+        a = self.action_dim
+        return norm, out[:, :a], out[:, a], out[:, a + 1]
+
+    @torch.no_grad()
+    def values(self, obs: np.ndarray) -> np.ndarray:
+        """V(s) for a batch of raw observations (statistics not updated)."""
+        o = torch.from_numpy(self.normalize(obs)).to(self.device)
+        return self.critic(o).squeeze(-1).cpu().numpy()
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
+        """Action in [-1, 1] for one raw observation (or a batch): the mean when deterministic."""
+        o = torch.from_numpy(self.normalize(obs)).to(self.device)
+        mean = self.actor(o)
+        action = mean if deterministic else mean + self.log_std.exp() * torch.randn_like(mean)
+        return action.clamp(-1.0, 1.0).cpu().numpy()
+
+    def value(self, obs: np.ndarray) -> float:
+        return float(self.values(np.asarray(obs)[None])[0])
+
+    # -- learning -----------------------------------------------------------------------------
+    def update(self, rollout: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """`epochs` passes over the rollout in `num_minibatches` shuffled minibatches.
+
+        Returns metrics averaged over the last epoch's minibatches, as device tensors.
+        """
+        cfg, dev = self.cfg, self.device
+        data = {k: torch.from_numpy(v).to(dev) for k, v in rollout.items()}
+        n = data["obs"].shape[0]
+        size = max(1, n // cfg.num_minibatches)
+        # ER needs a block of er_batch inputs; a minibatch may be smaller (Table 8: 16 rows).
+        pl = self.plasticity_cfg
+        block = max(size, pl.er_batch) if pl.er else size
+        history: list[torch.Tensor] = []
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(n, generator=self.generator).to(dev)
+            history = []
+            for start in range(0, size * (n // size), size):
+                idx = perm[start:start + size]
+                history.append(self._update_minibatch({k: v[idx] for k, v in data.items()}))
+                if self.plasticity_cfg.er or self.plasticity_cfg.cbp or self.reset_interval is not None:
+                    extra = perm[start:start + block] if block == size else perm.roll(-start)[:block]
+                    self.plasticity_after_update(data["obs"][extra])
+                else:
+                    self.plasticity_updates += 1
+        stats = torch.stack(history).mean(0)
+        names = ("losses/policy", "losses/value", "losses/entropy", "losses/approx_kl", "losses/clip_fraction")
+        metrics = dict(zip(names, stats.unbind()))
+        values, returns = data["value"], data["return"]
+        metrics["losses/explained_variance"] = 1.0 - (returns - values).var() / returns.var().clamp_min(1e-8)
+        metrics["value/log_std"] = self.log_std.detach().mean()
+        return metrics
+
+    def _update_minibatch(self, mb: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        cfg = self.cfg
+        obs, action = mb["obs"], mb["action"]
+        mean = self.actor(obs)
+        log_std = self.log_std
+        z = (action - mean) * torch.exp(-log_std)
+        log_prob = (-0.5 * z.square() - log_std - _LOG_SQRT_2PI).sum(-1)
+        log_ratio = log_prob - mb["log_prob"]
+        ratio = log_ratio.exp()
+        adv = mb["advantage"]
+        if adv.numel() > 1:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        policy_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1.0 - cfg.clip, 1.0 + cfg.clip)).mean()
+        value = self.critic(obs).squeeze(-1)
+        value_loss = 0.5 * (value - mb["return"]).square().mean()
+        entropy = (log_std + 0.5 + _LOG_SQRT_2PI).sum()
+        loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
+        for name in ("actor", "critic"):
+            penalty = self.plasticity_loss(name)
+            if penalty is not None:
+                loss = loss + penalty
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.plasticity_before_step()
+        if cfg.max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.update_count += 1
+        with torch.no_grad():
+            approx_kl = ((ratio - 1.0) - log_ratio).mean()
+            clip_fraction = ((ratio - 1.0).abs() > cfg.clip).float().mean()
+            return torch.stack([policy_loss.detach(), value_loss.detach(), entropy.detach(), approx_kl, clip_fraction])
+
+    # -- checkpointing ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "log_std": self.log_std.detach().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "update_count": self.update_count,
+            "obs_rms": self.obs_rms.state_dict() if self.obs_rms is not None else None,
+            "generator": self.generator.get_state(),
+            "plasticity": self.plasticity_state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        with torch.no_grad():
+            self.log_std.copy_(state["log_std"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self.update_count = int(state["update_count"])
+        if self.obs_rms is not None and state.get("obs_rms") is not None:
+            self.obs_rms.load_state_dict(state["obs_rms"])
+        self.generator.set_state(state["generator"])
+        self.load_plasticity_state_dict(state["plasticity"])
