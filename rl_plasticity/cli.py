@@ -104,7 +104,8 @@ def check_overrides(args: Sequence[str], config_name: str = "train") -> None:
                     raise _unknown(key, v, choices)
             first_choice.append(f"{key}={values[0]}")
         elif key.startswith("experiment"):
-            continue
+            # Presets switch groups (e.g. agent=ppo): check the other keys against the first preset.
+            first_choice.append(f"{'+' if o.is_add() else ''}{key}={values[0]}")
         elif not (o.is_add() or o.is_force_add()):
             keys.append(o)
     if not keys:

@@ -29,8 +29,12 @@ class Logger:
         self.stream = stream
         self.last_return: float | None = None
 
-    def dashboard(self, networks: list[str]) -> None:
-        """Register a custom-scalars layout so the run opens as a dashboard (CUSTOM SCALARS tab)."""
+    def dashboard(self, networks: list[str], losses: tuple[str, ...] = ("critic", "actor", "alpha", "plasticity"),
+                  values: tuple[str, ...] = ("q_mean", "alpha", "entropy"), friction: bool = False) -> None:
+        """Register a custom-scalars layout so the run opens as a dashboard (CUSTOM SCALARS tab).
+
+        `losses` and `values` name the agent's `losses/*` and `value/*` tags; `friction` adds
+        `env/friction` (Slippery Ant) beside the returns."""
         metrics = ["spectral_norm", "param_norm|grad_norm", "feature_effective_rank", "dormant_fraction|dead_fraction",
                    "distance_from_init"]
         layout = {
@@ -38,12 +42,14 @@ class Logger:
                 "episode and evaluation return": ["Multiline", ["charts/episode_return", "eval/return_mean"]],
                 "speed": ["Multiline", ["charts/sps", "charts/updates_per_s"]],
             },
-            "Losses": {name: ["Multiline", [f"losses/{name}"]] for name in ("critic", "actor", "alpha", "plasticity")},
+            "Losses": {name: ["Multiline", [f"losses/{name}"]] for name in losses},
             "Value": {
                 "overestimation": ["Multiline", ["value/overestimation"]],
-                "q and temperature": ["Multiline", ["value/q_mean", "value/alpha", "value/entropy"]],
+                "agent": ["Multiline", [f"value/{v}" for v in values]],
             },
         }
+        if friction:
+            layout["Return"]["friction"] = ["Multiline", ["env/friction"]]
         for net in networks:
             layout[f"Plasticity: {net}"] = {m.replace("|", " / "): ["Multiline", [f"plasticity/{net}/({m})"]]
                                             for m in metrics}

@@ -113,7 +113,7 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     logger = Logger(run_dir, run.total_steps)
     logger.text("config", _yaml_block(container))
-    logger.dashboard(list(job.agent.networks))
+    logger.dashboard(list(job.agent.networks), **job.dashboard)
     print(f"run dir: {run_dir}  (tensorboard --logdir {run_dir})\n"
           f"agent {agent_name} on {container['env']['name']} | device {device} | obs {job.obs_dim} | "
           f"actions {job.action_dim} | {job.summary} | plasticity {plasticity_cfg.name}", flush=True)
@@ -152,6 +152,7 @@ class _Job:
     run: Any
     env_state: Any
     close: Any
+    dashboard: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _build_sac(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, run: RunConfig,
@@ -184,7 +185,8 @@ def _build_sac(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
 
     return _Job(agent, obs_dim, action_dim,
                 f"replay ratio {agent_cfg.replay_ratio} | replay buffer {buffer.nbytes / 2**20:.0f} MiB", run_loop,
-                lambda: [slippery.state_dict()] if slippery is not None else [], close)
+                lambda: [slippery.state_dict()] if slippery is not None else [], close,
+                dashboard={"friction": slippery is not None})
 
 
 def _build_ppo(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, run: RunConfig,
@@ -230,7 +232,9 @@ def _build_ppo(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
     batch = agent_cfg.rollout_steps * n
     return _Job(agent, obs_dim, action_dim,
                 f"{n} env(s) | rollout {batch} | {agent_cfg.epochs} epochs × {agent_cfg.num_minibatches} minibatches",
-                run_loop, lambda: [w.state_dict() for w in slippery], close)
+                run_loop, lambda: [w.state_dict() for w in slippery], close,
+                dashboard={"losses": ("policy", "value", "entropy", "approx_kl", "clip_fraction", "plasticity"),
+                           "values": ("log_std",), "friction": bool(slippery)})
 
 
 @hydra.main(version_base=None, config_path="pkg://rl_plasticity.configs", config_name="train")
