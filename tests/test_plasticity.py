@@ -223,7 +223,8 @@ def batch(n=1, b=32, obs=5, act=2, seed=0):
 
 @pytest.mark.parametrize("name", sorted(REGULARIZERS))
 def test_every_regularizer_trains_sac_and_round_trips(name):
-    cfg = PlasticityConfig(name=name, coef=1e-3, er=name in ("er", "l2_er"), er_lr=1e-3, er_batch=16)
+    cfg = PlasticityConfig(name=name, coef=1e-3, er=name in ("er", "l2_er"), er_lr=1e-3, er_batch=16,
+                           cbp=name.startswith("cbp"), cbp_maturity=1, cbp_replacement_rate=0.1)
     agent = SACAgent(5, 2, SACConfig(hidden_sizes=(16, 16)), plasticity=cfg)
     agent.update(batch(n=3))
     state = agent.state_dict()
@@ -236,8 +237,10 @@ def test_every_regularizer_trains_sac_and_round_trips(name):
     m2 = other.update(b)
     assert m1["losses/critic"].item() == m2["losses/critic"].item()
     d = agent.diagnostics(Batch(*(t[0] for t in b)))
-    if name not in ("none", "er"):
+    if name not in ("none", "er", "cbp"):
         assert d["losses/plasticity"].item() > 0
+    if cfg.cbp:  # SAC's ensemble critic and plain actor both get units replaced
+        assert d["plasticity/actor/cbp_replaced"].item() > 0 and d["plasticity/critic/cbp_replaced"].item() > 0
 
 
 def test_spectral_gradient_reaches_exactly_the_networks_with_a_coefficient():
