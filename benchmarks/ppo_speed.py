@@ -191,8 +191,8 @@ def main() -> None:
             sb3.append(timed_round(build_sb3, args))
             ours.append(timed_round(build_ours, args))
         assert torch.get_num_threads() == args.threads, "a side changed the number of torch threads"
-        print(f"round {r + 1}: ours {ours[-1]:7.1f} steps/s, sb3 {sb3[-1]:7.1f} steps/s, ratio {ours[-1] / sb3[-1]:.2f}",
-              flush=True)
+        print(f"round {r + 1}: ours {ours[-1]:7.1f} steps/s, sb3 {sb3[-1]:7.1f} steps/s, ratio {ours[-1] / sb3[-1]:.2f}, "
+              f"load average {os.getloadavg()[0]:.2f}", flush=True)
     ratios = sorted(o / s for o, s in zip(ours, sb3))
     o, s = statistics.median(ours), statistics.median(sb3)
     print(f"rl_plasticity  {o:8.1f} steps/s  ({1e3 / o:.3f} ms/step)  rounds: {', '.join(f'{x:.0f}' for x in ours)}")
