@@ -75,11 +75,21 @@ class ReplayBuffer:
         idx = torch.randint(0, self.size, (num_batches, batch_size), device=self.device, generator=self.generator)
         return Batch(self.obs[idx], self.action[idx], self.reward[idx], self.next_obs[idx], self.terminated[idx])
 
+    def probe(self, batch_size: int, seed: int) -> Batch:
+        """A fixed batch for diagnostics, drawn with its own generator so that drawing it never
+        changes the training batches."""
+        g = torch.Generator(device=self.device).manual_seed(int(seed) + 7919)
+        idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=g)
+        return Batch(self.obs[idx], self.action[idx], self.reward[idx], self.next_obs[idx], self.terminated[idx])
+
     def state_dict(self) -> dict:
+        """The filled part of the storage, as *views* (no copy): saving a checkpoint does not need
+        a second buffer's worth of memory.  (torch.save writes each field's whole storage, so the
+        file holds `capacity` rows; the views must be saved before the buffer changes again.)"""
         n = self.size
         return {
-            "obs": self.obs[:n].clone(), "next_obs": self.next_obs[:n].clone(), "action": self.action[:n].clone(),
-            "reward": self.reward[:n].clone(), "terminated": self.terminated[:n].clone(),
+            "obs": self.obs[:n], "next_obs": self.next_obs[:n], "action": self.action[:n],
+            "reward": self.reward[:n], "terminated": self.terminated[:n],
             "pos": self.pos, "size": self.size, "capacity": self.capacity,
             "generator": self.generator.get_state(),
         }
@@ -141,6 +151,17 @@ class RolloutBuffer:
         self.reward[t], self.terminated[t] = reward, terminated
         self.ended[t] = np.logical_or(terminated, truncated)
         self.pos += 1
+
+    _FIELDS = ("obs", "action", "log_prob", "value", "next_value", "reward", "terminated", "ended")
+
+    def state_dict(self) -> dict:
+        """A partly collected rollout (a checkpoint taken mid-rollout continues it)."""
+        return {"pos": self.pos, **{k: torch.from_numpy(getattr(self, k)[: self.pos].copy()) for k in self._FIELDS}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = int(state["pos"])
+        for k in self._FIELDS:
+            getattr(self, k)[: self.pos] = state[k].numpy()
 
     def finish(self, last_value: np.ndarray, final_values: dict[tuple[int, int], float], gamma: float,
                lam: float) -> dict[str, np.ndarray]:

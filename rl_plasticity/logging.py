@@ -23,8 +23,8 @@ class Logger:
     """Scalars to TensorBoard (one namespace per concern: charts/, eval/, losses/, value/, ...)
     and a one-line progress report on the console."""
 
-    def __init__(self, run_dir: str, total_steps: int, stream=sys.stdout):
-        self.writer = SummaryWriter(log_dir=run_dir)
+    def __init__(self, run_dir: str, total_steps: int, stream=sys.stdout, purge_step: int | None = None):
+        self.writer = SummaryWriter(log_dir=run_dir, purge_step=purge_step)
         self.total_steps = total_steps
         self.stream = stream
         self.last_return: float | None = None

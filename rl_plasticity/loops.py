@@ -6,7 +6,7 @@ checkpoint callback do); it only decides *when* things happen.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import gymnasium as gym
 import numpy as np
@@ -74,23 +74,93 @@ def evaluate(agent: OffPolicyAgent, env: gym.Env, episodes: int, seed: int,
     return result
 
 
+class DivergenceError(RuntimeError):
+    """A non-finite loss or parameter: the run stops rather than train (and checkpoint) garbage."""
+
+    def __init__(self, step: int, losses: dict[str, float], networks: list[str]):
+        self.step, self.losses, self.networks = step, losses, networks
+        parts = [f"{k} = {v}" for k, v in losses.items()]
+        if networks:
+            parts.append(f"non-finite parameters in network(s) {', '.join(networks)}")
+        super().__init__(f"training diverged at env step {step}: {'; '.join(parts)}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def check_finite(agent: Any, metrics: dict[str, torch.Tensor], step: int) -> None:
+    """Raise DivergenceError naming the losses and networks that are not finite (one host sync)."""
+    names = [k for k in metrics if k.startswith("losses/")]
+    nets = list(agent.networks.items())
+    flags = [torch.isfinite(metrics[k]).all() for k in names]
+    flags += [torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all() for _, net in nets]
+    if not flags:
+        return
+    ok = torch.stack([f.to(flags[0].device) for f in flags]).cpu().tolist()
+    if all(ok):
+        return
+    bad_losses = {n: float(metrics[n]) for n, f in zip(names, ok) if not f}
+    bad_nets = [n for (n, _), f in zip(nets, ok[len(names):]) if not f]
+    raise DivergenceError(step, bad_losses, bad_nets)
+
+
+@dataclasses.dataclass
+class LoopControl:
+    """What a loop gets besides its pieces: a saved loop state to continue from (resumption) and
+    a flag that asks it to checkpoint and return after the current step (preemption)."""
+
+    resume: Optional[dict[str, Any]] = None
+    should_stop: Callable[[], bool] = lambda: False
+
+
+@dataclasses.dataclass
+class LoopResult:
+    last_eval: dict[str, float]
+    step: int
+    preempted: bool = False
+
+
+def _np_state(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(x, copy=True))
+
+
 def run_off_policy(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, eval_env: gym.Env, logger: Logger,
-                   schedule: OffPolicySchedule, save_checkpoint: Callable[[int], None]) -> dict[str, float]:
+                   schedule: OffPolicySchedule, save_checkpoint: Callable[[int, dict[str, Any]], None],
+                   control: LoopControl | None = None) -> LoopResult:
     """Prefill with uniform random actions, then act and run `replay_ratio` updates per env step.
 
-    Returns the last evaluation's summary (empty if none ran).
+    Checkpoints may fall in the middle of an episode: the caller saves and restores the env's
+    state, and the loop state passed to `save_checkpoint` holds the rest (current observation,
+    episode counters, probe batch, the prefill action generator), so a resumed run continues
+    exactly.  Non-finite losses or parameters raise DivergenceError at log and checkpoint times.
     """
     s = schedule
-    env.action_space.seed(s.seed)
-    obs, _ = env.reset(seed=s.seed)
-    episode_return, episode_length = 0.0, 0
+    control = control or LoopControl()
+    r = control.resume
     metrics: dict[str, torch.Tensor] = {}
-    last_eval: dict[str, float] = {}
-    meter = RateMeter(0, agent.update_count)
-    probe: Batch | None = None  # fixed probe batch for plasticity diagnostics, drawn once
-    last_diagnostics = None
-    for step in range(1, s.total_steps + 1):
-        if step <= s.prefill_steps:
+    if r is None:
+        env.action_space.seed(s.seed)
+        obs, _ = env.reset(seed=s.seed)
+        episode_return, episode_length, first = 0.0, 0, 1
+        probe: Batch | None = None  # fixed probe batch for plasticity diagnostics, drawn once
+        last_diagnostics: int | None = None
+        last_eval: dict[str, float] = {}
+    else:
+        env.action_space.np_random.bit_generator.state = r["action_rng"]
+        obs = r["obs"].numpy()
+        episode_return, episode_length, first = r["episode_return"], r["episode_length"], r["step"] + 1
+        probe = Batch(*r["probe"]) if r["probe"] is not None else None
+        last_diagnostics, last_eval = r["last_diagnostics"], dict(r["last_eval"])
+    meter = RateMeter(first - 1, agent.update_count)
+
+    def loop_state(step: int) -> dict[str, Any]:
+        return {"step": step, "obs": _np_state(obs), "episode_return": episode_return,
+                "episode_length": episode_length, "probe": tuple(probe) if probe is not None else None,
+                "last_diagnostics": last_diagnostics, "last_eval": dict(last_eval),
+                "action_rng": env.action_space.np_random.bit_generator.state}
+
+    for step in range(first, s.total_steps + 1):
+        if step <= s.prefill_steps or len(buffer) < min(s.prefill_steps, s.batch_size):
             action = env.action_space.sample()
         else:
             action = agent.act(obs)
@@ -107,16 +177,18 @@ def run_off_policy(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, ev
         else:
             obs = next_obs
 
-        if step >= s.prefill_steps:
+        if step >= s.prefill_steps and len(buffer) >= min(max(s.prefill_steps, 1), s.batch_size):
             metrics = agent.update(buffer.sample(s.replay_ratio, s.batch_size))
 
+        stop = control.should_stop()
         if step % s.log_every == 0 or step == s.total_steps:
+            check_finite(agent, metrics, step)
             sps, ups = meter.rates(step, agent.update_count)
             values = dict(metrics)
             if agent.update_count > 0 and (last_diagnostics is None
                                            or agent.update_count - last_diagnostics >= s.diagnostics_every):
                 if probe is None:
-                    probe = Batch(*(t[0] for t in buffer.sample(1, min(s.batch_size, 256))))
+                    probe = buffer.probe(min(s.batch_size, 256), s.seed)
                 values.update(agent.diagnostics(probe))
                 last_diagnostics = agent.update_count
             logger.scalars(values, step)  # the only host sync of the update metrics
@@ -130,9 +202,12 @@ def run_off_policy(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, ev
                          "value/overestimation": float(result["overestimation"].mean())}
             logger.scalars(last_eval, step)
             logger.flush()
-        if step % s.checkpoint_every == 0 or step == s.total_steps:
-            save_checkpoint(step)
-    return last_eval
+        if step % s.checkpoint_every == 0 or step == s.total_steps or stop:
+            check_finite(agent, metrics, step)
+            save_checkpoint(step, loop_state(step))
+        if stop and step < s.total_steps:
+            return LoopResult(last_eval, step, preempted=True)
+    return LoopResult(last_eval, s.total_steps)
 
 
 class OnPolicyAgent(Protocol):
@@ -172,38 +247,59 @@ def _crossed(before: int, after: int, every: int) -> bool:
 
 
 def run_on_policy(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: gym.Env, logger: Logger,
-                  schedule: OnPolicySchedule, save_checkpoint: Callable[[int], None],
+                  schedule: OnPolicySchedule, save_checkpoint: Callable[[int, dict[str, Any]], None],
                   frictions: Callable[[], list[float]] | None = None,
-                  before_eval: Callable[[], None] | None = None) -> dict[str, float]:
+                  before_eval: Callable[[], None] | None = None, control: LoopControl | None = None) -> LoopResult:
     """Collect rollouts of `rollout_steps` vector steps, update after each, until `total_steps`.
 
     `envs` must auto-reset in the same step (gymnasium's SAME_STEP mode), so that a truncated
     episode's final observation is at hand for bootstrapping.  `frictions()` (Slippery Ant) gives
     each sub-env's current friction, logged as `env/friction` at every episode end; `before_eval()`
     runs before each evaluation (it sets the evaluation env's friction to the current one).
-    Returns the last evaluation's summary (empty if none ran).
+    A stop request checkpoints after the current vector step, partial rollout included.
     """
     from rl_plasticity.buffers import RolloutBuffer
 
     s = schedule
+    control = control or LoopControl()
+    r = control.resume
     n_envs = envs.num_envs
-    obs, _ = envs.reset(seed=s.seed)
     obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     rollout = RolloutBuffer(s.rollout_steps, n_envs, obs_dim, action_dim)
-    episode_return = np.zeros(n_envs)
-    episode_length = np.zeros(n_envs, dtype=np.int64)
-    last_eval: dict[str, float] = {}
-    meter = RateMeter(0, agent.update_count)
-    probe: torch.Tensor | None = None
-    last_diagnostics: int | None = None
-    step = 0
     usable = (s.total_steps // n_envs) * n_envs
-    if frictions is not None:
-        logger.scalar("env/friction", frictions()[0], 0)
-    while step < usable:
-        before = step
+    if r is None:
+        obs, _ = envs.reset(seed=s.seed)
+        episode_return = np.zeros(n_envs)
+        episode_length = np.zeros(n_envs, dtype=np.int64)
+        last_eval: dict[str, float] = {}
+        probe: torch.Tensor | None = None
+        last_diagnostics: int | None = None
+        step = before = length = 0
         final_values: dict[tuple[int, int], float] = {}
-        for t in range(min(s.rollout_steps, (usable - step) // n_envs)):
+        if frictions is not None:
+            logger.scalar("env/friction", frictions()[0], 0)
+    else:
+        obs = r["obs"].numpy().copy()
+        episode_return, episode_length = r["episode_return"].numpy().copy(), r["episode_length"].numpy().copy()
+        last_eval, probe, last_diagnostics = dict(r["last_eval"]), r["probe"], r["last_diagnostics"]
+        step, before, length = r["step"], r["before"], r["length"]
+        final_values = {(int(t), int(i)): float(v) for t, i, v in r["final_values"]}
+        rollout.load_state_dict(r["rollout"])
+    meter = RateMeter(step, agent.update_count)
+
+    def loop_state() -> dict[str, Any]:
+        return {"step": step, "before": before, "length": length, "obs": _np_state(obs),
+                "episode_return": _np_state(episode_return), "episode_length": _np_state(episode_length),
+                "last_eval": dict(last_eval), "probe": probe, "last_diagnostics": last_diagnostics,
+                "final_values": [[t, i, v] for (t, i), v in final_values.items()], "rollout": rollout.state_dict()}
+
+    metrics: dict[str, torch.Tensor] = {}
+    while step < usable:
+        if rollout.pos == 0:
+            before, final_values = step, {}
+            length = min(s.rollout_steps, (usable - step) // n_envs)
+        while rollout.pos < length:
+            t = rollout.pos
             norm_obs, action, log_prob, value = agent.explore(obs)
             next_obs, reward, terminated, truncated, info = envs.step(np.clip(action, -1.0, 1.0))
             rollout.add(norm_obs, action, log_prob, value, reward, terminated, truncated)
@@ -224,12 +320,18 @@ def run_on_policy(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: gy
                         logger.scalar("env/friction", current[i], step)
                     episode_return[i], episode_length[i] = 0.0, 0
             obs = next_obs
+            if control.should_stop():
+                check_finite(agent, metrics, step)
+                logger.flush()
+                save_checkpoint(step, loop_state())
+                return LoopResult(last_eval, step, preempted=True)
         if probe is None:
             probe = torch.from_numpy(rollout.obs[: rollout.pos].reshape(-1, obs_dim)[:256].copy())
         data = rollout.finish(agent.values(obs), final_values, s.gamma, s.gae_lambda)
         metrics = agent.update(data)
 
         if _crossed(before, step, s.log_every) or step == usable:
+            check_finite(agent, metrics, step)
             sps, ups = meter.rates(step, agent.update_count)
             values = dict(metrics)
             if last_diagnostics is None or agent.update_count - last_diagnostics >= s.diagnostics_every:
@@ -249,5 +351,6 @@ def run_on_policy(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: gy
             logger.scalars(last_eval, step)
             logger.flush()
         if _crossed(before, step, s.checkpoint_every) or step == usable:
-            save_checkpoint(step)
-    return last_eval
+            check_finite(agent, metrics, step)
+            save_checkpoint(step, loop_state())
+    return LoopResult(last_eval, step)

@@ -6,6 +6,7 @@ TensorBoard events and checkpoints into the run directory.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ class RunConfig:
     device: str = "auto"
     run_dir: Optional[str] = None
     threads: Optional[int] = None
+    resume: bool = True
 
 
 @dataclasses.dataclass
@@ -46,6 +48,7 @@ class LogConfig:
 class CheckpointConfig:
     every: int = 100_000
     keep: int = 3
+    save_replay: bool = True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,6 +72,97 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) global generator states, checkpoint-safe."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Keys that may differ between a run and its resumption (they do not change what is learned).
+RESUMABLE_CHANGES = ("total_steps", "device", "threads", "run_dir", "resume", "eval", "log", "checkpoint")
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs, ignoring RESUMABLE_CHANGES."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{key}"
+        if not prefix and key in RESUMABLE_CHANGES:
+            continue
+        a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, dotted + ".")
+        elif a != b:
+            out.append(f"{dotted} (checkpoint: {a}, now: {b})")
+    return out
+
+
+def run_in_progress(run_dir: Path) -> bool:
+    """Whether `run_dir` already holds a run's work: checkpoints or TensorBoard events."""
+    from rl_plasticity.checkpoint import list_checkpoints
+
+    return bool(list_checkpoints(run_dir / "checkpoints")) or any(run_dir.glob("events.out.tfevents.*"))
+
+
+def latest_good_checkpoint(run_dir: Path) -> tuple[Optional[Path], Optional[dict[str, Any]]]:
+    """The newest checkpoint of `run_dir` that loads; a damaged newer one is reported and skipped."""
+    from rl_plasticity.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+
+    for path in reversed(list_checkpoints(run_dir / "checkpoints")):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as e:
+            print(f"warning: skipping {path.name}: {e}", file=sys.stderr, flush=True)
+    return None, None
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag the loop checks after every step; a second signal aborts."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\nsignal {signum} received: finishing the current step, then writing a checkpoint", flush=True)
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def _yaml_block(cfg: dict[str, Any]) -> str:
     # Indented by four spaces so TensorBoard's markdown shows it as a code block.
     return "\n".join("    " + line for line in OmegaConf.to_yaml(cfg).splitlines())
@@ -87,7 +181,8 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
 
     container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     container["run_dir"] = run_dir
-    run = from_node(RunConfig, {k: container[k] for k in ("seed", "total_steps", "device", "run_dir", "threads")}, "")
+    run = from_node(RunConfig, {k: container[k] for k in ("seed", "total_steps", "device", "run_dir", "threads",
+                                                          "resume")}, "")
     evaluation = from_node(EvalConfig, container["eval"], "eval")
     log = from_node(LogConfig, container["log"], "log")
     ckpt = from_node(CheckpointConfig, container["checkpoint"], "checkpoint")
@@ -107,20 +202,54 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
         require(run.threads >= 1, f"threads must be >= 1, got {run.threads}")
         torch.set_num_threads(run.threads)
 
+    resume_path, resume_state = None, None
+    if run_in_progress(Path(run_dir)):
+        if not run.resume:
+            raise ConfigError(f"run_dir {run_dir} already holds a run (checkpoints or TensorBoard events) and "
+                              f"resume=false: choose another run_dir, or resume=true to continue it")
+        resume_path, resume_state = latest_good_checkpoint(Path(run_dir))
+        if resume_state is None and list((Path(run_dir) / "checkpoints").glob("*.pt")):
+            raise ConfigError(f"run_dir {run_dir} holds checkpoints but none of them loads; nothing was changed")
+        if resume_state is not None:
+            if resume_state.get("format", 1) < 2 or "loop" not in resume_state:
+                raise ConfigError(f"{resume_path} was written by an older version without resumable state")
+            diff = config_differences(resume_state["config"], container)
+            if diff:
+                raise ConfigError(f"run_dir {run_dir} holds a run with a different config; differing keys: "
+                                  f"{'; '.join(diff)}. Use another run_dir for a new experiment")
+            if resume_state["step"] >= run.total_steps:
+                print(f"run in {run_dir} is already complete ({resume_state['step']:,} steps); raise total_steps to "
+                      f"continue it", flush=True)
+                return dict(resume_state["loop"].get("last_eval", {}))
+
     seed_everything(run.seed)
     builder = _build_sac if agent_name == "sac" else _build_ppo
     job = builder(container, agent_cfg, plasticity_cfg, run, device)
+    resumed_env_exact = True
+    if resume_state is not None:
+        job.agent.load_state_dict(resume_state["agent"])
+        resumed_env_exact = job.restore(resume_state)
+        set_rng_state(resume_state["rng"])
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    logger = Logger(run_dir, run.total_steps)
-    logger.text("config", _yaml_block(container))
-    logger.dashboard(list(job.agent.networks), **job.dashboard)
+    start = resume_state["step"] if resume_state is not None else 0
+    # purge_step drops what a crashed process logged after its last checkpoint, so the curves
+    # continue without duplicated points.
+    logger = Logger(run_dir, run.total_steps, purge_step=start + 1 if resume_state is not None else None)
+    if resume_state is None:
+        logger.text("config", _yaml_block(container))
+        logger.dashboard(list(job.agent.networks), **job.dashboard)
+    else:
+        print(f"resuming from {resume_path} at step {start:,}"
+              + ("" if resumed_env_exact else " (this env's state cannot be restored: its episode restarts)"), flush=True)
     print(f"run dir: {run_dir}  (tensorboard --logdir {run_dir})\n"
           f"agent {agent_name} on {container['env']['name']} | device {device} | obs {job.obs_dim} | "
           f"actions {job.action_dim} | {job.summary} | plasticity {plasticity_cfg.name}", flush=True)
 
-    def checkpoint(step: int) -> None:
+    last_saved: list[Path] = []
+
+    def checkpoint(step: int, loop_state: dict[str, Any]) -> None:
         state = {
-            "format": 1,
+            "format": 2,
             "config": container,
             "step": step,
             "agent_name": agent_name,
@@ -128,17 +257,38 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
             "action_dim": job.action_dim,
             "agent": job.agent.state_dict(),
             "env": job.env_state(),
+            "loop": loop_state,
+            "rng": rng_state(),
+            **job.extra_state(ckpt.save_replay),
         }
-        save_checkpoint(state, Path(run_dir) / "checkpoints", step, keep=ckpt.keep)
+        logger.flush()
+        last_saved[:] = [save_checkpoint(state, Path(run_dir) / "checkpoints", step, keep=ckpt.keep)]
+
+    from rl_plasticity.loops import DivergenceError, LoopControl
 
     try:
-        result = job.run(logger, checkpoint, run, evaluation, log, ckpt, plasticity_cfg)
+        with StopRequest() as stop:
+            result = job.run(logger, checkpoint, run, evaluation, log, ckpt, plasticity_cfg,
+                             LoopControl(resume=resume_state["loop"] if resume_state else None, should_stop=stop))
+    except DivergenceError as e:
+        good = last_saved[0] if last_saved else resume_path
+        record = {"step": e.step, "losses": e.losses, "networks": e.networks,
+                  "last_good_checkpoint": str(good) if good else None, "message": str(e)}
+        (Path(run_dir) / "diverged.json").write_text(json.dumps(record, indent=2))
+        e.args = (f"{e}. Last good checkpoint: {good or 'none'}; details in {Path(run_dir) / 'diverged.json'}",)
+        raise
     finally:
         logger.close()
         job.close()
+    if result.preempted:
+        command = " ".join(["python -m rl_plasticity.train"] + [a for a in sys.argv[1:] if not a.startswith("run_dir=")]
+                           + [f"run_dir={run_dir}"])
+        print(f"stopped at step {result.step:,}; checkpoint {last_saved[0] if last_saved else '-'} written. "
+              f"Resume with: {command}", flush=True)
+        return result.last_eval
     print(f"done: {run.total_steps:,} env steps, {job.agent.update_count:,} updates; checkpoints in "
           f"{Path(run_dir) / 'checkpoints'}", flush=True)
-    return result
+    return result.last_eval
 
 
 @dataclasses.dataclass
@@ -152,6 +302,8 @@ class _Job:
     run: Any
     env_state: Any
     close: Any
+    restore: Any = None       # (checkpoint state) -> whether the env state was restored exactly
+    extra_state: Any = lambda save_replay: {}
     dashboard: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -161,6 +313,7 @@ def _build_sac(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
     from rl_plasticity.buffers import ReplayBuffer
     from rl_plasticity.envs import make_env
     from rl_plasticity.envs.slippery_ant import find_slippery_ant
+    from rl_plasticity.envs.state import capture_env, restore_env
     from rl_plasticity.loops import OffPolicySchedule, run_off_policy
 
     env = make_env(container["env"])
@@ -170,23 +323,31 @@ def _build_sac(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
     buffer = ReplayBuffer(obs_dim, action_dim, agent_cfg.buffer_size, device, seed=run.seed)
     slippery = find_slippery_ant(env)
 
-    def run_loop(logger, checkpoint, run, evaluation, log, ckpt, plasticity_cfg) -> dict[str, float]:
+    def run_loop(logger, checkpoint, run, evaluation, log, ckpt, plasticity_cfg, control):
         schedule = OffPolicySchedule(
             total_steps=run.total_steps, prefill_steps=agent_cfg.prefill_steps, replay_ratio=agent_cfg.replay_ratio,
             batch_size=agent_cfg.batch_size, eval_every=evaluation.every, eval_episodes=evaluation.episodes,
             log_every=log.every, checkpoint_every=ckpt.every, seed=run.seed, gamma=agent_cfg.gamma,
             diagnostics_every=plasticity_cfg.log_every,
         )
-        return run_off_policy(agent, buffer, env, eval_env, logger, schedule, checkpoint)
+        return run_off_policy(agent, buffer, env, eval_env, logger, schedule, checkpoint, control)
 
     def close() -> None:
         env.close()
         eval_env.close()
 
+    def restore(state: dict[str, Any]) -> bool:
+        if "replay" in state:
+            buffer.load_state_dict(state["replay"])
+        else:
+            print("warning: the checkpoint holds no replay buffer (checkpoint.save_replay=false): learning pauses "
+                  "until the buffer is refilled with prefill_steps transitions", file=sys.stderr, flush=True)
+        return restore_env(env, state["env"][0])
+
     return _Job(agent, obs_dim, action_dim,
                 f"replay ratio {agent_cfg.replay_ratio} | replay buffer {buffer.nbytes / 2**20:.0f} MiB", run_loop,
-                lambda: [slippery.state_dict()] if slippery is not None else [], close,
-                dashboard={"friction": slippery is not None})
+                lambda: [capture_env(env)], close, dashboard={"friction": slippery is not None}, restore=restore,
+                extra_state=lambda save_replay: {"replay": buffer.state_dict()} if save_replay else {})
 
 
 def _build_ppo(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, run: RunConfig,
@@ -196,6 +357,7 @@ def _build_ppo(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
     from rl_plasticity.agents.ppo import PPOAgent
     from rl_plasticity.envs import make_env
     from rl_plasticity.envs.slippery_ant import find_slippery_ant
+    from rl_plasticity.envs.state import capture_env, restore_env
     from rl_plasticity.loops import OnPolicySchedule, run_on_policy
 
     env_cfg = dict(container["env"])
@@ -215,7 +377,7 @@ def _build_ppo(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
     eval_slippery = find_slippery_ant(eval_env)
     frictions = (lambda: [w.friction for w in slippery]) if slippery else None
 
-    def run_loop(logger, checkpoint, run, evaluation, log, ckpt, plasticity_cfg) -> dict[str, float]:
+    def run_loop(logger, checkpoint, run, evaluation, log, ckpt, plasticity_cfg, control):
         schedule = OnPolicySchedule(
             total_steps=run.total_steps, rollout_steps=agent_cfg.rollout_steps, eval_every=evaluation.every,
             eval_episodes=evaluation.episodes, log_every=log.every, checkpoint_every=ckpt.every, seed=run.seed,
@@ -223,16 +385,21 @@ def _build_ppo(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
         )
         # Evaluation runs under the friction the agent is currently trained on.
         follow = (lambda: eval_slippery.hold_friction(slippery[0].friction)) if eval_slippery and slippery else None
-        return run_on_policy(agent, envs, eval_env, logger, schedule, checkpoint, frictions, before_eval=follow)
+        return run_on_policy(agent, envs, eval_env, logger, schedule, checkpoint, frictions, before_eval=follow,
+                             control=control)
 
     def close() -> None:
         envs.close()
         eval_env.close()
 
+    def restore(state: dict[str, Any]) -> bool:
+        envs.reset(seed=run.seed)  # the vector env's own bookkeeping, then each env's saved state
+        return all([restore_env(e, s) for e, s in zip(envs.envs, state["env"])])
+
     batch = agent_cfg.rollout_steps * n
     return _Job(agent, obs_dim, action_dim,
                 f"{n} env(s) | rollout {batch} | {agent_cfg.epochs} epochs × {agent_cfg.num_minibatches} minibatches",
-                run_loop, lambda: [w.state_dict() for w in slippery], close,
+                run_loop, lambda: [capture_env(e) for e in envs.envs], close, restore=restore,
                 dashboard={"losses": ("policy", "value", "entropy", "approx_kl", "clip_fraction", "plasticity"),
                            "values": ("log_std",), "friction": bool(slippery)})
 
@@ -243,17 +410,48 @@ def _hydra_main(cfg: DictConfig) -> None:
 
     from rl_plasticity.checkpoint import CheckpointError
     from rl_plasticity.envs.dmc import UnknownEnvError
+    from rl_plasticity.loops import DivergenceError
 
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         train(cfg, run_dir)
     except (ConfigError, CheckpointError, UnknownEnvError) as e:
         fail(str(e))
+    except DivergenceError as e:
+        fail(str(e), code=3)
+
+
+def preflight(args: list[str]) -> None:
+    """Before Hydra writes into a given run_dir: refuse a run_dir that holds a run when
+    resume=false, or whose checkpoint has a different config (nothing on disk is touched)."""
+    if any(a in ("-m", "--multirun") for a in args):
+        return
+    values = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
+    run_dir = values.get("run_dir")
+    if run_dir in (None, "", "null", "None") or not run_in_progress(Path(run_dir)):
+        return
+    if values.get("resume", "true").lower() == "false":
+        raise ConfigError(f"run_dir {run_dir} already holds a run (checkpoints or TensorBoard events) and "
+                          f"resume=false: choose another run_dir, or resume=true to continue it")
+    _, state = latest_good_checkpoint(Path(run_dir))
+    if state is None:
+        return
+    from hydra import compose, initialize_config_module
+
+    from rl_plasticity.cli import CONFIG_MODULE
+
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
+        cfg = compose("train", overrides=[a for a in args if not a.startswith("hydra")])
+    diff = config_differences(state["config"], OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    if diff:
+        raise ConfigError(f"run_dir {run_dir} holds a run with a different config; differing keys: "
+                          f"{'; '.join(diff)}. Use another run_dir for a new experiment")
 
 
 def main() -> None:
     try:
         check_overrides(sys.argv[1:])
+        preflight(sys.argv[1:])
     except ConfigError as e:
         fail(str(e))
     _hydra_main()

@@ -219,7 +219,7 @@ def test_slippery_ant_checkpoint_holds_the_schedule(ant_run):
     ckpts = list_checkpoints(run_dir / "checkpoints")
     assert [p.name for p in ckpts] == ["step_000001500.pt", "step_000003000.pt"]
     state = torch.load(ckpts[-1], weights_only=True)
-    (env_state,) = state["env"]
+    env_state = state["env"][0]["slippery_ant"]
     # The index moves only at episode ends, so it lags total_steps // change_every by at most one episode.
     assert env_state["total_steps"] == 3000 and 3 <= env_state["schedule_index"] <= 3000 // 400
     assert env_state["friction_seed"] == 0 and env_state["change_every"] == 400
