@@ -86,7 +86,7 @@ def build_ours(args, timers: _Timers | None = None):
 
     def run() -> float:
         start = time.perf_counter()
-        run_on_policy(agent, envs, None, logger, schedule, lambda step: None,
+        run_on_policy(agent, envs, None, logger, schedule, lambda step, state: None,
                       frictions=lambda: [w.friction for w in slippery])
         seconds = time.perf_counter() - start
         logger.close()

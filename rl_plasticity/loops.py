@@ -74,6 +74,18 @@ def evaluate(agent: OffPolicyAgent, env: gym.Env, episodes: int, seed: int,
     return result
 
 
+def evaluate_and_log(agent: Any, eval_env: gym.Env, logger: Logger, step: int, episodes: int, seed: int,
+                     gamma: float) -> dict[str, float]:
+    """`evaluate` with evaluation seeds apart from training's, written as `eval/` and `value/` tags."""
+    result = evaluate(agent, eval_env, episodes, seed + 1_000_000, gamma)
+    returns = result["returns"]
+    summary = {"eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std()),
+               "value/overestimation": float(result["overestimation"].mean())}
+    logger.scalars(summary, step)
+    logger.flush()
+    return summary
+
+
 class DivergenceError(RuntimeError):
     """A non-finite loss or parameter: the run stops rather than train (and checkpoint) garbage."""
 
@@ -196,12 +208,7 @@ def run_off_policy(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, ev
             logger.scalar("charts/updates_per_s", ups, step)
             logger.progress(step, sps, ups, meter.elapsed)
         if s.eval_episodes > 0 and (step % s.eval_every == 0 or step == s.total_steps):
-            result = evaluate(agent, eval_env, s.eval_episodes, s.seed + 1_000_000, s.gamma)
-            returns = result["returns"]
-            last_eval = {"eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std()),
-                         "value/overestimation": float(result["overestimation"].mean())}
-            logger.scalars(last_eval, step)
-            logger.flush()
+            last_eval = evaluate_and_log(agent, eval_env, logger, step, s.eval_episodes, s.seed, s.gamma)
         if step % s.checkpoint_every == 0 or step == s.total_steps or stop:
             check_finite(agent, metrics, step)
             save_checkpoint(step, loop_state(step))
@@ -344,12 +351,7 @@ def run_on_policy(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: gy
         if s.eval_episodes > 0 and (_crossed(before, step, s.eval_every) or step == usable):
             if before_eval is not None:
                 before_eval()
-            result = evaluate(agent, eval_env, s.eval_episodes, s.seed + 1_000_000, s.gamma)
-            returns = result["returns"]
-            last_eval = {"eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std()),
-                         "value/overestimation": float(result["overestimation"].mean())}
-            logger.scalars(last_eval, step)
-            logger.flush()
+            last_eval = evaluate_and_log(agent, eval_env, logger, step, s.eval_episodes, s.seed, s.gamma)
         if _crossed(before, step, s.checkpoint_every) or step == usable:
             check_finite(agent, metrics, step)
             save_checkpoint(step, loop_state())

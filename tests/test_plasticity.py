@@ -291,6 +291,6 @@ def test_reset_keeps_the_replay_buffer():
     buffer = ReplayBuffer(3, 1, 1000)
     sched = OffPolicySchedule(total_steps=60, prefill_steps=10, replay_ratio=2, batch_size=16, eval_every=1000,
                               eval_episodes=0, log_every=1000, checkpoint_every=1000, seed=0)
-    run_off_policy(agent, buffer, env, env, NullLogger(), sched, lambda step: None)
+    run_off_policy(agent, buffer, env, env, NullLogger(), sched, lambda step, state: None)
     assert agent.reset_count == agent.update_count // 20 >= 4
     assert len(buffer) == 60

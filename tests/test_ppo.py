@@ -179,7 +179,7 @@ def test_loop_bootstraps_truncations_from_the_final_observation(monkeypatch, tmp
     logger = Logger(str(tmp_path), 24)
     schedule = OnPolicySchedule(total_steps=24, rollout_steps=12, eval_every=10**9, eval_episodes=0, log_every=12,
                                 checkpoint_every=10**9, seed=0)
-    run_on_policy(agent, envs, make_env(cfg), logger, schedule, lambda step: None)
+    run_on_policy(agent, envs, make_env(cfg), logger, schedule, lambda step, state: None)
     logger.close()
     assert [sorted(s) for s in seen] == [[(4, 0), (9, 0)], [(2, 0), (7, 0)]]
     finals = [c for c in calls if c.shape[0] == 1]
