@@ -118,6 +118,39 @@ def run_in_progress(run_dir: Path) -> bool:
     return bool(list_checkpoints(run_dir / "checkpoints")) or any(run_dir.glob("events.out.tfevents.*"))
 
 
+_RESUME_CACHE: dict[str, tuple[Optional[Path], Optional[dict[str, Any]]]] = {}
+
+
+def resume_point(run_dir: Path, resume: bool, config: dict[str, Any]) -> tuple[Optional[Path], Optional[dict[str, Any]]]:
+    """The checkpoint a run in `run_dir` continues from, (None, None) for a new run.
+
+    Refuses (ConfigError) a directory holding a run when `resume` is false, one whose checkpoints
+    all fail to load, one written without resumable state, and one whose config differs from
+    `config` (naming the keys).  The loaded checkpoint is kept, so the check made before Hydra
+    starts and the one in `train` read it once.
+    """
+    if not run_in_progress(run_dir):
+        return None, None
+    if not resume:
+        raise ConfigError(f"run_dir {run_dir} already holds a run (checkpoints or TensorBoard events) and "
+                          f"resume=false: choose another run_dir, or resume=true to continue it")
+    key = str(run_dir.resolve())
+    if key not in _RESUME_CACHE:
+        _RESUME_CACHE[key] = latest_good_checkpoint(run_dir)
+    path, state = _RESUME_CACHE[key]
+    if state is None:
+        if list((run_dir / "checkpoints").glob("*.pt")):
+            raise ConfigError(f"run_dir {run_dir} holds checkpoints but none of them loads; nothing was changed")
+        return None, None
+    if state.get("format", 1) < 2 or "loop" not in state:
+        raise ConfigError(f"{path} was written by an older version without resumable state")
+    diff = config_differences(state["config"], config)
+    if diff:
+        raise ConfigError(f"run_dir {run_dir} holds a run with a different config; differing keys: "
+                          f"{'; '.join(diff)}. Use another run_dir for a new experiment")
+    return path, state
+
+
 def latest_good_checkpoint(run_dir: Path) -> tuple[Optional[Path], Optional[dict[str, Any]]]:
     """The newest checkpoint of `run_dir` that loads; a damaged newer one is reported and skipped."""
     from rl_plasticity.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
@@ -202,25 +235,11 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
         require(run.threads >= 1, f"threads must be >= 1, got {run.threads}")
         torch.set_num_threads(run.threads)
 
-    resume_path, resume_state = None, None
-    if run_in_progress(Path(run_dir)):
-        if not run.resume:
-            raise ConfigError(f"run_dir {run_dir} already holds a run (checkpoints or TensorBoard events) and "
-                              f"resume=false: choose another run_dir, or resume=true to continue it")
-        resume_path, resume_state = latest_good_checkpoint(Path(run_dir))
-        if resume_state is None and list((Path(run_dir) / "checkpoints").glob("*.pt")):
-            raise ConfigError(f"run_dir {run_dir} holds checkpoints but none of them loads; nothing was changed")
-        if resume_state is not None:
-            if resume_state.get("format", 1) < 2 or "loop" not in resume_state:
-                raise ConfigError(f"{resume_path} was written by an older version without resumable state")
-            diff = config_differences(resume_state["config"], container)
-            if diff:
-                raise ConfigError(f"run_dir {run_dir} holds a run with a different config; differing keys: "
-                                  f"{'; '.join(diff)}. Use another run_dir for a new experiment")
-            if resume_state["step"] >= run.total_steps:
-                print(f"run in {run_dir} is already complete ({resume_state['step']:,} steps); raise total_steps to "
-                      f"continue it", flush=True)
-                return dict(resume_state["loop"].get("last_eval", {}))
+    resume_path, resume_state = resume_point(Path(run_dir), run.resume, container)
+    if resume_state is not None and resume_state["step"] >= run.total_steps:
+        print(f"run in {run_dir} is already complete ({resume_state['step']:,} steps); raise total_steps to "
+              f"continue it", flush=True)
+        return dict(resume_state["loop"].get("last_eval", {}))
 
     seed_everything(run.seed)
     builder = _build_sac if agent_name == "sac" else _build_ppo
@@ -341,7 +360,7 @@ def _build_sac(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
             buffer.load_state_dict(state["replay"])
         else:
             print("warning: the checkpoint holds no replay buffer (checkpoint.save_replay=false): learning pauses "
-                  "until the buffer is refilled with prefill_steps transitions", file=sys.stderr, flush=True)
+                  "until the buffer again holds min(prefill_steps, batch_size) transitions", file=sys.stderr, flush=True)
         return restore_env(env, state["env"][0])
 
     return _Job(agent, obs_dim, action_dim,
@@ -430,22 +449,13 @@ def preflight(args: list[str]) -> None:
     run_dir = values.get("run_dir")
     if run_dir in (None, "", "null", "None") or not run_in_progress(Path(run_dir)):
         return
-    if values.get("resume", "true").lower() == "false":
-        raise ConfigError(f"run_dir {run_dir} already holds a run (checkpoints or TensorBoard events) and "
-                          f"resume=false: choose another run_dir, or resume=true to continue it")
-    _, state = latest_good_checkpoint(Path(run_dir))
-    if state is None:
-        return
     from hydra import compose, initialize_config_module
 
     from rl_plasticity.cli import CONFIG_MODULE
 
     with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
         cfg = compose("train", overrides=[a for a in args if not a.startswith("hydra")])
-    diff = config_differences(state["config"], OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-    if diff:
-        raise ConfigError(f"run_dir {run_dir} holds a run with a different config; differing keys: "
-                          f"{'; '.join(diff)}. Use another run_dir for a new experiment")
+    resume_point(Path(run_dir), bool(cfg.resume), OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
 
 
 def main() -> None:

@@ -222,13 +222,10 @@ class PPOAgent(PlasticityMixin):
             perm = torch.randperm(n, generator=self.generator).to(dev)
             history = []
             for start in range(0, size * (n // size), size):
-                idx = perm[start:start + size]
-                history.append(self._update_minibatch({k: v[idx] for k, v in data.items()}))
-                if self.plasticity_cfg.er or self.plasticity_cfg.cbp or self.reset_interval is not None:
-                    extra = perm[start:start + block] if block == size else perm.roll(-start)[:block]
-                    self.plasticity_after_update(data["obs"][extra])
-                else:
-                    self.plasticity_updates += 1
+                mb = {k: v[perm[start:start + size]] for k, v in data.items()}
+                history.append(self._update_minibatch(mb))
+                # The mixin reads this only when an ER step, CBP or a reset is due.
+                self.plasticity_after_update(mb["obs"] if block == size else data["obs"][perm.roll(-start)[:block]])
         stats = torch.stack(history).mean(0)
         names = ("losses/policy", "losses/value", "losses/entropy", "losses/approx_kl", "losses/clip_fraction")
         metrics = dict(zip(names, stats.unbind()))
@@ -254,10 +251,7 @@ class PPOAgent(PlasticityMixin):
         value_loss = 0.5 * (value - mb["return"]).square().mean()
         entropy = (log_std + 0.5 + _LOG_SQRT_2PI).sum()
         loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
-        for name in ("actor", "critic"):
-            penalty = self.plasticity_loss(name)
-            if penalty is not None:
-                loss = loss + penalty
+        loss = self.add_plasticity_losses(loss, ("actor", "critic"))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.plasticity_before_step()

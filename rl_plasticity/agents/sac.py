@@ -193,10 +193,7 @@ class SACAgent(PlasticityMixin):
         alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
 
         loss = critic_loss + actor_loss + alpha_loss
-        for name in ("critic", "actor"):
-            penalty = self.plasticity_loss(name)
-            if penalty is not None:
-                loss = loss + penalty
+        loss = self.add_plasticity_losses(loss, ("critic", "actor"))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.plasticity_before_step()

@@ -91,13 +91,15 @@ class ContinualBackprop:
         self.maturity = int(maturity)
         self.decay = float(decay)
         self.utility: list[torch.Tensor] = []
+        # Ages live on the host: they change only by +1 per step and by resets the host decides,
+        # so counting the mature units never waits for the device.
         self.age: list[torch.Tensor] = []
         self.to_replace: list[torch.Tensor] = []  # accumulated fractional replacements, per member
         for layer in self.layers:
             rows = layer.input_weights()
             members, width = rows.shape[0], rows.shape[1]
             self.utility.append(torch.zeros(members, width, device=rows.device))
-            self.age.append(torch.zeros(members, width, dtype=torch.long, device=rows.device))
+            self.age.append(torch.zeros(members, width, dtype=torch.long))
             self.to_replace.append(torch.zeros(members, dtype=torch.float64))
         self.replaced_total = 0
 
@@ -115,14 +117,15 @@ class ContinualBackprop:
             self.utility[i].mul_(self.decay).add_(contribution, alpha=1.0 - self.decay)
             self.age[i] += 1
             mature = self.age[i] > self.maturity
-            eligible = mature.sum(-1).cpu()
+            eligible = mature.sum(-1)
             self.to_replace[i] += self.replacement_rate * eligible.double()
             counts = self.to_replace[i].floor().long()
             if int(counts.sum()) == 0:
                 continue
             self.to_replace[i] -= counts.double()
-            corrected = self.utility[i] / (1.0 - self.decay ** self.age[i].double()).float().clamp_min(1e-12)
-            corrected = corrected.masked_fill(~mature, float("inf"))
+            device = self.utility[i].device
+            bias = (1.0 - self.decay ** self.age[i].double()).float().clamp_min(1e-12).to(device)
+            corrected = (self.utility[i] / bias).masked_fill(~mature.to(device), float("inf"))
             for member, n in enumerate(counts.tolist()):
                 n = min(n, int(eligible[member]))
                 if n == 0:
@@ -147,7 +150,7 @@ class ContinualBackprop:
                 _vector_rows(layer.norm.bias, ens)[member, units] = 0.0
         layer.outgoing_weights()[member, units] = 0.0
         self.utility[i][member, units] = 0.0
-        self.age[i][member, units] = 0
+        self.age[i][member, units.cpu()] = 0
         # Clear the optimizer moments of everything that was just re-initialised.
         for opt in optimizers:
             for param, view in self._touched(layer):

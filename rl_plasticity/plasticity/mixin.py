@@ -119,6 +119,14 @@ class PlasticityMixin:
         self._last_penalty[name] = loss.detach()
         return loss
 
+    def add_plasticity_losses(self, loss: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+        """`loss` plus coef · penalty of each network in `names` that has a loss term."""
+        for name in names:
+            penalty = self.plasticity_loss(name)
+            if penalty is not None:
+                loss = loss + penalty
+        return loss
+
     def plasticity_before_step(self) -> None:
         """Between backward and the optimizer step: regularizers that add their gradient directly
         (spectral) do it here.  The result equals adding `coef · penalty` to the loss."""
