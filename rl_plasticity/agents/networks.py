@@ -156,10 +156,14 @@ class TanhGaussianActor(nn.Module):
         log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(raw) + 1.0)
         return mean, log_std
 
-    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A reparameterised action and its log-probability under the squashed Gaussian."""
+    def sample(self, obs: torch.Tensor, noise: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised action and its log-probability under the squashed Gaussian.
+
+        `noise` (standard normal, shape of the mean) is drawn from `generator` when not given."""
         mean, log_std = self.distribution_params(obs)
-        noise = torch.randn_like(mean)
+        if noise is None:
+            noise = torch.randn(mean.shape, device=mean.device, generator=generator)
         u = torch.addcmul(mean, log_std.exp(), noise)
         # log N(u; mean, std) - log|d tanh(u)/du|, with log(1 - tanh(u)^2) = 2(log 2 - u - softplus(-2u)).
         log_prob = (-0.5 * noise.square() - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
+from rl_plasticity.agents.fused import FusedSAC
 from rl_plasticity.agents.networks import Critic, TanhGaussianActor
 from rl_plasticity.buffers import Batch
 from rl_plasticity.config import from_node, require
@@ -49,6 +50,7 @@ class SACConfig:
     log_std_min: float = -5.0
     log_std_max: float = 2.0
     reset_interval: Optional[int] = None  # full reset every N gradient updates (null: never)
+    fused: bool = True  # hand-written forward/backward (agents/fused.py); false: autograd reference
 
     @classmethod
     def from_node(cls, node: Mapping[str, Any]) -> "SACConfig":
@@ -85,14 +87,18 @@ class SACAgent(PlasticityMixin):
     """
 
     def __init__(self, obs_dim: int, action_dim: int, cfg: SACConfig, device: torch.device | str = "cpu",
-                 plasticity: Optional[PlasticityConfig] = None):
+                 plasticity: Optional[PlasticityConfig] = None, seed: int = 0):
         self.cfg = cfg
         self.device = torch.device(device)
         self.obs_dim, self.action_dim = obs_dim, action_dim
         self.target_entropy = float(-action_dim if cfg.target_entropy is None else cfg.target_entropy)
         self.update_count = 0
+        # The agent's randomness after initialisation (exploration and update noise) comes
+        # from its own generator, so that one agent's run never depends on another's draws.
+        self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
         self.init_plasticity(plasticity or PlasticityConfig(), cfg.reset_interval)
         self._build()
+        self._step = self._fused_step if cfg.fused else self._update_once
 
     # -- construction -------------------------------------------------------------------------
     def _build(self) -> None:
@@ -116,6 +122,7 @@ class SACAgent(PlasticityMixin):
         self._critic_params = list(self.critic.parameters())
         self._target_params = list(self.critic_target.parameters())
         self.register_networks({"actor": self.actor.net, "critic": self.critic.net})
+        self._fused = FusedSAC(self) if cfg.fused else None
 
     def reset_networks(self) -> None:
         """Full reset (the SR-SAC reset baseline): everything re-initialised, buffer kept."""
@@ -146,7 +153,7 @@ class SACAgent(PlasticityMixin):
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         """Action in [-1, 1] for one observation (or a batch of them)."""
         o = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-        a = self.actor.deterministic(o) if deterministic else self.actor.sample(o)[0]
+        a = self.actor.deterministic(o) if deterministic else self.actor.sample(o, generator=self.generator)[0]
         return a.cpu().numpy()
 
     @torch.no_grad()
@@ -159,35 +166,38 @@ class SACAgent(PlasticityMixin):
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One gradient update per leading slice of `batch` (shape (updates, batch_size, ...)).
 
-        Returns the last update's metrics as detached device tensors (no host sync).
+        The Gaussian noise of all these updates (next action and policy action) is drawn in one
+        call.  Returns the last update's metrics as detached device tensors (no host sync).
         """
+        updates, size = batch.obs.shape[0], batch.obs.shape[1]
+        noise = torch.randn((updates, 2, size, self.action_dim), device=self.device, generator=self.generator)
         metrics: dict[str, torch.Tensor] = {}
-        for i in range(batch.obs.shape[0]):
-            metrics = self._update_once(batch.obs[i], batch.action[i], batch.reward[i], batch.next_obs[i],
-                                        batch.terminated[i])
+        for i in range(updates):
+            metrics = self._step(batch.obs[i], batch.action[i], batch.reward[i], batch.next_obs[i],
+                                 batch.terminated[i], noise[i])
         return metrics
 
     @torch.no_grad()
     def td_target(self, reward: torch.Tensor, next_obs: torch.Tensor, terminated: torch.Tensor,
-                  alpha: torch.Tensor | None = None) -> torch.Tensor:
+                  alpha: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """r + γ (1 − terminated) (min_i Q̄_i(s', a') − α log π(a'|s')), a' ~ π(·|s').
 
         Only a true termination stops bootstrapping; a time-limit truncation does not (the loop
         stores it as terminated = 0).
         """
         alpha = self.alpha if alpha is None else alpha
-        next_action, next_log_prob = self.actor.sample(next_obs)
+        next_action, next_log_prob = self.actor.sample(next_obs, noise, self.generator)
         next_q = _min_over_critics(self.critic_target(next_obs, next_action))
         return reward + self.cfg.gamma * (1.0 - terminated) * (next_q - alpha * next_log_prob)
 
-    def _update_once(self, obs, action, reward, next_obs, terminated) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
+    def _update_once(self, obs, action, reward, next_obs, terminated, noise) -> dict[str, torch.Tensor]:
+        """The autograd reference update (agent.fused=false); `noise` (2, B, |A|)."""
         alpha = self.log_alpha.detach().exp()
-        target = self.td_target(reward, next_obs, terminated, alpha)
+        target = self.td_target(reward, next_obs, terminated, alpha, noise[0])
         q = self.critic(obs, action)
         critic_loss = (q - target).square().mean(-1).sum()
 
-        new_action, log_prob = self.actor.sample(obs)
+        new_action, log_prob = self.actor.sample(obs, noise[1])
         q_pi = _min_over_critics(self.critic(obs, new_action, detached=True))
         actor_loss = (alpha * log_prob - q_pi).mean()
         alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
@@ -196,12 +206,7 @@ class SACAgent(PlasticityMixin):
         loss = self.add_plasticity_losses(loss, ("critic", "actor"))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.plasticity_before_step()
-        self.optimizer.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(self._target_params, self._critic_params, cfg.tau)
-        self.update_count += 1
-        self.plasticity_after_update((obs, action))
+        self._finish_update(obs, action)
         return {
             "losses/critic": critic_loss.detach(),
             "losses/actor": actor_loss.detach(),
@@ -210,6 +215,22 @@ class SACAgent(PlasticityMixin):
             "value/q_mean": q.detach().mean(),
             "value/entropy": -log_prob.detach().mean(),
         }
+
+    def _fused_step(self, obs, action, reward, next_obs, terminated, noise) -> dict[str, torch.Tensor]:
+        """The same update as `_update_once` with the hand-written gradients of agents/fused.py."""
+        metrics = self._fused.losses_and_grads(obs, action, reward, next_obs, terminated, noise)
+        self.add_plasticity_gradients(("critic", "actor"))
+        self._finish_update(obs, action)
+        return metrics
+
+    def _finish_update(self, obs: torch.Tensor, action: torch.Tensor) -> None:
+        """Gradients are in `.grad`: regularizer gradients, the optimizer step, the target."""
+        self.plasticity_before_step()
+        self.optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(self._target_params, self._critic_params, self.cfg.tau)
+        self.update_count += 1
+        self.plasticity_after_update((obs, action))
 
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -220,6 +241,7 @@ class SACAgent(PlasticityMixin):
             "log_alpha": self.log_alpha.detach().clone(),
             "optimizer": self.optimizer.state_dict(),
             "update_count": self.update_count,
+            "generator": self.generator.get_state(),
             "plasticity": self.plasticity_state_dict(),
         }
 
@@ -233,4 +255,6 @@ class SACAgent(PlasticityMixin):
         # copy them so that two agents never share moment estimates.
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.update_count = int(state["update_count"])
+        if "generator" in state:
+            self.generator.set_state(state["generator"].cpu())
         self.load_plasticity_state_dict(state["plasticity"])

@@ -127,6 +127,17 @@ class PlasticityMixin:
                 loss = loss + penalty
         return loss
 
+    def add_plasticity_gradients(self, names: tuple[str, ...]) -> None:
+        """For updates that write their gradients without autograd (the fused SAC path): add the
+        gradient of coef · penalty of each network in `names` to its parameters' `.grad`."""
+        total = None
+        for name in names:
+            penalty = self.plasticity_loss(name)
+            if penalty is not None:
+                total = penalty if total is None else total + penalty
+        if total is not None:
+            total.backward()
+
     def plasticity_before_step(self) -> None:
         """Between backward and the optimizer step: regularizers that add their gradient directly
         (spectral) do it here.  The result equals adding `coef · penalty` to the loss."""

@@ -1,0 +1,288 @@
+"""The fused SAC update: one update's forward and backward written out, without an autograd graph.
+
+At replay ratio 16 on a CPU, the eager update spends about a third of its time outside the
+matrix multiplications: autograd bookkeeping, one small kernel per elementwise op, and twice the
+matmuls it needs.  This path computes exactly the same losses and gradients (the tests compare it
+with the eager path to float tolerance) and saves work where autograd cannot see it:
+
+- the actor runs once on [next_obs; obs] (2B rows) instead of twice, and the critic once on
+  [(obs, action); (obs, π(obs))] instead of twice: one matmul per layer on twice the rows;
+- the critic's parameter gradient is taken from the first B rows only, while the input gradient
+  for the actor's loss flows through the other B rows (the eager path needs a second forward
+  through detached parameters for that);
+- LayerNorm and ReLU use ATen's fused forward/backward kernels; gradients are written into
+  persistent `.grad` buffers with `out=` (no allocation per update);
+- nothing synchronises with the host, so the updates of one env step queue back to back.
+
+Networks are walked once (`MLPPlan`) and read through their modules at every call, so the plan
+stays valid across optimizer steps; a reset builds new modules and a new plan.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rl_plasticity.agents.networks import EnsembleLayerNorm, EnsembleLinear, EnsembleMLP
+
+aten = torch.ops.aten
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+_LOG2 = math.log(2.0)
+
+
+def _grad_buffer(p: torch.Tensor) -> torch.Tensor:
+    """`p.grad`, allocated once and then overwritten in place."""
+    if p.grad is None or p.grad.shape != p.shape:
+        p.grad = torch.empty_like(p)
+    return p.grad
+
+
+@dataclass
+class _Block:
+    """Linear -> [LayerNorm] -> [ReLU]: one hidden layer, or the head (no norm, no ReLU)."""
+
+    linear: nn.Module
+    norm: Optional[nn.Module]
+    relu: bool
+
+
+class MLPPlan:
+    """Hand-written forward and backward of an `mlp(...)` (nn.Sequential) or an `EnsembleMLP`.
+
+    Shapes: one member works on (rows, dim) with addmm; `members` > 1 on (members, rows, dim)
+    with baddbmm, the first layer taking a shared (rows, in) input.
+    """
+
+    def __init__(self, network: nn.Module):
+        layers = list(network.layers if isinstance(network, EnsembleMLP) else network)
+        blocks: list[_Block] = []
+        i = 0
+        while i < len(layers):
+            linear = layers[i]
+            if not isinstance(linear, (nn.Linear, EnsembleLinear)):
+                raise TypeError(f"fused path: unexpected layer {type(linear).__name__}")
+            i += 1
+            norm = None
+            if i < len(layers) and isinstance(layers[i], (nn.LayerNorm, EnsembleLayerNorm)):
+                norm = layers[i]
+                i += 1
+            relu = i < len(layers) and isinstance(layers[i], nn.ReLU)
+            i += int(relu)
+            blocks.append(_Block(linear, norm, relu))
+        self.blocks = blocks
+        first = blocks[0].linear
+        self.members = first.num_members if isinstance(first, EnsembleLinear) else 1
+
+    # -- parameter views ----------------------------------------------------------------------
+    def _weight(self, lin: nn.Module) -> torch.Tensor:
+        """(in, out) for one member, (members, in, out) otherwise."""
+        if isinstance(lin, nn.Linear):
+            return lin.weight.t()
+        return lin.weight[0] if self.members == 1 else lin.weight
+
+    def _bias(self, lin: nn.Module) -> torch.Tensor:
+        if isinstance(lin, nn.Linear):
+            return lin.bias
+        return lin.bias[0, 0] if self.members == 1 else lin.bias
+
+    @staticmethod
+    def _norm_params(norm: nn.Module, members: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(norm, nn.LayerNorm) or members > 1:
+            return norm.weight, norm.bias
+        return norm.weight[0, 0], norm.bias[0, 0]
+
+    # -- forward ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, keep: bool = True) -> tuple[torch.Tensor, list]:
+        """Output ((rows, out) or (members, rows, out)) and, with `keep`, what backward needs."""
+        cache = []
+        h = x
+        m = self.members
+        for block in self.blocks:
+            w, b = self._weight(block.linear), self._bias(block.linear)
+            if m == 1:
+                z = torch.addmm(b, h, w)
+            elif h.dim() == 2:
+                z = torch.baddbmm(b, h.expand(m, *h.shape), w)
+            else:
+                z = torch.baddbmm(b, h, w)
+            mean = rstd = xhat = None
+            y = z
+            if block.norm is not None:
+                g, beta = self._norm_params(block.norm, m)
+                width = z.shape[-1]
+                if m == 1:
+                    y, mean, rstd = aten.native_layer_norm(z, [width], g, beta, block.norm.eps)
+                else:
+                    xhat, mean, rstd = aten.native_layer_norm(z, [width], None, None, block.norm.eps)
+                    y = torch.addcmul(beta, xhat, g)
+            a = torch.relu_(y) if block.relu else y
+            if keep:
+                cache.append((h, z, mean, rstd, xhat, a))
+            h = a
+        return h, cache
+
+    # -- backward -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def backward(self, cache: list, grad_out: torch.Tensor, start: int = 0, param_rows: Optional[int] = None,
+                 input_rows: Optional[slice] = None, input_cols: Optional[slice] = None) -> Optional[torch.Tensor]:
+        """Write parameter gradients into `.grad` and return the input gradient if asked.
+
+        The cached forward rows from `start` on are the ones `grad_out` belongs to; parameter
+        gradients come from the first `param_rows` of them (all when None), so rows that only
+        carry an input gradient (a loss reading the network through fixed parameters) add
+        nothing to them.  The input gradient is returned for `input_rows` × `input_cols`
+        (summed over members when the input was shared), or None when neither is given.
+        """
+        m = self.members
+        rows = slice(start, None)
+        d = grad_out
+        n_blocks = len(self.blocks)
+        result = None
+        for index in range(n_blocks - 1, -1, -1):
+            block = self.blocks[index]
+            h, z, mean, rstd, xhat, a = (None if t is None else t[rows] if t.dim() == 2 else t[:, rows]
+                                         for t in cache[index])
+            p = d.shape[-2] if param_rows is None else param_rows
+            if block.relu:
+                d = aten.threshold_backward(d, a, 0)
+            if block.norm is not None:
+                g, beta = self._norm_params(block.norm, m)
+                gg, gb = _grad_buffer(block.norm.weight), _grad_buffer(block.norm.bias)
+                width = z.shape[-1]
+                if m == 1:
+                    if p == d.shape[0]:
+                        d, dg, db = aten.native_layer_norm_backward(d, z, [width], mean, rstd, g, beta, [True, True, True])
+                    else:
+                        _, dg, db = aten.native_layer_norm_backward(d[:p], z[:p], [width], mean[:p], rstd[:p], g, beta,
+                                                                    [False, True, True])
+                        d = aten.native_layer_norm_backward(d, z, [width], mean, rstd, g, beta, [True, False, False])[0]
+                    gg.view(-1).copy_(dg)
+                    gb.view(-1).copy_(db)
+                else:
+                    torch.sum(d[:, :p] * xhat[:, :p], dim=1, keepdim=True, out=gg)
+                    torch.sum(d[:, :p], dim=1, keepdim=True, out=gb)
+                    d = aten.native_layer_norm_backward(d * g, z, [width], mean, rstd, None, None, [True, False, False])[0]
+            lin = block.linear
+            gw, gbias = _grad_buffer(lin.weight), _grad_buffer(lin.bias)
+            w = self._weight(lin)
+            if m == 1:
+                dp, hp = d[:p], h[:p]
+                if isinstance(lin, nn.Linear):
+                    torch.mm(dp.t(), hp, out=gw)
+                else:
+                    torch.mm(hp.t(), dp, out=gw[0])
+                torch.sum(dp, dim=0, out=gbias.view(-1))
+            else:
+                dp = d[:, :p]
+                if h.dim() == 2:
+                    torch.matmul(h[:p].t(), dp, out=gw)
+                else:
+                    torch.bmm(h[:, :p].transpose(1, 2), dp, out=gw)
+                torch.sum(dp, dim=1, keepdim=True, out=gbias)
+            if index > 0:
+                d = torch.mm(d, w.t()) if m == 1 else torch.bmm(d, w.transpose(1, 2))
+            elif input_rows is not None or input_cols is not None:
+                r = input_rows or slice(None)
+                c = input_cols or slice(None)
+                if m == 1:
+                    result = torch.mm(d[r], w[c].t())
+                else:
+                    result = torch.bmm(d[:, r], w[:, c].transpose(1, 2))
+                    if h.dim() == 2:
+                        result = result.sum(0)
+        return result
+
+
+class FusedSAC:
+    """The fused update of one `SACAgent` (see the module docstring); same maths as
+    `SACAgent._update_once`, which stays the reference."""
+
+    def __init__(self, agent):
+        self.agent = agent
+        self.actor = MLPPlan(agent.actor.net)
+        self.critic = MLPPlan(agent.critic.net)
+        self.target = MLPPlan(agent.critic_target.net)
+        if self.actor.members != 1:
+            raise ValueError("fused path: the actor must be a single network")
+
+    @torch.no_grad()
+    def losses_and_grads(self, obs: torch.Tensor, action: torch.Tensor, reward: torch.Tensor, next_obs: torch.Tensor,
+                         terminated: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Write d(critic + actor + alpha loss)/dθ into every `.grad`; return the update's metrics.
+
+        `noise` (2, B, |A|): standard normal draws for the next action and the policy action.
+        """
+        agent = self.agent
+        cfg = agent.cfg
+        B, A = obs.shape[0], agent.action_dim
+        log_alpha = agent.log_alpha
+        alpha = log_alpha.detach().exp()
+        lo, hi = agent.actor.log_std_min, agent.actor.log_std_max
+        half_range = 0.5 * (hi - lo)
+
+        # Actor on [next_obs; obs]: the sample for the target and the policy sample in one pass.
+        head, actor_cache = self.actor.forward(torch.cat([next_obs, obs]))
+        mean, raw = head[:, :A], head[:, A:]
+        t = torch.tanh(raw)
+        log_std = torch.add(t, 1.0).mul_(half_range).add_(lo)
+        std = log_std.exp()
+        eps = noise.reshape(2 * B, A)
+        u = torch.addcmul(mean, std, eps)
+        a = torch.tanh(u)
+        log_prob = (-0.5 * eps.square() - log_std - _HALF_LOG_2PI).sum(-1)
+        log_prob = log_prob - (2.0 * (_LOG2 - u - F.softplus(-2.0 * u))).sum(-1)
+        next_a, pi_a = a[:B], a[B:]
+        next_lp, lp = log_prob[:B], log_prob[B:]
+
+        # TD target through the target critic.
+        q_next, _ = self.target.forward(torch.cat([next_obs, next_a], dim=-1), keep=False)
+        q_next = q_next.reshape(-1, B)
+        next_q = q_next[0] if q_next.shape[0] == 1 else q_next.min(0).values
+        target = reward + cfg.gamma * (1.0 - terminated) * (next_q - alpha * next_lp)
+
+        # Critic on [(obs, action); (obs, π(obs))].
+        obs2 = torch.cat([obs, obs])
+        q_all, critic_cache = self.critic.forward(torch.cat([obs2, torch.cat([action, pi_a])], dim=-1))
+        C = self.critic.members
+        q_all = q_all.reshape(C, 2 * B)
+        q, q_pi = q_all[:, :B], q_all[:, B:]
+        diff = q - target
+        critic_loss = diff.square().mean(-1).sum()
+        if C == 1:
+            q_pi_min = q_pi[0]
+            d_q_pi = torch.full_like(q_pi, -1.0 / B)
+        else:
+            q_pi_min, which = q_pi.min(0)
+            d_q_pi = torch.zeros_like(q_pi).scatter_(0, which.unsqueeze(0), -1.0 / B)
+        actor_loss = (alpha * lp - q_pi_min).mean()
+        alpha_loss = -(log_alpha.detach() * (lp + agent.target_entropy)).mean()
+
+        # Critic backward: parameters from the first B rows, dQ/da from the other B.
+        d_q = torch.cat([diff.mul(2.0 / B), d_q_pi], dim=1)
+        d_q = d_q.reshape(2 * B, 1) if C == 1 else d_q.unsqueeze(-1)
+        dq_da = self.critic.backward(critic_cache, d_q, param_rows=B, input_rows=slice(B, None),
+                                     input_cols=slice(agent.obs_dim, None))
+
+        # Actor backward through the squashed Gaussian (noise fixed: the reparameterisation).
+        a_pi, t_pi, std_pi, eps_pi = pi_a, t[B:], std[B:], eps[B:]
+        scale = alpha / B
+        du = torch.addcmul(dq_da * (1.0 - a_pi.square()), a_pi, 2.0 * scale.expand_as(a_pi))
+        d_log_std = torch.sub(du * std_pi * eps_pi, scale)
+        d_raw = d_log_std.mul_((1.0 - t_pi.square()).mul_(half_range))
+        self.actor.backward(actor_cache, torch.cat([du, d_raw], dim=-1), start=B)
+
+        # Temperature.
+        _grad_buffer(log_alpha).copy_(-(lp + agent.target_entropy).mean())
+        return {
+            "losses/critic": critic_loss,
+            "losses/actor": actor_loss,
+            "losses/alpha": alpha_loss,
+            "value/alpha": alpha,
+            "value/q_mean": q.mean(),
+            "value/entropy": -lp.mean(),
+        }

@@ -1,0 +1,800 @@
+"""python -m rl_plasticity.report RUNS_DIR [...]: compare many runs the way the papers do.
+
+Reads the TensorBoard event files of every run under the given directories, groups the runs by
+environment and method (both from the run's saved config; seeds pooled) and writes into `--out`:
+
+- `curves_<env>.png` + `curves.csv`: evaluation return against env steps, mean ± standard error
+  over seeds, one line per method;
+- `final_performance.csv` / `.md`: per environment and method the interquartile mean (IQM) of the
+  runs' final returns with a 95% stratified-bootstrap confidence interval (rliable), mean, median
+  and number of runs, plus an aggregate row per method across environments;
+- with `--sweep KEY`: `sensitivity_<KEY>_<env>.png` + `sensitivity_<KEY>.csv`, final return
+  against the swept hyper-parameter;
+- `diagnostics_<env>.png`: plasticity diagnostics over time (spectral, parameter and gradient
+  norms, effective rank, dormant fraction, Q overestimation), mean over seeds;
+- `runs.csv` (one row per run) and `summary.md`, which embeds all of the above.
+
+The final performance of a run is its last `eval/return_mean` value (the mean of its last K
+evaluations with `--last-k K`). Figures are drawn on matplotlib Figure objects with the Agg
+canvas, so nothing needs a display and no global pyplot state is touched.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import logging
+import math
+import os
+import re
+import sys
+import textwrap
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import yaml
+
+from rl_plasticity.cli import fail
+
+EVENT_PREFIX = "events.out.tfevents."
+RETURN_TAG = "eval/return_mean"
+CONFIG_TAG = "config/text_summary"  # SummaryWriter.add_text("config", ...) stores it under this tag
+DEFAULT_REPS = 10_000
+
+# Keys that never distinguish two methods: seeds, bookkeeping, and the keys naming the environment.
+IGNORED_PREFIXES = ("eval.", "log.", "checkpoint.", "hydra.")
+IGNORED_KEYS = {"seed", "run_dir", "device", "threads", "resume", "total_steps", "plasticity.log_every",
+                "env.friction_seed", "env.name", "env.id", "env.kind", "env.domain", "env.task"}
+
+# Diagnostic panels: (title, tag candidates under plasticity/<network>/, first present wins).
+NETWORK_METRICS = (
+    ("spectral norm (max σ₁ over layers)", ("spectral_norm_max", "spectral_norm")),
+    ("parameter norm ‖θ‖", ("param_norm",)),
+    ("gradient norm", ("grad_norm",)),
+    ("feature effective rank", ("feature_effective_rank",)),
+    ("dormant fraction", ("dormant_fraction",)),
+)
+VALUE_METRICS = (("Q overestimation", "value/overestimation"),)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading runs
+# ----------------------------------------------------------------------------------------------
+Series = tuple[np.ndarray, np.ndarray]  # (steps, values), steps increasing
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]                 # flattened, dotted keys
+    config_source: str                     # "event file" or the .hydra/config.yaml it came from
+    scalars: dict[str, Series]
+    env: str = ""
+    method: str = ""
+    dropped_points: int = 0                # non-finite values left out of `scalars`
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("seed")
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Every directory under `root` (itself included) that directly holds event files."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        if any(name.startswith(EVENT_PREFIX) for name in filenames):
+            found.append(Path(dirpath))
+    return found
+
+
+def flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'agent': {'name': 'sac'}} -> {'agent.name': 'sac'}; lists become tuples (hashable)."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = _freeze(value)
+    return out
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    return value
+
+
+def parse_config_text(text: str) -> dict[str, Any] | None:
+    """The YAML of the train script's `config` text summary (every line indented by four spaces)."""
+    try:
+        data = yaml.safe_load(textwrap.dedent(text))
+    except yaml.YAMLError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _hydra_config(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """`.hydra/config.yaml` of the run dir or of its nearest ancestor that has one."""
+    for directory in (run_dir, *run_dir.parents):
+        path = directory / ".hydra" / "config.yaml"
+        if path.is_file():
+            try:
+                data = yaml.safe_load(path.read_text())
+            except (OSError, yaml.YAMLError):
+                return None
+            return (data, path) if isinstance(data, dict) else None
+    return None
+
+
+def read_events(run_dir: Path) -> tuple[dict[str, Series], str | None, int]:
+    """All scalars of a run dir (every event file in it) and its `config` text.
+
+    EventAccumulator reads the files oldest first and honours the purge a resumed run asks for
+    (`purge_step`); of the points left, the last written value of each (tag, step) wins.
+    Non-finite values are dropped; their number is returned.
+    """
+    from tensorboard.backend.event_processing import event_accumulator as ea
+    from tensorboard.util import tensor_util
+
+    tb_logger = logging.getLogger("tensorboard")
+    level = tb_logger.level
+    tb_logger.setLevel(logging.ERROR)  # "Detected out of order event.step ..." on every resumed run
+    try:
+        acc = ea.EventAccumulator(str(run_dir), size_guidance={ea.SCALARS: 0, ea.TENSORS: 0})
+        acc.Reload()
+    finally:
+        tb_logger.setLevel(level)
+    tags = acc.Tags()
+    scalars: dict[str, Series] = {}
+    dropped = 0
+    for tag in tags.get("scalars", []):
+        last: dict[int, float] = {}
+        for event in acc.Scalars(tag):
+            last[event.step] = event.value
+        steps = np.array(sorted(last), dtype=np.int64)
+        values = np.array([last[s] for s in steps], dtype=np.float64)
+        finite = np.isfinite(values)
+        dropped += int((~finite).sum())
+        if finite.any():
+            scalars[tag] = (steps[finite], values[finite])
+    text = None
+    if CONFIG_TAG in tags.get("tensors", []):
+        events = acc.Tensors(CONFIG_TAG)
+        if events:
+            array = tensor_util.make_ndarray(events[-1].tensor_proto)
+            text = "".join(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.ravel())
+    return scalars, text, dropped
+
+
+def env_label(config: Mapping[str, Any]) -> str | None:
+    """`env.name`, or `env.id` for `env=gym` (any gymnasium id)."""
+    name = config.get("env.name")
+    if name == "gym" or config.get("env.kind") == "gym":
+        return str(config.get("env.id", name))
+    return None if name is None else str(name)
+
+
+def load_run(run_dir: Path, metric: str) -> Run | str:
+    """A Run, or the reason (one line) it is skipped."""
+    scalars, text, dropped = read_events(run_dir)
+    config = parse_config_text(text) if text else None
+    source = "event file"
+    if config is None:
+        found = _hydra_config(run_dir)
+        if found is None:
+            return "no config (no `config` text summary in its event files and no .hydra/config.yaml)"
+        config, hydra_path = found
+        source = str(hydra_path)
+        match = re.fullmatch(r"seed_(\d+)", run_dir.name)
+        if match and hydra_path.parent.parent != run_dir:
+            config = {**config, "seed": int(match.group(1))}  # a seed_<k>/ job under a shared config
+    flat = flatten(config)
+    env = env_label(flat)
+    if env is None:
+        return "its config has no env.name"
+    if metric not in scalars:
+        return f"no {metric}"
+    return Run(run_dir, flat, source, scalars, env=env, dropped_points=dropped)
+
+
+# ----------------------------------------------------------------------------------------------
+# Method labels
+# ----------------------------------------------------------------------------------------------
+def format_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _sortable(value: Any) -> tuple:
+    if value is None:
+        return (0, 0.0, "")
+    if isinstance(value, bool):
+        return (1, float(value), "")
+    if isinstance(value, (int, float)):
+        return (2, float(value), "")
+    return (3, 0.0, format_value(value))
+
+
+def base_label(config: Mapping[str, Any]) -> str:
+    """agent, then +LN (LayerNorm), +reset (periodic full resets), +<regularizer>, +cbp/+er add-ons."""
+    parts = [str(config.get("agent.name", "agent?"))]
+    if config.get("agent.layer_norm") is True:
+        parts.append("LN")
+    if config.get("agent.reset_interval") is not None:
+        parts.append("reset")
+    reg = config.get("plasticity.name")
+    if reg not in (None, "none"):
+        parts.append(str(reg))
+    if config.get("plasticity.cbp") is True and reg not in ("cbp", "cbp_l2"):
+        parts.append("cbp")
+    if config.get("plasticity.er") is True and reg not in ("er", "l2_er"):
+        parts.append("er")
+    return "+".join(parts)
+
+
+def _short_names(keys: Sequence[str]) -> dict[str, str]:
+    """Last dotted component of each key where that is unambiguous among `keys`."""
+    leaves = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: (leaf if leaves.count(leaf) == 1 else k) for k, leaf in zip(keys, leaves)}
+
+
+def _distinguishing(config: Mapping[str, Any], exclude: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in config.items()
+            if k not in IGNORED_KEYS and k not in exclude and not k.startswith(IGNORED_PREFIXES)}
+
+
+def method_labels(runs: Sequence[Run], method_keys: Sequence[str] | None = None,
+                  exclude: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """A label per run, and all labels in display order.
+
+    Default rule: `base_label`, plus ` (key=value, ...)` for every config key that differs between
+    runs sharing that base label within some environment (seeds, bookkeeping and env-naming keys
+    excepted; only keys that all those runs have), so runs are pooled exactly when their configs
+    agree up to the seed, while per-environment settings that never vary within an environment do
+    not split a method across environments. Keys in `exclude` (the swept key) never split. With
+    `method_keys`, the label is just those keys' values (other differences are pooled).
+    """
+    exclude = set(exclude)
+    if method_keys:
+        keys = [k for k in method_keys if k not in exclude]
+        names = _short_names(keys)
+        idents = [tuple((k, r.config.get(k)) for k in keys) for r in runs]
+        labels = [" ".join(f"{names[k]}={format_value(v)}" for k, v in ident) or "all" for ident in idents]
+        order = sorted(set(zip(labels, idents)), key=lambda li: [_sortable(v) for _, v in li[1]])
+        return labels, list(dict.fromkeys(label for label, _ in order))
+
+    bases = [base_label(r.config) for r in runs]
+    configs = [_distinguishing(r.config, exclude) for r in runs]
+    split: dict[str, set[str]] = {}          # base label -> keys that vary within one env
+    for base in set(bases):
+        members = [i for i, b in enumerate(bases) if b == base]
+        keys: set[str] = set()
+        for env in {runs[i].env for i in members}:
+            group = [configs[i] for i in members if runs[i].env == env]
+            common = set.intersection(*(set(c) for c in group))
+            keys |= {k for k in common if len({c[k] for c in group}) > 1}
+        split[base] = keys
+    labels, sort_keys = [], {}
+    for base, cfg in zip(bases, configs):
+        keys = sorted(k for k in split[base] if k in cfg)
+        names = _short_names(keys)
+        suffix = ", ".join(f"{names[k]}={format_value(cfg[k])}" for k in keys)
+        label = f"{base} ({suffix})" if suffix else base
+        labels.append(label)
+        sort_keys[label] = (base, [(k, _sortable(cfg[k])) for k in keys])
+    return labels, sorted(sort_keys, key=lambda label: sort_keys[label])
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------
+def final_score(series: Series, last_k: int = 1) -> float:
+    """Final performance of a run: mean of its last `last_k` values (by step)."""
+    return float(np.mean(series[1][-last_k:]))
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error std(ddof=1)/sqrt(n) (nan for one value)."""
+    x = np.asarray(values, dtype=np.float64)
+    se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+    return float(x.mean()), se
+
+
+def mean_curve(series: Sequence[Series]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and standard error over runs at every step logged by any of them, within the steps that
+    all of them cover (each run linearly interpolated there; exact where the steps agree)."""
+    lo = max(s[0] for s, _ in series)
+    hi = min(s[-1] for s, _ in series)
+    if lo > hi:
+        empty = np.zeros(0)
+        return empty, empty, empty
+    grid = np.unique(np.concatenate([s[(s >= lo) & (s <= hi)] for s, _ in series]))
+    ys = np.stack([np.interp(grid, s, v) for s, v in series])
+    mean = ys.mean(0)
+    se = ys.std(0, ddof=1) / math.sqrt(len(series)) if len(series) > 1 else np.full_like(mean, np.nan)
+    return grid, mean, se
+
+
+def _rliable() -> tuple[Any, Any]:
+    """rliable's library and metrics modules (imported late: they pull in arch and scipy)."""
+    from rliable import library, metrics
+
+    return library, metrics
+
+
+def iqm_intervals(scores: Mapping[str, np.ndarray], reps: int, seed: int) -> dict[str, tuple[float, float, float]]:
+    """{name: (IQM, CI low, CI high)} for score matrices of shape (runs, tasks).
+
+    IQM is rliable's aggregate_iqm (25% trimmed mean over all entries); the 95% interval is
+    rliable's percentile stratified bootstrap (runs resampled within each task)."""
+    if not scores:
+        return {}
+    library, metrics = _rliable()
+
+    def iqm(x: np.ndarray) -> np.ndarray:
+        return np.array([metrics.aggregate_iqm(x)])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # arch: "random_state is deprecated"
+        point, interval = library.get_interval_estimates(
+            dict(scores), iqm, reps=reps, random_state=np.random.RandomState(seed))
+    return {k: (float(point[k][0]), float(interval[k][0, 0]), float(interval[k][1, 0])) for k in scores}
+
+
+# ----------------------------------------------------------------------------------------------
+# Output helpers
+# ----------------------------------------------------------------------------------------------
+def fmt(value: float) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:,.1f}" if abs(value) >= 1 else f"{value:.3g}"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "_"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (7.0, 4.5)) -> tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _steps_axis(ax: Any) -> None:
+    from matplotlib.ticker import EngFormatter
+
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.set_xlabel("env steps")
+    ax.grid(alpha=0.3)
+
+
+def method_colors(methods: Sequence[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Report:
+    runs: list[Run]
+    methods: list[str]
+    envs: list[str]
+    metric: str
+    last_k: int
+    reps: int
+    seed: int
+    out: Path
+    written: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    sections: list[str] = field(default_factory=list)
+
+    def group(self, env: str, method: str) -> list[Run]:
+        return [r for r in self.runs if r.env == env and r.method == method]
+
+    def score(self, run: Run) -> float:
+        return final_score(run.scalars[self.metric], self.last_k)
+
+    def save(self, fig: Any, name: str) -> Path:
+        path = self.out / name
+        fig.savefig(path, dpi=120)
+        self.written.append(path)
+        return path
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        print(f"note: {text}")
+
+
+def table(report: Report) -> None:
+    """final_performance.csv/.md: IQM + 95% CI, mean, median, runs; aggregate rows across envs."""
+    rows: list[tuple] = []
+    for env in report.envs:
+        scores = {m: np.array([[report.score(r)] for r in report.group(env, m)]) for m in report.methods}
+        scores = {m: s for m, s in scores.items() if len(s)}
+        estimates = iqm_intervals(scores, report.reps, report.seed)
+        for m, s in scores.items():
+            steps = [int(r.scalars[report.metric][0][-1]) for r in report.group(env, m)]
+            rows.append((env, m, len(s), *estimates[m], float(np.mean(s)), float(np.median(s)), min(steps), max(steps)))
+            if min(steps) != max(steps):
+                report.note(f"{env} / {m}: runs end at different steps ({min(steps):,} to {max(steps):,}); "
+                            "their final returns compare unequal budgets")
+            seeds = [r.seed for r in report.group(env, m)]
+            if len(set(map(repr, seeds))) < len(seeds):
+                report.note(f"{env} / {m}: duplicate seeds among its runs ({', '.join(map(format_value, seeds))})")
+    aggregate_rows = []
+    if len(report.envs) > 1:
+        matrices = {}
+        for m in report.methods:
+            counts = {env: len(report.group(env, m)) for env in report.envs}
+            if len(set(counts.values())) == 1 and 0 not in counts.values():
+                matrices[m] = np.array([[report.score(r) for r in report.group(env, m)] for env in report.envs]).T
+            else:
+                report.note(f"no aggregate row for {m}: an aggregate needs the same number of runs in every "
+                            f"environment (" + ", ".join(f"{e}: {c}" for e, c in counts.items()) + ")")
+        estimates = iqm_intervals(matrices, report.reps, report.seed)
+        for m, s in matrices.items():
+            aggregate_rows.append((f"aggregate ({len(report.envs)} envs)", m, s.shape[0], *estimates[m],
+                                   float(np.mean(s)), float(np.median(s)), "", ""))
+    header = ("env", "method", "runs", "iqm", "iqm_ci_low", "iqm_ci_high", "mean", "median",
+              "final_step_min", "final_step_max")
+    csv_path = report.out / "final_performance.csv"
+    write_csv(csv_path, header, rows + aggregate_rows)
+    report.written.append(csv_path)
+
+    def md_row(row: tuple) -> list[str]:
+        env, m, n, iqm, lo, hi, mean, median, s_min, s_max = row
+        steps = "" if s_min == "" else (f"{s_min:,}" if s_min == s_max else f"{s_min:,}–{s_max:,}")
+        aggregate = env.startswith("aggregate")
+        return [f"**{env}**" if aggregate else env, m, f"{n} × {len(report.envs)}" if aggregate else str(n), fmt(iqm),
+                f"[{fmt(lo)}, {fmt(hi)}]", fmt(mean), fmt(median), steps]
+
+    md = markdown_table(("env", "method", "runs", "IQM", "95% CI (IQM)", "mean", "median", "final step"),
+                        [md_row(r) for r in rows + aggregate_rows])
+    what = (f"the last `{report.metric}` value of each run" if report.last_k == 1 else
+            f"the mean of the last {report.last_k} `{report.metric}` values of each run")
+    caption = (f"Final performance = {what}. IQM: interquartile mean (25% trimmed mean, "
+               f"`rliable.metrics.aggregate_iqm`) over runs; 95% CI: percentile stratified bootstrap "
+               f"(`rliable.library.get_interval_estimates`, {report.reps:,} resamples, seed {report.seed}).")
+    if aggregate_rows:
+        caption += (" Aggregate rows pool the runs × environments matrix of raw returns (runs resampled within "
+                    "each environment), meaningful when the environments share a return scale (DMC: 0–1000).")
+    elif len(report.envs) == 1:
+        caption += " One environment: no aggregate row."
+    md_path = report.out / "final_performance.md"
+    md_path.write_text(md + "\n\n" + caption + "\n")
+    report.written.append(md_path)
+    report.sections.append("## Final performance\n\n" + md + "\n\n" + caption)
+
+
+def curves(report: Report, colors: Mapping[str, Any]) -> None:
+    """curves_<env>.png and curves.csv: mean ± s.e. over seeds of the metric against env steps."""
+    csv_rows = []
+    figures = []
+    for env in report.envs:
+        fig, axes = _figure()
+        ax = axes[0, 0]
+        for m in report.methods:
+            group = report.group(env, m)
+            if not group:
+                continue
+            series = [r.scalars[report.metric] for r in group]
+            steps, mean, se = mean_curve(series)
+            if not len(steps):
+                report.note(f"{env} / {m}: its runs share no step range; no curve drawn")
+                continue
+            longest = max(int(s[-1]) for s, _ in series)
+            if longest > steps[-1]:
+                report.note(f"{env} / {m}: curve drawn to step {int(steps[-1]):,}, the last reached by all "
+                            f"{len(group)} runs (longest: {longest:,})")
+            csv_rows += [(env, m, int(x), float(y), float(e), len(group)) for x, y, e in zip(steps, mean, se)]
+            ax.plot(steps, mean, color=colors[m], label=f"{m} (n={len(group)})", lw=1.8)
+            if len(group) > 1:
+                ax.fill_between(steps, mean - se, mean + se, color=colors[m], alpha=0.2, lw=0)
+        _steps_axis(ax)
+        ax.set_ylabel(f"evaluation return ({report.metric})" if report.metric == RETURN_TAG else report.metric)
+        ax.set_title(f"{env}: mean ± standard error over seeds")
+        ax.legend(fontsize="small", loc="best")
+        figures.append((env, report.save(fig, f"curves_{slug(env)}.png")))
+    path = report.out / "curves.csv"
+    write_csv(path, ("env", "method", "step", "mean", "se", "runs"), csv_rows)
+    report.written.append(path)
+    report.sections.append("## Learning curves\n\nMean ± standard error over seeds; each curve ends at the last "
+                           "step all its runs reached. Data: `curves.csv`.\n\n"
+                           + "\n\n".join(f"![{env}: learning curves]({p.name})" for env, p in figures))
+
+
+def sensitivity(report: Report, key: str, stat: str, method_keys: Sequence[str] | None,
+                colors: Mapping[str, Any]) -> None:
+    """Final return against the swept key, methods labelled without it."""
+    labels, order = method_labels(report.runs, method_keys, exclude={key})
+    label_of = {id(r): label for r, label in zip(report.runs, labels)}
+    missing = [r for r in report.runs if key not in r.config]
+    if missing:
+        report.note(f"sensitivity: {len(missing)} run(s) without {key} in their config left out")
+    rows = []
+    figures = []
+    sweep_colors = colors if set(order) <= set(colors) else method_colors(order)
+    metrics = _rliable()[1]
+    for env in report.envs:
+        cells: dict[str, dict[Any, list[Run]]] = {}
+        for r in report.runs:
+            if r.env == env and key in r.config:
+                cells.setdefault(label_of[id(r)], {}).setdefault(r.config[key], []).append(r)
+        if not cells:
+            continue
+        ci_input = {}
+        for m in order:
+            for x, group in cells.get(m, {}).items():
+                ci_input[f"{m}\x00{x!r}"] = np.array([[report.score(r)] for r in group])
+        estimates = iqm_intervals(ci_input, report.reps, report.seed) if stat == "iqm" else {}
+        fig, axes = _figure()
+        ax = axes[0, 0]
+        curve_xs: list[float] = []
+        references = []
+        for m in order:
+            if m not in cells:
+                continue
+            points = []
+            for x in sorted(cells[m], key=_sortable):
+                scores = [report.score(r) for r in cells[m][x]]
+                mean, se = mean_se(scores)
+                est = estimates.get(f"{m}\x00{x!r}", (float("nan"),) * 3)
+                iqm_point = est[0] if stat == "iqm" else float(metrics.aggregate_iqm(np.array(scores)))
+                rows.append((env, m, key, format_value(x), len(scores), mean, se, iqm_point, est[1], est[2]))
+                y, lo, hi = (iqm_point, est[1], est[2]) if stat == "iqm" else (mean, mean - se, mean + se)
+                points.append((x, y, lo, hi, len(scores)))
+            numeric = [p for p in points if isinstance(p[0], (int, float)) and not isinstance(p[0], bool)]
+            if len(points) == 1:
+                references.append((m, points[0]))
+            elif numeric:
+                if len(numeric) < len(points):
+                    report.note(f"sensitivity {env} / {m}: non-numeric {key} values not plotted")
+                xs = np.array([float(p[0]) for p in numeric])
+                ys = np.array([p[1] for p in numeric])
+                err = np.array([[p[1] - p[2] for p in numeric], [p[3] - p[1] for p in numeric]])
+                ax.errorbar(xs, ys, yerr=np.nan_to_num(err), color=sweep_colors[m], marker="o", capsize=3, lw=1.8,
+                            label=f"{m} (n={'/'.join(sorted({str(p[4]) for p in numeric}, key=int))})")
+                curve_xs += list(xs)
+        log_x = bool(curve_xs) and min(curve_xs) > 0 and max(curve_xs) / min(curve_xs) > 10
+        if log_x:
+            ax.set_xscale("log")
+        for m, (x, y, lo, hi, n) in references:
+            ax.axhline(y, color=sweep_colors[m], ls="--", lw=1.5, label=f"{m}, {key}={format_value(x)} (n={n})")
+            if math.isfinite(lo) and math.isfinite(hi):
+                ax.axhspan(lo, hi, color=sweep_colors[m], alpha=0.12, lw=0)
+        ax.set_xlabel(key + (" (log scale)" if log_x else ""))
+        what = "IQM, 95% bootstrap CI" if stat == "iqm" else "mean ± standard error"
+        ax.set_ylabel(f"final return ({what})")
+        ax.set_title(f"{env}: sensitivity to {key}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="best")
+        figures.append((env, report.save(fig, f"sensitivity_{slug(key)}_{slug(env)}.png")))
+    header = ("env", "method", "key", "value", "runs", "mean", "se", "iqm", "iqm_ci_low", "iqm_ci_high")
+    path = report.out / f"sensitivity_{slug(key)}.csv"
+    write_csv(path, header, rows)
+    report.written.append(path)
+    md = markdown_table(("env", "method", key, "runs", "mean ± s.e.", "IQM" + (" [95% CI]" if stat == "iqm" else "")),
+                        [(r[0], r[1], r[3], r[4], f"{fmt(r[5])} ± {fmt(r[6])}",
+                          fmt(r[7]) + (f" [{fmt(r[8])}, {fmt(r[9])}]" if stat == "iqm" else "")) for r in rows])
+    report.sections.append(
+        f"## Sensitivity to `{key}`\n\nFinal return per value of `{key}`; methods are labelled without it. A "
+        "method with a single value is drawn as a dashed reference line. Data: "
+        f"`{path.name}`.\n\n" + "\n\n".join(f"![{env}: sensitivity]({p.name})" for env, p in figures) + "\n\n" + md)
+
+
+def diagnostics(report: Report, colors: Mapping[str, Any]) -> None:
+    """diagnostics_<env>.png: one panel per diagnostic with data, one line per method (mean over seeds)."""
+    figures = []
+    for env in report.envs:
+        env_runs = [r for r in report.runs if r.env == env]
+        tags = set().union(*(r.scalars for r in env_runs))
+        networks = sorted({t.split("/")[1] for t in tags if t.startswith("plasticity/") and t.count("/") == 2},
+                          key=lambda n: ({"critic": 0, "actor": 1}.get(n, 2), n))
+        panels: list[tuple[str, Callable[[Run], Series | None]]] = []
+        for title, tag in VALUE_METRICS:
+            if tag in tags:
+                panels.append((title, lambda r, tag=tag: r.scalars.get(tag)))
+        for net in networks:
+            for title, candidates in NETWORK_METRICS:
+                present = [c for c in candidates if f"plasticity/{net}/{c}" in tags]
+                if present:
+                    tag = f"plasticity/{net}/{present[0]}"
+                    panels.append((f"{net}: {title}", lambda r, tag=tag: r.scalars.get(tag)))
+        if not panels:
+            report.note(f"{env}: no plasticity diagnostics logged; no diagnostics figure")
+            continue
+        ncols = min(3, len(panels))
+        nrows = math.ceil(len(panels) / ncols)
+        fig, axes = _figure(nrows, ncols, size=(4.2 * ncols, 3.0 * nrows + 0.6))
+        handles = {}
+        for ax, (title, get) in zip(axes.flat, panels):
+            values = []
+            for m in report.methods:
+                series = [s for s in (get(r) for r in report.group(env, m)) if s is not None]
+                if not series:
+                    continue
+                steps, mean, se = mean_curve(series)
+                if not len(steps):
+                    continue
+                (line,) = ax.plot(steps, mean, color=colors[m], lw=1.5)
+                if len(series) > 1:
+                    ax.fill_between(steps, mean - se, mean + se, color=colors[m], alpha=0.2, lw=0)
+                handles[m] = line
+                values.append(mean)
+            allv = np.concatenate(values) if values else np.zeros(0)
+            if len(allv) and allv.min() > 0 and allv.max() / allv.min() > 100:
+                ax.set_yscale("log")
+            ax.set_title(title, fontsize="medium")
+            _steps_axis(ax)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.set_visible(False)
+        ordered = [m for m in report.methods if m in handles]
+        fig.suptitle(f"{env}: plasticity diagnostics (mean ± s.e. over seeds)")
+        fig.legend([handles[m] for m in ordered], ordered, loc="outside lower center",
+                   ncols=min(len(ordered), 4), fontsize="small")
+        figures.append((env, report.save(fig, f"diagnostics_{slug(env)}.png")))
+    if figures:
+        report.sections.append("## Plasticity diagnostics\n\nMean ± standard error over seeds, on each run's probe "
+                               "batch (`plasticity/<network>/...`) and at evaluation (`value/overestimation`).\n\n"
+                               + "\n\n".join(f"![{env}: diagnostics]({p.name})" for env, p in figures))
+
+
+def runs_table(report: Report) -> None:
+    rows = [(r.env, r.method, format_value(r.seed), int(r.scalars[report.metric][0][-1]), report.score(r),
+             r.config_source, str(r.path)) for r in sorted(report.runs, key=lambda r: (r.env, r.method, str(r.path)))]
+    path = report.out / "runs.csv"
+    write_csv(path, ("env", "method", "seed", "final_step", "final_return", "config_from", "run_dir"), rows)
+    report.written.append(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m rl_plasticity.report",
+        description="Learning curves, final-performance table (IQM with stratified-bootstrap 95% CIs), "
+                    "hyper-parameter sensitivity and plasticity diagnostics from the TensorBoard event files "
+                    "of many runs, grouped by environment and method (seeds pooled).")
+    parser.add_argument("runs", nargs="+", metavar="RUNS_DIR",
+                        help="directories searched recursively for run dirs (dirs holding events.out.tfevents.*)")
+    parser.add_argument("--out", default="report", help="output directory (default: ./report)")
+    parser.add_argument("--sweep", metavar="KEY", help="config key for the sensitivity plot, e.g. plasticity.coef "
+                                                       "or agent.reset_interval")
+    parser.add_argument("--sweep-stat", choices=("mean", "iqm"), default="mean",
+                        help="sensitivity points: mean ± standard error (default) or IQM with 95%% bootstrap CI")
+    parser.add_argument("--method-keys", metavar="KEY,KEY",
+                        help="label methods by these config keys only (default: derived from the config)")
+    parser.add_argument("--last-k", type=int, default=1, metavar="K",
+                        help="final performance = mean of the last K evaluations (default 1: the last one)")
+    parser.add_argument("--metric", default=RETURN_TAG, help=f"scalar tag of the return (default {RETURN_TAG})")
+    parser.add_argument("--reps", type=int, default=DEFAULT_REPS, help=f"bootstrap resamples (default {DEFAULT_REPS})")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap random seed (default 0)")
+    return parser.parse_args(argv)
+
+
+def _check_key(key: str, runs: Sequence[Run], option: str) -> None:
+    if any(key in r.config for r in runs):
+        return
+    known = sorted(set().union(*(r.config for r in runs)))
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    fail(f"{option}: no run's config has the key '{key}'." + (f" Did you mean: {', '.join(close)}?" if close else ""))
+
+
+def collect_runs(paths: Sequence[str], metric: str) -> tuple[list[Run], list[tuple[Path, str]]]:
+    run_dirs: list[Path] = []
+    for arg in paths:
+        path = Path(arg)
+        if not path.exists():
+            fail(f"no such file or directory: {arg}")
+        if path.is_file() and path.name.startswith(EVENT_PREFIX):
+            path = path.parent
+        if not path.is_dir():
+            fail(f"not a directory of runs: {arg}")
+        found = find_run_dirs(path)
+        if not found:
+            fail(f"no TensorBoard event files ({EVENT_PREFIX}*) under {arg}")
+        run_dirs += found
+    runs, skipped = [], []
+    for run_dir in dict.fromkeys(p.resolve() for p in run_dirs):
+        loaded = load_run(run_dir, metric)
+        if isinstance(loaded, Run):
+            runs.append(loaded)
+        else:
+            skipped.append((run_dir, loaded))
+    return runs, skipped
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.last_k < 1:
+        fail(f"--last-k must be >= 1, got {args.last_k}")
+    if args.reps < 1:
+        fail(f"--reps must be >= 1, got {args.reps}")
+    runs, skipped = collect_runs(args.runs, args.metric)
+    for run_dir, reason in skipped:
+        print(f"skipped {run_dir}: {reason}")
+    if not runs:
+        fail(f"none of the {len(skipped)} run(s) under {', '.join(args.runs)} can be reported (see the skipped lines)")
+    method_keys = [k.strip() for k in args.method_keys.split(",") if k.strip()] if args.method_keys else None
+    for key in method_keys or []:
+        _check_key(key, runs, "--method-keys")
+    if args.sweep:
+        _check_key(args.sweep, runs, "--sweep")
+    labels, methods = method_labels(runs, method_keys)
+    for run, label in zip(runs, labels):
+        run.method = label
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        fail(f"cannot create the output directory {out}: {error.strerror}")
+    report = Report(runs, methods, sorted({r.env for r in runs}), args.metric, args.last_k, args.reps, args.seed, out)
+    dropped = sum(r.dropped_points for r in runs)
+    if dropped:
+        report.note(f"{dropped} non-finite scalar value(s) left out")
+    colors = method_colors(methods)
+    table(report)
+    curves(report, colors)
+    if args.sweep:
+        sensitivity(report, args.sweep, args.sweep_stat, method_keys, colors)
+    diagnostics(report, colors)
+    runs_table(report)
+
+    header = (f"# Report: {len(runs)} runs, {len(report.envs)} environment(s), {len(methods)} method(s)\n\n"
+              f"Runs from {', '.join(f'`{p}`' for p in args.runs)}; seeds pooled within each environment and "
+              "method. Per-run final returns: `runs.csv`.")
+    method_rows = []
+    for m in methods:
+        members = [r for r in runs if r.method == m]
+        method_rows.append((m, len(members), ", ".join(sorted({r.env for r in members}))))
+    parts = [header, *report.sections, "## Methods\n\n" + markdown_table(("method", "runs", "environments"), method_rows)]
+    if skipped:
+        parts.append("## Skipped runs\n\n" + "\n".join(f"- `{p}`: {reason}" for p, reason in skipped))
+    if report.notes:
+        parts.append("## Notes\n\n" + "\n".join(f"- {n}" for n in report.notes))
+    summary = out / "summary.md"
+    summary.write_text("\n\n".join(parts) + "\n")
+    report.written.append(summary)
+    for path in report.written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""python -m rl_plasticity.report on synthetic runs whose numbers are chosen here, so every figure
+and table value can be checked against a hand computation."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+
+from rl_plasticity.report import main, method_labels, read_events
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+STEPS = (0, 1000, 2000, 3000)
+ENVS = ("cheetah-run", "walker-run")
+# Final returns of the 8 seeds of each (env, method) cell, in seed order.
+FINAL = {
+    ("cheetah-run", "none"): [5.0, 100.0, 20.0, 300.0, 30.0, 70.0, 40.0, 60.0],
+    ("cheetah-run", "spectral"): [400.0, 420.0, 410.0, 900.0, 380.0, 405.0, 10.0, 415.0],
+    ("walker-run", "none"): [50.0, 60.0, 70.0, 80.0, 90.0, 100.0, 110.0, 120.0],
+    ("walker-run", "spectral"): [200.0, 250.0, 300.0, 350.0, 150.0, 100.0, 400.0, 450.0],
+}
+REPS = "300"
+
+
+def config(env="cheetah-run", plasticity="none", coef=0.0, seed=0, reset_interval=None):
+    return {
+        "seed": seed, "total_steps": STEPS[-1], "device": "cpu", "run_dir": f"runs/{env}_{plasticity}_{seed}",
+        "threads": None, "resume": True,
+        "eval": {"every": 1000, "episodes": 5}, "log": {"every": 1000},
+        "checkpoint": {"every": 100000, "keep": 3, "save_replay": True},
+        "agent": {"name": "sac", "replay_ratio": 16, "layer_norm": True, "hidden_sizes": [256, 256],
+                  "reset_interval": reset_interval},
+        "env": {"kind": "dmc", "name": env, "domain": env.split("-")[0], "task": env.split("-")[1],
+                "action_repeat": 1},
+        "plasticity": {"name": plasticity, "coef": coef, "k": 2.0, "log_every": 16000, "cbp": False,
+                       "er": plasticity in ("er", "l2_er")},
+    }
+
+
+def curve(final, seed):
+    """Evaluation returns at STEPS ending at `final`, with a seed-dependent shape."""
+    return [0.0, final * 0.3 + seed, final * (0.6 + 0.05 * seed), final]
+
+
+def write_run(run_dir, cfg, evals, diagnostics=None, purge_step=None, with_config=True):
+    writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+    if with_config:
+        # The train script's format: the YAML of the resolved config, every line indented by four spaces.
+        writer.add_text("config", "\n".join("    " + line for line in OmegaConf.to_yaml(cfg).splitlines()), 0)
+    for step, value in evals.items():
+        writer.add_scalar("eval/return_mean", value, step)
+    for tag, points in (diagnostics or {}).items():
+        for step, value in points.items():
+            writer.add_scalar(tag, value, step)
+    writer.close()
+
+
+def diagnostics_of(scale, seed):
+    out = {"value/overestimation": {s: scale * (1 + s / 1000) + seed for s in STEPS}}
+    for net in ("actor", "critic"):
+        out[f"plasticity/{net}/spectral_norm_max"] = {s: 1 + scale * s / 3000 for s in STEPS}
+        out[f"plasticity/{net}/param_norm"] = {s: 10 + scale * s / 100 for s in STEPS}
+        out[f"plasticity/{net}/grad_norm"] = {s: 0.1 + seed / 10 for s in STEPS}
+        out[f"plasticity/{net}/dormant_fraction"] = {s: 0.05 * scale * s / 3000 for s in STEPS}
+        out[f"plasticity/{net}/feature_effective_rank"] = {s: 200 - 20 * scale * s / 3000 for s in STEPS}
+    return out
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    """2 envs × 2 methods (sac+LN, sac+LN+spectral) × 8 seeds, plus one run with no evaluations."""
+    root = tmp_path_factory.mktemp("runs")
+    for (env, plasticity), finals in FINAL.items():
+        for seed, final in enumerate(finals):
+            cfg = config(env, plasticity, 1e-4 if plasticity == "spectral" else 0.0, seed)
+            # Diagnostics in cheetah-run only: walker-run shows that a figure without data is skipped.
+            diagnostics = diagnostics_of(1.0 if plasticity == "none" else 0.1, seed) if env == "cheetah-run" else {}
+            write_run(root / env / plasticity / f"seed_{seed}", cfg, dict(zip(STEPS, curve(final, seed))), diagnostics)
+    write_run(root / "broken", config(), {}, {"charts/sps": {0: 1.0}})
+    out = root.parent / (root.name + "_report")
+    assert main([str(root), "--out", str(out), "--reps", REPS]) == 0
+    return root, out
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_png(path):
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+    image = matplotlib.image.imread(str(path))
+    assert image.shape[0] > 200 and image.shape[1] > 300
+
+
+def iqm_by_hand(values):
+    """Interquartile mean of 8 values: mean of the middle four."""
+    middle = sorted(values)[2:6]
+    return sum(middle) / 4
+
+
+def test_figures_and_files(suite, capsys):
+    _, out = suite
+    for env in ENVS:
+        assert_png(out / f"curves_{env}.png")
+    assert_png(out / "diagnostics_cheetah-run.png")
+    assert not (out / "diagnostics_walker-run.png").exists()
+    for name in ("final_performance.csv", "final_performance.md", "curves.csv", "runs.csv", "summary.md"):
+        assert (out / name).is_file(), name
+    summary = (out / "summary.md").read_text()
+    assert "(curves_cheetah-run.png)" in summary and "(curves_walker-run.png)" in summary
+    assert "(diagnostics_cheetah-run.png)" in summary
+    assert "walker-run: no plasticity diagnostics logged" in summary
+    assert "| cheetah-run | sac+LN | 8 |" in summary
+    assert "broken" in summary and "no eval/return_mean" in summary
+
+
+def test_final_table_matches_hand_computation(suite):
+    _, out = suite
+    rows = {(r["env"], r["method"]): r for r in read_csv(out / "final_performance.csv")}
+    label = {"none": "sac+LN", "spectral": "sac+LN+spectral"}
+    for (env, plasticity), finals in FINAL.items():
+        row = rows[(env, label[plasticity])]
+        assert int(row["runs"]) == 8
+        assert float(row["iqm"]) == pytest.approx(iqm_by_hand(finals))
+        assert float(row["mean"]) == pytest.approx(np.mean(finals))
+        assert float(row["median"]) == pytest.approx((sorted(finals)[3] + sorted(finals)[4]) / 2)
+        assert float(row["iqm_ci_low"]) <= float(row["iqm"]) <= float(row["iqm_ci_high"])
+        assert min(finals) <= float(row["iqm_ci_low"]) and float(row["iqm_ci_high"]) <= max(finals)
+        assert int(row["final_step_min"]) == int(row["final_step_max"]) == STEPS[-1]
+    assert rows[("cheetah-run", "sac+LN")]["iqm"] and float(rows[("cheetah-run", "sac+LN")]["iqm"]) == 50.0
+    # Aggregate across both envs: IQM of the 16 runs × envs scores = mean of the middle eight.
+    for plasticity in ("none", "spectral"):
+        agg = rows[("aggregate (2 envs)", label[plasticity])]
+        pooled = sorted(FINAL[("cheetah-run", plasticity)] + FINAL[("walker-run", plasticity)])
+        assert int(agg["runs"]) == 8
+        assert float(agg["iqm"]) == pytest.approx(np.mean(pooled[4:12]))
+        assert float(agg["iqm_ci_low"]) <= float(agg["iqm"]) <= float(agg["iqm_ci_high"])
+    md = (out / "final_performance.md").read_text()
+    assert "| cheetah-run | sac+LN | 8 | 50.0 |" in md
+
+
+def test_curve_points_are_mean_and_standard_error(suite):
+    _, out = suite
+    rows = read_csv(out / "curves.csv")
+    for env, plasticity, label in (("cheetah-run", "none", "sac+LN"), ("walker-run", "spectral", "sac+LN+spectral")):
+        for i, step in enumerate(STEPS):
+            values = np.array([curve(f, seed)[i] for seed, f in enumerate(FINAL[(env, plasticity)])])
+            (row,) = [r for r in rows if r["env"] == env and r["method"] == label and int(r["step"]) == step]
+            assert float(row["mean"]) == pytest.approx(values.mean())
+            assert float(row["se"]) == pytest.approx(values.std(ddof=1) / np.sqrt(len(values)))
+            assert int(row["runs"]) == 8
+
+
+def test_last_k_averages_the_last_evaluations(suite, tmp_path):
+    root, _ = suite
+    out = tmp_path / "out"
+    assert main([str(root / "walker-run"), "--out", str(out), "--reps", REPS, "--last-k", "2"]) == 0
+    rows = {r["method"]: r for r in read_csv(out / "final_performance.csv")}
+    finals = [np.mean(curve(f, seed)[-2:]) for seed, f in enumerate(FINAL[("walker-run", "none")])]
+    assert float(rows["sac+LN"]["mean"]) == pytest.approx(np.mean(finals))
+    assert not any(r.startswith("aggregate") for r in rows)  # one environment
+    assert "mean of the last 2" in (out / "summary.md").read_text()
+
+
+def test_sensitivity_over_plasticity_coef(tmp_path):
+    root = tmp_path / "sweep"
+    coefs = (1e-5, 1e-4, 1e-3, 1e-2)
+    finals = {}
+    for c, coef in enumerate(coefs):
+        for seed in range(3):
+            finals.setdefault(coef, []).append(100.0 * (c + 1) + 10 * seed)
+            write_run(root / f"spectral_{coef}_{seed}", config(plasticity="spectral", coef=coef, seed=seed),
+                      {1000: 0.0, 2000: finals[coef][-1]})
+    for seed in range(3):
+        write_run(root / f"none_{seed}", config(seed=seed), {1000: 0.0, 2000: 50.0 + seed})
+    out = tmp_path / "out"
+    assert main([str(root), "--out", str(out), "--sweep", "plasticity.coef", "--reps", REPS]) == 0
+    assert_png(out / "sensitivity_plasticity.coef_cheetah-run.png")
+    rows = read_csv(out / "sensitivity_plasticity.coef.csv")
+    swept = [r for r in rows if r["method"] == "sac+LN+spectral"]
+    assert [float(r["value"]) for r in swept] == list(coefs)
+    for r, coef in zip(swept, coefs):
+        assert int(r["runs"]) == 3
+        assert float(r["mean"]) == pytest.approx(np.mean(finals[coef]))
+        assert float(r["se"]) == pytest.approx(np.std(finals[coef], ddof=1) / np.sqrt(3))
+    (baseline,) = [r for r in rows if r["method"] == "sac+LN"]
+    assert float(baseline["value"]) == 0.0 and float(baseline["mean"]) == pytest.approx(51.0)
+    # In the table, every coefficient is a method of its own.
+    methods = {r["method"] for r in read_csv(out / "final_performance.csv")}
+    assert methods == {"sac+LN"} | {f"sac+LN+spectral (coef={c:g})" for c in coefs}
+    assert "sensitivity_plasticity.coef_cheetah-run.png" in (out / "summary.md").read_text()
+
+
+def test_aggregate_skipped_when_run_counts_differ(tmp_path):
+    root = tmp_path / "runs"
+    for env, seeds in (("cheetah-run", 3), ("walker-run", 2)):
+        for seed in range(seeds):
+            write_run(root / env / str(seed), config(env, seed=seed), {1000: float(seed)})
+    out = tmp_path / "out"
+    assert main([str(root), "--out", str(out), "--reps", REPS]) == 0
+    assert not any(r["env"].startswith("aggregate") for r in read_csv(out / "final_performance.csv"))
+    assert "no aggregate row for sac+LN" in (out / "summary.md").read_text()
+
+
+def test_resumed_run_merges_event_files(tmp_path):
+    run = tmp_path / "run"
+    write_run(run, config(), {0: 1.0, 1000: 2.0, 2000: 3.0, 3000: 4.0})
+    write_run(run, config(), {2000: 30.0, 3000: 40.0, 4000: 50.0}, with_config=False)
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2
+    scalars, text, _ = read_events(run)
+    steps, values = scalars["eval/return_mean"]
+    assert steps.tolist() == [0, 1000, 2000, 3000, 4000]
+    assert values.tolist() == [1.0, 2.0, 30.0, 40.0, 50.0]  # the later file wins on duplicate steps
+    assert "cheetah-run" in text
+    # A resume with purge_step (as train.py does) drops what the dead process logged after it.
+    purged = tmp_path / "purged"
+    write_run(purged, config(), {0: 1.0, 1000: 2.0, 2000: 3.0, 3000: 4.0})
+    write_run(purged, config(), {2000: 30.0}, purge_step=1001, with_config=False)
+    steps, values = read_events(purged)[0]["eval/return_mean"]
+    assert steps.tolist() == [0, 1000, 2000] and values.tolist() == [1.0, 2.0, 30.0]
+    out = tmp_path / "out"
+    assert main([str(run), "--out", str(out), "--reps", REPS]) == 0
+    (row,) = read_csv(out / "runs.csv")
+    assert int(row["final_step"]) == 4000 and float(row["final_return"]) == 50.0
+
+
+def test_hydra_config_fallback_and_method_keys(tmp_path):
+    root = tmp_path / "multi"
+    (root / ".hydra").mkdir(parents=True)
+    (root / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(config(plasticity="l2", coef=1e-3)))
+    for seed in range(2):
+        write_run(root / f"seed_{seed}", None, {1000: 10.0 * seed}, with_config=False)
+    out = tmp_path / "out"
+    assert main([str(root), "--out", str(out), "--reps", REPS, "--method-keys", "agent.name,plasticity.coef"]) == 0
+    runs = read_csv(out / "runs.csv")
+    assert {r["method"] for r in runs} == {"name=sac coef=0.001"}
+    assert sorted(r["seed"] for r in runs) == ["0", "1"]
+
+
+def test_labels_pool_seeds_and_split_other_differences():
+    from rl_plasticity.report import Run, flatten
+
+    def run(env, **kw):
+        return Run(Path("."), flatten(config(env, **kw)), "test", {}, env=env)
+
+    runs = [run("cheetah-run", seed=0), run("cheetah-run", seed=1),
+            run("cheetah-run", reset_interval=2560000), run("cheetah-run", reset_interval=1000),
+            run("walker-run", plasticity="l2_er", coef=1e-3)]
+    labels, order = method_labels(runs)
+    assert labels == ["sac+LN", "sac+LN", "sac+LN+reset (reset_interval=2560000)",
+                      "sac+LN+reset (reset_interval=1000)", "sac+LN+l2_er"]
+    assert order == ["sac+LN", "sac+LN+l2_er", "sac+LN+reset (reset_interval=1000)",
+                     "sac+LN+reset (reset_interval=2560000)"]
+    labels, _ = method_labels(runs, exclude={"agent.reset_interval"})
+    assert labels[2] == labels[3] == "sac+LN+reset"
+
+
+def test_command_line(suite, tmp_path):
+    root, _ = suite
+    out = tmp_path / "cli"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "rl_plasticity.report", str(root / "walker-run"), "--out", str(out),
+                             "--reps", REPS], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out / 'summary.md'}" in result.stdout
+    assert_png(out / "curves_walker-run.png")
+
+    missing = tmp_path / "no_such_dir"
+    result = subprocess.run([sys.executable, "-m", "rl_plasticity.report", str(missing)], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: no such file or directory: {missing}"]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no_eval", "bad_sweep"])
+def test_errors(tmp_path, capsys, case):
+    target = tmp_path / "runs"
+    args = [str(target), "--out", str(tmp_path / "out")]
+    if case == "empty":
+        (target / "sub").mkdir(parents=True)
+    elif case == "no_eval":
+        write_run(target / "a", config(), {}, {"charts/sps": {0: 1.0}})
+    elif case == "bad_sweep":
+        write_run(target / "a", config(), {1000: 1.0})
+        args += ["--sweep", "plasticity.cof"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    if case in ("missing", "empty", "no_eval"):
+        assert str(target) in err[0]
+    if case == "bad_sweep":
+        assert "plasticity.coef" in err[0]
