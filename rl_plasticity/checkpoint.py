@@ -72,7 +72,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"refusing to load {p}: it holds objects that only arbitrary unpickling could "
                               f"rebuild (not a rl_plasticity checkpoint): {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    # A text file or random bytes reach the legacy unpickler, which fails with whatever the first
+    # byte happens to mean (KeyError, IndexError, ...): all of them mean "not a torch file".
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError) as e:
         raise CheckpointError(f"cannot read checkpoint {p}: truncated or not a torch file "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(state, dict) or "format" not in state:

@@ -182,7 +182,7 @@ def test_divergence_guard_stops_names_the_loss_and_keeps_the_last_good_checkpoin
     from rl_plasticity.loops import DivergenceError
     from rl_plasticity.train import train as train_fn
 
-    original = SACAgent._update_once
+    original = SACAgent._fused_step  # the default update path (agent.fused=true)
 
     def poisoned(self, *args):
         metrics = original(self, *args)
@@ -190,7 +190,7 @@ def test_divergence_guard_stops_names_the_loss_and_keeps_the_last_good_checkpoin
             metrics["losses/critic"] = metrics["losses/critic"] * float("nan")
         return metrics
 
-    monkeypatch.setattr(SACAgent, "_update_once", poisoned)
+    monkeypatch.setattr(SACAgent, "_fused_step", poisoned)
     with initialize_config_module(config_module="rl_plasticity.configs", version_base=None):
         cfg = compose("train", overrides=SAC + ["total_steps=1200"])
     with pytest.raises(DivergenceError) as info:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import warnings
 from typing import Any, Mapping
 
 import gymnasium as gym
@@ -96,38 +97,70 @@ def _standardise(env: gym.Env, action_repeat: int) -> gym.Env:
     return env
 
 
-def make_dmc(domain: str, task: str, action_repeat: int = 1, **make_kwargs: Any) -> gym.Env:
-    """A dm_control suite task as a standardised gymnasium env (episode: 1000 physics steps)."""
+def make_dmc(domain: str, task: str, action_repeat: int = 1, render_size: tuple[int, int] | None = None,
+             **make_kwargs: Any) -> gym.Env:
+    """A dm_control suite task as a standardised gymnasium env (episode: 1000 physics steps).
+
+    `render_size` (width, height) sets the size of `render()`'s frames; the model's offscreen
+    buffer (640x480 in most suite XMLs) is enlarged first when the frames would not fit in it.
+    """
     import shimmy  # noqa: F401  (registers the dm_control/* ids)
 
     gym.register_envs(shimmy)
+    if render_size is not None:
+        width, height = render_size
+        make_kwargs["render_kwargs"] = {**(make_kwargs.get("render_kwargs") or {}), "width": width, "height": height}
     env = gym.make(f"dm_control/{domain}-{task}-v0", **make_kwargs)
+    if render_size is not None:
+        # dm_control sizes its rendering context from these on the first render.
+        visual = env.unwrapped._env.physics.model.vis.global_
+        visual.offwidth, visual.offheight = max(visual.offwidth, width), max(visual.offheight, height)
     return _standardise(env, action_repeat)
 
 
-def make_env(cfg: Mapping[str, Any], **make_kwargs: Any) -> gym.Env:
+def _make_gym(env_id: str, render_size: tuple[int, int] | None, **make_kwargs: Any) -> gym.Env:
+    """`gym.make`, passing `render_size` as MuJoCo's `width`/`height` where the env takes them."""
+    if render_size is None:
+        return gym.make(env_id, **make_kwargs)
+    try:
+        return gym.make(env_id, width=render_size[0], height=render_size[1], **make_kwargs)
+    except TypeError as e:
+        if "width" not in str(e) and "height" not in str(e):
+            raise
+    warnings.warn(f"{env_id} takes no width/height: it renders at its own size", stacklevel=3)
+    return gym.make(env_id, **make_kwargs)
+
+
+def make_env(cfg: Mapping[str, Any], *, render_mode: str | None = None, render_size: tuple[int, int] | None = None,
+             **make_kwargs: Any) -> gym.Env:
     """Build the env described by an `env` config node (`kind` picks the source).
 
     `kind: dmc` needs `domain` and `task`; `kind: gym` needs a gymnasium `id`; `kind:
-    slippery_ant` is MuJoCo Ant with a friction schedule (see `slippery_ant.py`).  Extra keyword
-    arguments (e.g. `render_mode`) go to `gym.make`.
+    slippery_ant` is MuJoCo Ant with a friction schedule (see `slippery_ant.py`).  `render_mode`
+    (e.g. `rgb_array`) and `render_size` (width, height of the frames: DMC's `render_kwargs`,
+    MuJoCo's `width`/`height`) set up rendering; other keyword arguments (e.g.
+    `max_episode_steps`) go to `gym.make`.
     """
+    if render_mode is not None:
+        make_kwargs["render_mode"] = render_mode
     kind = cfg.get("kind", "dmc")
     repeat = int(cfg.get("action_repeat", 1))
     if kind == "dmc":
         name = f"{cfg['domain']}-{cfg['task']}"
         if name not in DMC_TASKS:
             raise UnknownEnvError(unknown_env_message(name, DMC_TASKS))
-        return make_dmc(cfg["domain"], cfg["task"], repeat, **make_kwargs)
+        return make_dmc(cfg["domain"], cfg["task"], repeat, render_size=render_size, **make_kwargs)
     if kind == "gym":
         env_id = cfg.get("id")
         if env_id not in gym.registry:
             raise UnknownEnvError(
                 unknown_env_message(str(env_id), list(gym.registry.keys())).replace("env", "env.id", 1)
             )
-        return _standardise(gym.make(env_id, **make_kwargs), repeat)
+        return _standardise(_make_gym(env_id, render_size, **make_kwargs), repeat)
     if kind == "slippery_ant":
         from rl_plasticity.envs.slippery_ant import make_slippery_ant
 
+        if render_size is not None:
+            make_kwargs.update(width=render_size[0], height=render_size[1])
         return make_slippery_ant(cfg, **make_kwargs)
     raise UnknownEnvError(f"unknown env.kind '{kind}'. Valid choices: dmc, gym, slippery_ant")
