@@ -31,6 +31,8 @@ class RunConfig:
     run_dir: Optional[str] = None
     threads: Optional[int] = None
     resume: bool = True
+    compile: bool = False
+    cudagraphs: bool = False
 
 
 @dataclasses.dataclass
@@ -93,7 +95,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # Keys that may differ between a run and its resumption (they do not change what is learned).
-RESUMABLE_CHANGES = ("total_steps", "device", "threads", "run_dir", "resume", "eval", "log", "checkpoint")
+RESUMABLE_CHANGES = ("total_steps", "device", "threads", "run_dir", "resume", "compile", "cudagraphs", "eval", "log",
+                     "checkpoint")
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -265,7 +268,7 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
     container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     container["run_dir"] = run_dir
     run = from_node(RunConfig, {k: container[k] for k in ("seed", "total_steps", "device", "run_dir", "threads",
-                                                          "resume")}, "")
+                                                          "resume", "compile", "cudagraphs") if k in container}, "")
     evaluation = from_node(EvalConfig, container["eval"], "eval")
     log = from_node(LogConfig, container["log"], "log")
     ckpt = from_node(CheckpointConfig, container["checkpoint"], "checkpoint")
@@ -388,7 +391,8 @@ def _build_sac(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
     env = make_env(container["env"])
     eval_env = make_env(container["env"])
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    agent = SACAgent(obs_dim, action_dim, agent_cfg, device, plasticity=plasticity_cfg, seed=run.seed)
+    agent = SACAgent(obs_dim, action_dim, agent_cfg, device, plasticity=plasticity_cfg, seed=run.seed,
+                     compile=run.compile, cudagraphs=run.cudagraphs)
     buffer = ReplayBuffer(obs_dim, action_dim, agent_cfg.buffer_size, device, seed=run.seed)
     slippery = find_slippery_ant(env)
 
@@ -440,6 +444,11 @@ def _build_ppo(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     eval_env = make_env(env_cfg)
     obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    if run.compile or run.cudagraphs:
+        import warnings
+
+        warnings.warn("compile/cudagraphs apply to SAC's fused update; PPO (env-bound at its settings) runs "
+                      "eagerly", stacklevel=2)
     agent = PPOAgent(obs_dim, action_dim, agent_cfg, device, plasticity=plasticity_cfg, seed=run.seed)
     wrappers = [find_slippery_ant(e) for e in envs.envs]
     slippery = [w for w in wrappers if w is not None]

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
 
+from rl_plasticity.agents.accelerate import accelerate
 from rl_plasticity.agents.fused import FusedSAC
 from rl_plasticity.agents.networks import Critic, TanhGaussianActor
 from rl_plasticity.buffers import Batch
@@ -87,7 +89,8 @@ class SACAgent(PlasticityMixin):
     """
 
     def __init__(self, obs_dim: int, action_dim: int, cfg: SACConfig, device: torch.device | str = "cpu",
-                 plasticity: Optional[PlasticityConfig] = None, seed: int = 0):
+                 plasticity: Optional[PlasticityConfig] = None, seed: int = 0, compile: bool = False,
+                 cudagraphs: bool = False):
         self.cfg = cfg
         self.device = torch.device(device)
         self.obs_dim, self.action_dim = obs_dim, action_dim
@@ -96,6 +99,10 @@ class SACAgent(PlasticityMixin):
         # The agent's randomness after initialisation (exploration and update noise) comes
         # from its own generator, so that one agent's run never depends on another's draws.
         self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        if (compile or cudagraphs) and not cfg.fused:
+            warnings.warn("compile/cudagraphs apply to the fused update (agent.fused=true); this run uses the "
+                          "autograd reference path uncompiled", stacklevel=2)
+        self._compile, self._cudagraphs = compile, cudagraphs
         self.init_plasticity(plasticity or PlasticityConfig(), cfg.reset_interval)
         self._build()
         self._step = self._fused_step if cfg.fused else self._update_once
@@ -123,6 +130,10 @@ class SACAgent(PlasticityMixin):
         self._target_params = list(self.critic_target.parameters())
         self.register_networks({"actor": self.actor.net, "critic": self.critic.net})
         self._fused = FusedSAC(self) if cfg.fused else None
+        if self._fused is not None:
+            # A reset builds new modules, so the compiled function is rebuilt (and recompiled) too.
+            self._losses_and_grads = accelerate(self._fused.losses_and_grads, self.device, self._compile,
+                                                self._cudagraphs, "the fused SAC update")
 
     def reset_networks(self) -> None:
         """Full reset (the SR-SAC reset baseline): everything re-initialised, buffer kept."""
@@ -218,7 +229,7 @@ class SACAgent(PlasticityMixin):
 
     def _fused_step(self, obs, action, reward, next_obs, terminated, noise) -> dict[str, torch.Tensor]:
         """The same update as `_update_once` with the hand-written gradients of agents/fused.py."""
-        metrics = self._fused.losses_and_grads(obs, action, reward, next_obs, terminated, noise)
+        metrics = self._losses_and_grads(obs, action, reward, next_obs, terminated, noise)
         self.add_plasticity_gradients(("critic", "actor"))
         self._finish_update(obs, action)
         return metrics

@@ -1,0 +1,148 @@
+"""The fused SAC update (hand-written gradients) against the autograd reference, and the
+compile / cudagraphs options with their fallbacks, on CPU."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from rl_plasticity.agents.sac import SACAgent, SACConfig
+from rl_plasticity.buffers import Batch
+from rl_plasticity.plasticity.mixin import PlasticityConfig
+
+OBS, ACT = 11, 3
+
+
+def make_agent(fused: bool, num_critics: int = 1, layer_norm: bool = True, plasticity: str = "none",
+               coef: float = 0.0, **kw) -> SACAgent:
+    torch.manual_seed(7)  # same initial parameters for every agent of a comparison
+    cfg = SACConfig(num_critics=num_critics, layer_norm=layer_norm, fused=fused, hidden_sizes=(64, 64))
+    return SACAgent(OBS, ACT, cfg, "cpu", plasticity=PlasticityConfig(name=plasticity, coef=coef), seed=3, **kw)
+
+
+def make_batch(updates: int = 3, size: int = 32, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(torch.randn(updates, size, OBS, generator=g), torch.rand(updates, size, ACT, generator=g) * 2 - 1,
+                 torch.randn(updates, size, generator=g), torch.randn(updates, size, OBS, generator=g),
+                 (torch.rand(updates, size, generator=g) < 0.2).float())
+
+
+def trained(agent: SACAgent) -> list[torch.Tensor]:
+    return [*agent.actor.parameters(), *agent.critic.parameters(), *agent.critic_target.parameters(), agent.log_alpha]
+
+
+def grads(agent: SACAgent) -> list[torch.Tensor]:
+    return [p.grad for p in [*agent.actor.parameters(), *agent.critic.parameters(), agent.log_alpha]]
+
+
+def assert_close_lists(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float, atol: float) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("num_critics", [1, 2])
+@pytest.mark.parametrize("layer_norm", [True, False])
+@pytest.mark.parametrize("plasticity,coef", [("none", 0.0), ("l2_init", 1e-2), ("spectral", 1e-2), ("wasserstein", 1e-2)])
+def test_fused_gradients_and_metrics_match_autograd(num_critics, layer_norm, plasticity, coef):
+    """One update: every gradient (critic, actor through the critic, temperature, regularizer)
+    and every metric of the fused path equals the autograd reference."""
+    ref, fused = (make_agent(f, num_critics, layer_norm, plasticity, coef) for f in (False, True))
+    batch = make_batch(updates=1)
+    m_ref, m_fused = ref.update(batch), fused.update(batch)
+    assert set(m_ref) == set(m_fused)
+    for key in m_ref:
+        torch.testing.assert_close(m_fused[key], m_ref[key], rtol=1e-5, atol=1e-6, msg=key)
+    g_ref, g_fused = grads(ref), grads(fused)
+    assert all(g is not None for g in g_fused)
+    assert_close_lists(g_fused, g_ref, rtol=1e-4, atol=1e-6)
+    # The gradients are not trivially zero: the comparison has something to compare.
+    assert all(float(g.abs().max()) > 0 for g in g_ref[:-1])
+
+
+def test_fused_training_follows_the_reference_over_many_updates():
+    """Several env steps of 4 updates each (parameters, targets, temperature, optimizer state)."""
+    ref, fused = make_agent(False, 2), make_agent(True, 2)
+    for step in range(5):
+        batch = make_batch(updates=4, seed=step)
+        ref.update(batch)
+        fused.update(batch)
+    assert_close_lists(trained(fused), trained(ref), rtol=1e-4, atol=1e-6)
+    assert fused.update_count == ref.update_count == 20
+
+
+def test_fused_path_keeps_resets_and_effective_rank_step():
+    """Interventions run the same way on the fused path: a reset rebuilds the plan, ER steps."""
+    for plasticity in ("l2_er",):
+        ref, fused = (make_agent(f, plasticity=plasticity, coef=1e-3) for f in (False, True))
+        for step in range(2):
+            ref.update(make_batch(updates=2, seed=step))
+            fused.update(make_batch(updates=2, seed=step))
+        assert_close_lists(trained(fused), trained(ref), rtol=1e-4, atol=1e-6)
+    ref = make_agent(False)
+    fused = make_agent(True)
+    ref.reset_interval = fused.reset_interval = 3
+    for step in range(3):
+        torch.manual_seed(100 + step)  # resets draw fresh weights from the global generator
+        ref.update(make_batch(updates=2, seed=step))
+        torch.manual_seed(100 + step)
+        fused.update(make_batch(updates=2, seed=step))
+    assert ref.reset_count == fused.reset_count == 2
+    assert_close_lists(trained(fused), trained(ref), rtol=1e-4, atol=1e-6)
+
+
+def test_cudagraphs_without_cuda_warns_and_changes_nothing():
+    plain, asked = make_agent(True), None
+    with pytest.warns(UserWarning, match="cudagraphs=true needs a CUDA device"):
+        asked = make_agent(True, cudagraphs=True)
+    batch = make_batch()
+    plain.update(batch)
+    asked.update(batch)
+    assert all(torch.equal(a, b) for a, b in zip(trained(asked), trained(plain)))
+
+
+def test_a_failing_compiler_falls_back_with_one_warning(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("backend exploded\nlong inductor trace")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    plain = make_agent(True)
+    agent = make_agent(True, compile=True)
+    with pytest.warns(UserWarning, match=r"backend exploded\); continuing without it") as record:
+        agent.update(make_batch())
+    assert len([w for w in record if "continuing without it" in str(w.message)]) == 1
+    plain.update(make_batch())
+    assert all(torch.equal(a, b) for a, b in zip(trained(agent), trained(plain)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        agent.update(make_batch(seed=1))
+
+
+def test_compile_option_on_the_reference_path_warns():
+    with pytest.warns(UserWarning, match="apply to the fused update"):
+        make_agent(False, compile=True)
+
+
+def test_compiled_update_matches_the_eager_update():
+    """compile=true (inductor on CPU) computes the same update as the uncompiled fused path."""
+    pytest.importorskip("torch._inductor")
+    plain, compiled = make_agent(True, 2), make_agent(True, 2, compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fallback would hide a broken compile
+        for step in range(2):
+            batch = make_batch(updates=2, seed=step)
+            plain.update(batch)
+            compiled.update(batch)
+    assert compiled._losses_and_grads.active
+    assert_close_lists(trained(compiled), trained(plain), rtol=1e-4, atol=1e-6)
+
+
+def test_compile_keys_may_change_on_resume():
+    from rl_plasticity.train import config_differences
+
+    saved = {"seed": 0, "compile": False, "cudagraphs": False, "agent": {"fused": True}}
+    assert config_differences(saved, {**saved, "compile": True, "cudagraphs": True}) == []
+    assert config_differences(saved, {**saved, "agent": {"fused": False}}) != []
