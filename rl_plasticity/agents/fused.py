@@ -185,7 +185,10 @@ class MLPPlan:
                     torch.bmm(h[:, :p].transpose(1, 2), dp, out=gw)
                 torch.sum(dp, dim=1, keepdim=True, out=gbias)
             if index > 0:
-                d = torch.mm(d, w.t()) if m == 1 else torch.bmm(d, w.transpose(1, 2))
+                wt = w.t() if m == 1 else w.transpose(1, 2)
+                # One output unit (a critic's head): an outer product, which as a matmul with
+                # inner size 1 runs ten times slower than the same products broadcast.
+                d = d * wt if d.shape[-1] == 1 else torch.mm(d, wt) if m == 1 else torch.bmm(d, wt)
             elif input_rows is not None or input_cols is not None:
                 r = input_rows or slice(None)
                 c = input_cols or slice(None)
@@ -196,6 +199,38 @@ class MLPPlan:
                     if h.dim() == 2:
                         result = result.sum(0)
         return result
+
+
+def adam_step(optimizer: torch.optim.Optimizer) -> None:
+    """`optimizer.step()` of a `torch.optim.Adam(fused=True)` without its per-call Python work.
+
+    The same kernel (`torch._fused_adam_`) on the same state, so the result is bitwise that of
+    `optimizer.step()`; which is called instead while some parameter has no state yet (the first
+    step creates it) or for settings this shortcut does not cover (amsgrad, maximize, tensor lr,
+    gradient scaling, differentiable).
+    """
+    calls = []
+    for group in optimizer.param_groups:
+        if (not group.get("fused") or group["amsgrad"] or group["maximize"] or group.get("differentiable")
+                or group.get("capturable") or group.get("decoupled_weight_decay") or isinstance(group["lr"], torch.Tensor)):
+            optimizer.step()
+            return
+        params = [p for p in group["params"] if p.grad is not None]
+        states = [optimizer.state.get(p) for p in params]
+        if not all(states):
+            optimizer.step()
+            return
+        calls.append((group, params, states))
+    for group, params, states in calls:
+        if not params:
+            continue
+        steps = [st["step"] for st in states]
+        torch._foreach_add_(steps, 1)
+        beta1, beta2 = group["betas"]
+        torch._fused_adam_(params, [p.grad for p in params], [st["exp_avg"] for st in states],
+                           [st["exp_avg_sq"] for st in states], [], steps, amsgrad=False, lr=group["lr"],
+                           beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                           maximize=False, grad_scale=None, found_inf=None)
 
 
 class FusedSAC:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from rl_plasticity.agents.accelerate import accelerate
-from rl_plasticity.agents.fused import FusedSAC
+from rl_plasticity.agents.fused import FusedSAC, adam_step
 from rl_plasticity.agents.networks import Critic, TanhGaussianActor
 from rl_plasticity.buffers import Batch
 from rl_plasticity.config import from_node, require
@@ -237,7 +237,10 @@ class SACAgent(PlasticityMixin):
     def _finish_update(self, obs: torch.Tensor, action: torch.Tensor) -> None:
         """Gradients are in `.grad`: regularizer gradients, the optimizer step, the target."""
         self.plasticity_before_step()
-        self.optimizer.step()
+        if self._fused is not None:
+            adam_step(self.optimizer)
+        else:
+            self.optimizer.step()
         with torch.no_grad():
             torch._foreach_lerp_(self._target_params, self._critic_params, self.cfg.tau)
         self.update_count += 1
