@@ -138,7 +138,7 @@ def _np_state(x: np.ndarray) -> torch.Tensor:
 
 def run_off_policy(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, eval_env: gym.Env, logger: Logger,
                    schedule: OffPolicySchedule, save_checkpoint: Callable[[int, dict[str, Any]], None],
-                   control: LoopControl | None = None) -> LoopResult:
+                   control: LoopControl | None = None, before_eval: Callable[[], None] | None = None) -> LoopResult:
     """Prefill with uniform random actions, then act and run `replay_ratio` updates per env step.
 
     Checkpoints may fall in the middle of an episode: the caller saves and restores the env's
@@ -208,6 +208,8 @@ def run_off_policy(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, ev
             logger.scalar("charts/updates_per_s", ups, step)
             logger.progress(step, sps, ups, meter.elapsed)
         if s.eval_episodes > 0 and (step % s.eval_every == 0 or step == s.total_steps):
+            if before_eval is not None:
+                before_eval()
             last_eval = evaluate_and_log(agent, eval_env, logger, step, s.eval_episodes, s.seed, s.gamma)
         if step % s.checkpoint_every == 0 or step == s.total_steps or stop:
             check_finite(agent, metrics, step)

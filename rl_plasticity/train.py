@@ -403,7 +403,10 @@ def _build_sac(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
             log_every=log.every, checkpoint_every=ckpt.every, seed=run.seed, gamma=agent_cfg.gamma,
             diagnostics_every=plasticity_cfg.log_every,
         )
-        return run_off_policy(agent, buffer, env, eval_env, logger, schedule, checkpoint, control)
+        # On Slippery Ant, evaluation runs under the friction the agent currently trains on.
+        eval_slippery = find_slippery_ant(eval_env)
+        follow = (lambda: eval_slippery.hold_friction(slippery.friction)) if eval_slippery and slippery else None
+        return run_off_policy(agent, buffer, env, eval_env, logger, schedule, checkpoint, control, before_eval=follow)
 
     def close() -> None:
         env.close()

@@ -238,3 +238,30 @@ def test_config_file_builds_the_default_schedule():
 def test_unknown_kind_lists_slippery_ant():
     with pytest.raises(UnknownEnvError, match="dmc, gym, slippery_ant"):
         make_env({"kind": "slippery"})
+
+
+def test_sac_evaluation_runs_under_the_training_friction(tmp_path, monkeypatch):
+    """SAC on Slippery Ant: every evaluation holds the friction the training env has then (the
+    schedule has moved past its first value by the time of the evaluation)."""
+    from hydra import compose, initialize_config_module
+
+    from rl_plasticity.envs.slippery_ant import SlipperyAnt
+    from rl_plasticity.train import train
+
+    held = []
+    original = SlipperyAnt.hold_friction
+
+    def record(self, value):
+        held.append(value)
+        return original(self, value)
+
+    monkeypatch.setattr(SlipperyAnt, "hold_friction", record)
+    overrides = ["env=slippery-ant", "env.change_every=100", "+env.max_episode_steps=50", "agent.prefill_steps=100",
+                 "agent.replay_ratio=1", "agent.batch_size=32", "agent.hidden_sizes=[32,32]", "total_steps=250",
+                 "eval.every=250", "eval.episodes=1", "log.every=250", "checkpoint.every=250", "threads=1"]
+    with initialize_config_module(config_module="rl_plasticity.configs", version_base=None):
+        cfg = compose("train", overrides=overrides)
+    train(cfg, str(tmp_path))
+    assert len(held) == 1
+    schedule_start = find_slippery_ant(make_env({"kind": "slippery_ant", "change_every": 100})).friction
+    assert held[0] != pytest.approx(schedule_start)  # the schedule moved on, and evaluation followed it
