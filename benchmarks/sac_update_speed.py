@@ -4,10 +4,14 @@ Both agents train on the same env (default DMC cheetah-run) with the same settin
 MLPs, batch 256, `--num-critics` critics, 16 gradient updates per call, LayerNorm off on our side
 (SB3 has none).  Each side fills its replay buffer with `--fill` random transitions, warms up,
 then the two sides alternate `--rounds` rounds of `--calls` calls of 16 updates (batch sampling
-included); the ratio is the median of the per-round ratios.  The last line reads
-`speedup_vs_sb3 <ratio>`.
+included); the ratio is the median of the per-round ratios.  It also prints how close our
+update comes to the matmul-bound floor: the FLOPs of one update (torch.utils.flop_counter) over
+this machine's measured rate for a 256x256x256 matmul, divided by the measured time per update
+(`floor_fraction`; 1.0 would be an update that is nothing but matmuls at full speed).  The last
+line reads `speedup_vs_sb3 <ratio>`.
 
-    python benchmarks/sac_update_speed.py [--env cheetah-run] [--num-critics 1] [--rounds 9]
+    python benchmarks/sac_update_speed.py [--env cheetah-run] [--num-critics 1] [--layer-norm]
+                                          [--reference] [--compile] [--rounds 9]
 """
 from __future__ import annotations
 
@@ -37,8 +41,9 @@ def build_ours(env_cfg, args):
 
     env = make_env(env_cfg)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    cfg = SACConfig(num_critics=args.num_critics, layer_norm=args.layer_norm, batch_size=256, replay_ratio=16)
-    agent = SACAgent(obs_dim, act_dim, cfg, "cpu")
+    cfg = SACConfig(num_critics=args.num_critics, layer_norm=args.layer_norm, batch_size=256, replay_ratio=16,
+                    fused=not args.reference)
+    agent = SACAgent(obs_dim, act_dim, cfg, "cpu", compile=args.compile)
     buffer = ReplayBuffer(obs_dim, act_dim, args.fill, "cpu", seed=0)
     for transition in _fill_env(env, args.fill, 0):
         buffer.add(*transition)
@@ -50,7 +55,30 @@ def build_ours(env_cfg, args):
         float(metrics["losses/critic"])  # one sync at the end, as at log time
         return calls * 16 / (time.perf_counter() - start)
 
+    def flops() -> float:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            agent.update(buffer.sample(1, 256))
+        return float(counter.get_total_flops())
+
+    run.flops = flops
     return run
+
+
+def matmul_rate(n: int = 256, seconds: float = 1.0) -> float:
+    """FLOP/s of an n x n x n float32 matmul on this machine (best of 5 short runs)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(20):
+        torch.mm(a, b)
+    best = 0.0
+    for _ in range(5):
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 5:
+            torch.mm(a, b)
+            count += 1
+        best = max(best, 2 * n ** 3 * count / (time.perf_counter() - start))
+    return best
 
 
 def build_sb3(env_cfg, args):
@@ -79,6 +107,8 @@ def main() -> None:
     p.add_argument("--env", default="cheetah-run", help="DMC <domain>-<task>")
     p.add_argument("--num-critics", type=int, default=1, help="1 as in the paper; SB3 gets the same")
     p.add_argument("--layer-norm", action="store_true", help="LayerNorm on our side (SB3 has none)")
+    p.add_argument("--reference", action="store_true", help="our autograd reference update (agent.fused=false)")
+    p.add_argument("--compile", action="store_true", help="compile=true (torch.compile of the fused update)")
     p.add_argument("--fill", type=int, default=5000)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--calls", type=int, default=10, help="calls of 16 updates per round and side")
@@ -86,9 +116,12 @@ def main() -> None:
     args = p.parse_args()
     domain, task = args.env.split("-", 1)
     env_cfg = {"kind": "dmc", "domain": domain, "task": task}
+    path = "reference (autograd)" if args.reference else "fused" + (" + compile" if args.compile else "")
     print(f"device cpu ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, env {args.env}, critics {args.num_critics}, batch 256, 16 updates/call")
+          f"threads {torch.get_num_threads()}, env {args.env}, critics {args.num_critics}, "
+          f"layer norm {args.layer_norm}, update path {path}, batch 256, 16 updates/call")
     ours_run, sb3_run = build_ours(env_cfg, args), build_sb3(env_cfg, args)
+    update_flops = ours_run.flops()
     ours_run(args.warmup)
     sb3_run(args.warmup)
     # Alternate short rounds so that both sides see the same machine load; the ratio is the
@@ -101,6 +134,10 @@ def main() -> None:
     o, s = statistics.median(ours), statistics.median(sb3)
     print(f"rl_plasticity  {o:8.1f} updates/s  ({1e3 / o:.2f} ms/update)  rounds: {', '.join(f'{x:.0f}' for x in ours)}")
     print(f"sb3            {s:8.1f} updates/s  ({1e3 / s:.2f} ms/update)  rounds: {', '.join(f'{x:.0f}' for x in sb3)}")
+    rate = matmul_rate()
+    floor_ms = update_flops / rate * 1e3
+    print(f"floor: {update_flops / 1e9:.3f} GFLOP per update / {rate / 1e9:.0f} GFLOP/s (256^3 matmul) = "
+          f"{floor_ms:.2f} ms; floor_fraction {floor_ms / (1e3 / o):.2f}")
     print(f"speedup_vs_sb3 {statistics.median(ratios):.2f}")
 
 
