@@ -53,7 +53,8 @@ def _unknown(what: str, name: str, choices: Sequence[str]) -> ConfigError:
     return ConfigError(f"unknown {what} '{name}'.{hint} Valid choices: {', '.join(choices)}")
 
 
-def _type_ok(default: Any, value: Any) -> bool:
+def type_ok(default: Any, value: Any) -> bool:
+    """Whether `value` may replace `default` (bools stay bools, ints accept no floats, ...)."""
     if default is None or value is None:
         return True
     if isinstance(default, bool):
@@ -64,10 +65,10 @@ def _type_ok(default: Any, value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if isinstance(default, str):
         return isinstance(value, str)
-    if isinstance(default, ListConfig):
-        return isinstance(value, list)
-    if isinstance(default, DictConfig):
-        return isinstance(value, dict)
+    if isinstance(default, (ListConfig, list)):
+        return isinstance(value, (ListConfig, list))
+    if isinstance(default, (DictConfig, dict)):
+        return isinstance(value, (DictConfig, dict))
     return True
 
 
@@ -126,7 +127,7 @@ def check_overrides(args: Sequence[str], config_name: str = "train") -> None:
         default = node[leaf]
         values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
         for v in values:
-            if not _type_ok(default, v):
+            if not type_ok(default, v):
                 raise ConfigError(f"{key} must be {_type_name(default)}, got {v!r}")
 
 

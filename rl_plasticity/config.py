@@ -16,14 +16,14 @@ class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key and what is valid."""
 
 
-def _check_type(key: str, value: Any, annotation: Any) -> Any:
+def check_type(key: str, value: Any, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is typing.Union:  # Optional[X]
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _check_type(key, value, inner)
+        return check_type(key, value, inner)
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
@@ -44,7 +44,7 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         item = args[0] if args else Any
-        return tuple(_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value))
+        return tuple(check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value))
     return value
 
 
@@ -55,7 +55,7 @@ def from_node(cls: type[T], node: Mapping[str, Any], prefix: str) -> T:
     unknown = sorted(set(node) - names)
     if unknown:
         raise ConfigError(f"unknown key {prefix}.{unknown[0]}. Valid keys: {', '.join(sorted(names))}")
-    values = {k: _check_type(f"{prefix}.{k}", node[k], hints[k]) for k in node}
+    values = {k: check_type(f"{prefix}.{k}", node[k], hints[k]) for k in node}
     return cls(**values)
 
 

@@ -31,7 +31,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from rl_plasticity.config import ConfigError, _check_type
+from rl_plasticity.cli import type_ok
+from rl_plasticity.config import ConfigError, check_type
 
 # Training's evaluation seeds: `loops.evaluate_and_log` resets episode k with seed + 1_000_000 + k.
 EVAL_SEED_OFFSET = 1_000_000
@@ -112,7 +113,7 @@ def parse_args(args: Sequence[str]) -> tuple[EvaluateConfig, dict[str, Any]]:
             value = raw if key in _PATH_KEYS else _parse_value(raw)
             if key in _PATH_KEYS and raw in ("", "null", "None"):
                 value = None
-            own[key] = _check_type(key, value, hints[key])
+            own[key] = check_type(key, value, hints[key])
         elif key in STORED_KEYS or (key.startswith("env.") and len(key) > 4):
             stored[key] = _parse_value(raw)
         else:
@@ -136,20 +137,6 @@ def parse_args(args: Sequence[str]) -> tuple[EvaluateConfig, dict[str, Any]]:
     return cfg, stored
 
 
-def _compatible(current: Any, value: Any) -> bool:
-    if current is None or value is None:
-        return True
-    if isinstance(current, bool):
-        return isinstance(value, bool)
-    if isinstance(current, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(current, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(current, str):
-        return isinstance(value, str)
-    return type(current) is type(value)
-
-
 def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """A copy of a checkpoint's stored `config` with `overrides` (dotted keys) applied; a key the
     stored config lacks, or a value of another type, raises ConfigError naming the valid keys."""
@@ -162,7 +149,7 @@ def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[s
             raise _unknown_key(key, [*STORED_KEYS, *env_keys],
                                f"{', '.join(f.name for f in dataclasses.fields(EvaluateConfig))}; "
                                f"and of this checkpoint's config: {', '.join([*STORED_KEYS, *env_keys])}")
-        if not _compatible(node[leaf], value):
+        if not type_ok(node[leaf], value):
             raise ConfigError(f"{key} must be like the checkpoint's value {node[leaf]!r}, got {value!r}")
         node[leaf] = float(value) if isinstance(node[leaf], float) and isinstance(value, int) else value
     return out
