@@ -5,14 +5,16 @@ replay ratio 16, 2x256 ReLU MLPs with LayerNorm after each hidden linear layer, 
 batch 256, Adam 3e-4, γ 0.99, Polyak τ 0.005, target entropy −|A|.
 
 The update path is built for speed: `update(batch)` takes all the batches of one environment
-step at once (leading dimension = replay ratio), the critics are one batched module, the three
-losses share one backward pass, optimizers are fused, the target critic moves with one
+step at once (leading dimension = replay ratio) and draws their Gaussian noise in one call; each
+update then runs the fused path of agents/fused.py (forward and backward written out, no
+autograd graph), or with `agent.fused=false` the autograd reference `_update_once` it is tested
+against.  The critics are one batched module, Adam is fused, the target critic moves with one
 `_foreach_lerp_`, and nothing synchronises with the host; metrics come back as device tensors.
 
 The critic, actor and temperature losses are evaluated at the same parameters and stepped
 together, as in the original SAC implementation: the actor's loss reads the critic through
-detached parameters, so each loss sends gradients only into its own network, and one fused Adam step (a parameter group
-per network) applies all three.
+fixed parameters, so each loss sends gradients only into its own network, and one fused Adam
+step (a parameter group per network) applies all three.
 """
 from __future__ import annotations
 
