@@ -34,8 +34,6 @@ from typing import Any, Optional, Sequence
 from rl_plasticity.cli import type_ok
 from rl_plasticity.config import ConfigError, check_type
 
-# Training's evaluation seeds: `loops.evaluate_and_log` resets episode k with seed + 1_000_000 + k.
-EVAL_SEED_OFFSET = 1_000_000
 # Keys of the stored config an evaluation may change; `env.<key>` may be any key of the stored env.
 STORED_KEYS = ("seed", "device", "threads")
 CSV_NAME = "checkpoint_returns.csv"
@@ -296,21 +294,14 @@ def evaluate_checkpoint(path: str | Path, cfg: EvaluateConfig, overrides: Option
     import numpy as np
     import torch
 
-    from rl_plasticity.checkpoint import CheckpointError, load_checkpoint
+    from rl_plasticity.checkpoint import load_checkpoint
     from rl_plasticity.envs import make_env
     from rl_plasticity.envs.slippery_ant import find_slippery_ant
-    from rl_plasticity.loops import evaluate
+    from rl_plasticity.loops import EVAL_SEED_OFFSET, evaluate
     from rl_plasticity.train import resolve_device
 
     path = Path(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on foreign pickles: the error below says it all
-            state = load_checkpoint(path)
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001  (torch's weights-only unpickler fails on garbage in many ways)
-        raise CheckpointError(f"cannot read checkpoint {path}: not a torch file ({type(e).__name__}: {e})") from None
+    state = load_checkpoint(path)
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
         raise ConfigError(f"{path} lacks {', '.join(missing)}: not a training checkpoint of this package")

@@ -74,10 +74,13 @@ def evaluate(agent: OffPolicyAgent, env: gym.Env, episodes: int, seed: int,
     return result
 
 
+EVAL_SEED_OFFSET = 1_000_000  # evaluation episode k resets with seed + EVAL_SEED_OFFSET + k
+
+
 def evaluate_and_log(agent: Any, eval_env: gym.Env, logger: Logger, step: int, episodes: int, seed: int,
                      gamma: float) -> dict[str, float]:
     """`evaluate` with evaluation seeds apart from training's, written as `eval/` and `value/` tags."""
-    result = evaluate(agent, eval_env, episodes, seed + 1_000_000, gamma)
+    result = evaluate(agent, eval_env, episodes, seed + EVAL_SEED_OFFSET, gamma)
     returns = result["returns"]
     summary = {"eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std()),
                "value/overestimation": float(result["overestimation"].mean())}
