@@ -6,7 +6,7 @@ checkpoint callback do); it only decides *when* things happen.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Generator, Optional, Protocol
 
 import gymnasium as gym
 import numpy as np
@@ -139,10 +139,37 @@ def _np_state(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(x, copy=True))
 
 
+# A loop written as a generator: it yields what the agent should learn from (a replay batch, a
+# rollout) and is sent back the update's metrics; it returns its LoopResult.  `drive` runs one
+# loop with its agent; train's multi-seed driver runs several in lockstep and batches their
+# updates (agents/seeds.py).
+LoopSteps = Generator[Any, dict[str, torch.Tensor], LoopResult]
+
+
+def drive(steps: LoopSteps, update: Callable[[Any], dict[str, torch.Tensor]]) -> LoopResult:
+    """Run a loop generator to its end, answering each request with `update(request)`."""
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(update(request))
+    except StopIteration as stop:
+        return stop.value
+
+
 def run_off_policy(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, eval_env: gym.Env, logger: Logger,
                    schedule: OffPolicySchedule, save_checkpoint: Callable[[int, dict[str, Any]], None],
                    control: LoopControl | None = None, before_eval: Callable[[], None] | None = None) -> LoopResult:
-    """Prefill with uniform random actions, then act and run `replay_ratio` updates per env step.
+    """Prefill with uniform random actions, then act and run `replay_ratio` updates per env step
+    (see `off_policy_steps`)."""
+    return drive(off_policy_steps(agent, buffer, env, eval_env, logger, schedule, save_checkpoint, control,
+                                  before_eval), agent.update)
+
+
+def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, eval_env: gym.Env, logger: Logger,
+                     schedule: OffPolicySchedule, save_checkpoint: Callable[[int, dict[str, Any]], None],
+                     control: LoopControl | None = None, before_eval: Callable[[], None] | None = None) -> LoopSteps:
+    """Prefill with uniform random actions, then act and ask for `replay_ratio` updates per env
+    step: yields the step's batches (leading dimension `replay_ratio`), is sent the metrics.
 
     Checkpoints may fall in the middle of an episode: the caller saves and restores the env's
     state, and the loop state passed to `save_checkpoint` holds the rest (current observation,
@@ -193,7 +220,7 @@ def run_off_policy(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, ev
             obs = next_obs
 
         if step >= s.prefill_steps and len(buffer) >= min(max(s.prefill_steps, 1), s.batch_size):
-            metrics = agent.update(buffer.sample(s.replay_ratio, s.batch_size))
+            metrics = yield buffer.sample(s.replay_ratio, s.batch_size)
 
         stop = control.should_stop()
         if step % s.log_every == 0 or step == s.total_steps:
@@ -262,6 +289,15 @@ def run_on_policy(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: gy
                   schedule: OnPolicySchedule, save_checkpoint: Callable[[int, dict[str, Any]], None],
                   frictions: Callable[[], list[float]] | None = None,
                   before_eval: Callable[[], None] | None = None, control: LoopControl | None = None) -> LoopResult:
+    """Collect rollouts and update after each (see `on_policy_steps`)."""
+    return drive(on_policy_steps(agent, envs, eval_env, logger, schedule, save_checkpoint, frictions, before_eval,
+                                 control), agent.update)
+
+
+def on_policy_steps(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: gym.Env, logger: Logger,
+                    schedule: OnPolicySchedule, save_checkpoint: Callable[[int, dict[str, Any]], None],
+                    frictions: Callable[[], list[float]] | None = None,
+                    before_eval: Callable[[], None] | None = None, control: LoopControl | None = None) -> LoopSteps:
     """Collect rollouts of `rollout_steps` vector steps, update after each, until `total_steps`.
 
     `envs` must auto-reset in the same step (gymnasium's SAME_STEP mode), so that a truncated
@@ -340,7 +376,7 @@ def run_on_policy(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: gy
         if probe is None:
             probe = torch.from_numpy(rollout.obs[: rollout.pos].reshape(-1, obs_dim)[:256].copy())
         data = rollout.finish(agent.values(obs), final_values, s.gamma, s.gae_lambda)
-        metrics = agent.update(data)
+        metrics = yield data  # the agent's update on the finished rollout
 
         if _crossed(before, step, s.log_every) or step == usable:
             check_finite(agent, metrics, step)

@@ -46,7 +46,8 @@ DEFAULT_REPS = 10_000
 
 # Keys that never distinguish two methods: seeds, bookkeeping, and the keys naming the environment.
 IGNORED_PREFIXES = ("eval.", "log.", "checkpoint.", "hydra.")
-IGNORED_KEYS = {"seed", "run_dir", "device", "threads", "resume", "total_steps", "plasticity.log_every",
+IGNORED_KEYS = {"seed", "num_seeds", "run_dir", "device", "threads", "resume", "total_steps", "compile", "cudagraphs",
+                "plasticity.log_every",
                 "env.friction_seed", "env.name", "env.id", "env.kind", "env.domain", "env.task"}
 
 # Diagnostic panels: (title, tag candidates under plasticity/<network>/, first present wins).

@@ -33,6 +33,7 @@ class RunConfig:
     resume: bool = True
     compile: bool = False
     cudagraphs: bool = False
+    num_seeds: int = 1
 
 
 @dataclasses.dataclass
@@ -95,8 +96,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # Keys that may differ between a run and its resumption (they do not change what is learned).
-RESUMABLE_CHANGES = ("total_steps", "device", "threads", "run_dir", "resume", "compile", "cudagraphs", "eval", "log",
-                     "checkpoint")
+RESUMABLE_CHANGES = ("total_steps", "device", "threads", "run_dir", "resume", "compile", "cudagraphs", "num_seeds",
+                     "eval", "log", "checkpoint")
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -119,6 +120,31 @@ def run_in_progress(run_dir: Path) -> bool:
     from rl_plasticity.checkpoint import list_checkpoints
 
     return bool(list_checkpoints(run_dir / "checkpoints")) or any(run_dir.glob("events.out.tfevents.*"))
+
+
+def seed_runs(run_dir: Path, config: dict[str, Any]) -> list[tuple[int, Path, dict[str, Any]]]:
+    """(seed, directory, config) of each seed a run trains.
+
+    `num_seeds=1`: the run itself.  `num_seeds=N`: seeds seed, seed+1, ..., seed+N-1, each in
+    `run_dir/seed_<s>/` with the config a single-seed run of that seed has (seed=s, its own
+    run_dir), so that each seed directory is also a single-seed run in its own right.  A run_dir
+    holding runs of the other layout is refused (ConfigError), nothing on disk touched.
+    """
+    num_seeds, seed = int(config.get("num_seeds", 1)), int(config["seed"])
+    multi = sorted(d.name for d in run_dir.glob("seed_*") if d.is_dir() and run_in_progress(d))
+    if num_seeds == 1:
+        if multi:
+            raise ConfigError(f"run_dir {run_dir} holds a multi-seed run ({', '.join(multi)}): continue it with "
+                              f"num_seeds={len(multi)}, or continue one seed alone with run_dir={run_dir / multi[0]}")
+        return [(seed, run_dir, config)]
+    if run_in_progress(run_dir):
+        raise ConfigError(f"run_dir {run_dir} holds a single-seed run, and num_seeds={num_seeds} writes one "
+                          f"seed_<s>/ directory per seed: choose another run_dir")
+    out = []
+    for s in range(seed, seed + num_seeds):
+        directory = run_dir / f"seed_{s}"
+        out.append((s, directory, {**config, "seed": s, "run_dir": str(directory)}))
+    return out
 
 
 _RESUME_CACHE: dict[str, tuple[Optional[Path], Optional[dict[str, Any]]]] = {}
@@ -261,14 +287,13 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
     """Run one training job described by `cfg` in `run_dir`; returns the last evaluation summary."""
     from rl_plasticity.agents.ppo import PPOConfig
     from rl_plasticity.agents.sac import SACConfig
-    from rl_plasticity.checkpoint import save_checkpoint
-    from rl_plasticity.logging import Logger
     from rl_plasticity.plasticity.mixin import PlasticityConfig
 
     container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     container["run_dir"] = run_dir
     run = from_node(RunConfig, {k: container[k] for k in ("seed", "total_steps", "device", "run_dir", "threads",
-                                                          "resume", "compile", "cudagraphs") if k in container}, "")
+                                                          "resume", "compile", "cudagraphs", "num_seeds")
+                                  if k in container}, "")
     evaluation = from_node(EvalConfig, container["eval"], "eval")
     log = from_node(LogConfig, container["log"], "log")
     ckpt = from_node(CheckpointConfig, container["checkpoint"], "checkpoint")
@@ -288,13 +313,105 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
         require(run.threads >= 1, f"threads must be >= 1, got {run.threads}")
         torch.set_num_threads(run.threads)
 
-    resume_path, resume_state = resume_point(Path(run_dir), run.resume, container)
-    if resume_state is not None and resume_state["step"] >= run.total_steps:
-        print(f"run in {run_dir} is already complete ({resume_state['step']:,} steps); raise total_steps to "
-              f"continue it", flush=True)
-        return dict(resume_state["loop"].get("last_eval", {}))
+    require(run.num_seeds >= 1, f"num_seeds must be >= 1, got {run.num_seeds}")
+    seeds = seed_runs(Path(run_dir), container)
+    points = [resume_point(directory, run.resume, config) for _, directory, config in seeds]
 
-    seed_everything(run.seed)
+    from rl_plasticity.loops import DivergenceError, LoopControl, drive
+
+    runs: list[_SeedRun] = []
+    finished: dict[int, dict[str, float]] = {}
+    for (seed, directory, config), (resume_path, resume_state) in zip(seeds, points):
+        if resume_state is not None and resume_state["step"] >= run.total_steps:
+            print(f"run in {directory} is already complete ({resume_state['step']:,} steps); raise total_steps to "
+                  f"continue it", flush=True)
+            finished[seed] = dict(resume_state["loop"].get("last_eval", {}))
+            continue
+        runs.append(_start_seed(seed, directory, config, resume_path, resume_state, agent_name, agent_cfg,
+                                plasticity_cfg, dataclasses.replace(run, seed=seed), device, ckpt))
+    results: dict[int, Any] = {}
+    diverged: dict[int, DivergenceError] = {}
+    try:
+        with StopRequest() as stop:
+            steps = [r.job.run(r.logger, r.checkpoint, r.run, evaluation, log, ckpt, plasticity_cfg,
+                               LoopControl(resume=r.resume_state["loop"] if r.resume_state else None, should_stop=stop))
+                     for r in runs]
+            if run.num_seeds == 1 and runs:
+                try:
+                    results[runs[0].seed] = drive(steps[0], runs[0].job.agent.update)
+                except DivergenceError as e:
+                    raise _record_divergence(runs[0], e)
+            elif runs:
+                results, diverged = _lockstep(runs, steps)
+    finally:
+        for r in runs:
+            r.logger.close()
+            r.job.close()
+    summary = {**finished, **{seed: result.last_eval for seed, result in results.items()}}
+    preempted = [r for r in runs if r.seed in results and results[r.seed].preempted]
+    if preempted:
+        command = " ".join(["python -m rl_plasticity.train"] + [a for a in sys.argv[1:] if not a.startswith("run_dir=")]
+                           + [f"run_dir={run_dir}"])
+        for r in preempted:
+            print(f"stopped at step {results[r.seed].step:,}; checkpoint {r.last_saved[0] if r.last_saved else '-'} "
+                  f"written{'' if run.num_seeds == 1 else f' (seed {r.seed})'}.", flush=True)
+        print(f"Resume with: {command}", flush=True)
+    else:
+        for r in runs:
+            if r.seed in results:
+                print(f"done{'' if run.num_seeds == 1 else f' (seed {r.seed})'}: {run.total_steps:,} env steps, "
+                      f"{r.job.agent.update_count:,} updates; checkpoints in {r.directory / 'checkpoints'}", flush=True)
+    if diverged:
+        first = diverged[min(diverged)]
+        others = [s for s in sorted(diverged) if s != min(diverged)]
+        if others:
+            first.args = (f"{first} (seeds {', '.join(map(str, others))} diverged too; the other seeds finished)",)
+        raise first
+    if run.num_seeds == 1:
+        return next(iter(summary.values()), {})
+    return _seed_summary(summary)
+
+
+def _seed_summary(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Each key's mean over the seeds that have it, and every seed's value as seed_<s>/<key>."""
+    out: dict[str, float] = {}
+    keys = sorted({k for values in per_seed.values() for k in values})
+    for k in keys:
+        present = [values[k] for values in per_seed.values() if k in values]
+        out[k] = float(np.mean(present))
+    for seed, values in sorted(per_seed.items()):
+        out.update({f"seed_{seed}/{k}": v for k, v in values.items()})
+    return out
+
+
+@dataclasses.dataclass
+class _SeedRun:
+    """One seed of a run: its job (agent, envs), logger, resume point, checkpoint writer and its
+    own copy of the global generators."""
+
+    seed: int
+    directory: Path
+    config: dict[str, Any]
+    run: Any
+    job: Any
+    logger: Any
+    resume_path: Optional[Path]
+    resume_state: Optional[dict[str, Any]]
+    rng: Any
+    last_saved: list[Path]
+    checkpoint: Any = None
+
+
+def _start_seed(seed: int, directory: Path, container: dict[str, Any], resume_path: Optional[Path],
+                resume_state: Optional[dict[str, Any]], agent_name: str, agent_cfg: Any, plasticity_cfg: Any,
+                run: RunConfig, device: torch.device, ckpt: CheckpointConfig) -> _SeedRun:
+    """Build one seed's job exactly as a single-seed run of that seed builds it, restore its
+    checkpoint, open its logger, and keep its global generators (SeedRNG) for the loop."""
+    from rl_plasticity.agents.seeds import SeedRNG
+    from rl_plasticity.checkpoint import save_checkpoint
+    from rl_plasticity.logging import Logger
+
+    seed_everything(seed)
     builder = _build_sac if agent_name == "sac" else _build_ppo
     job = builder(container, agent_cfg, plasticity_cfg, run, device)
     resumed_env_exact = True
@@ -302,22 +419,21 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
         job.agent.load_state_dict(resume_state["agent"])
         resumed_env_exact = job.restore(resume_state)
         set_rng_state(resume_state["rng"])
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     start = resume_state["step"] if resume_state is not None else 0
     # purge_step drops what a crashed process logged after its last checkpoint, so the curves
     # continue without duplicated points.
-    logger = Logger(run_dir, run.total_steps, purge_step=start + 1 if resume_state is not None else None)
+    logger = Logger(str(directory), run.total_steps, purge_step=start + 1 if resume_state is not None else None)
     if resume_state is None:
         logger.text("config", _yaml_block(container))
         logger.dashboard(list(job.agent.networks), **job.dashboard)
     else:
         print(f"resuming from {resume_path} at step {start:,}"
               + ("" if resumed_env_exact else " (this env's state cannot be restored: its episode restarts)"), flush=True)
-    print(f"run dir: {run_dir}  (tensorboard --logdir {run_dir})\n"
-          f"agent {agent_name} on {container['env']['name']} | device {device} | obs {job.obs_dim} | "
+    print(f"run dir: {directory}  (tensorboard --logdir {directory})\n"
+          f"agent {agent_name} on {container['env']['name']} | seed {seed} | device {device} | obs {job.obs_dim} | "
           f"actions {job.action_dim} | {job.summary} | plasticity {plasticity_cfg.name}", flush=True)
-
-    last_saved: list[Path] = []
+    seed_run = _SeedRun(seed, directory, container, run, job, logger, resume_path, resume_state, SeedRNG(), [])
 
     def checkpoint(step: int, loop_state: dict[str, Any]) -> None:
         state = {
@@ -334,33 +450,59 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
             **job.extra_state(ckpt.save_replay),
         }
         logger.flush()
-        last_saved[:] = [save_checkpoint(state, Path(run_dir) / "checkpoints", step, keep=ckpt.keep)]
+        seed_run.last_saved[:] = [save_checkpoint(state, directory / "checkpoints", step, keep=ckpt.keep)]
 
-    from rl_plasticity.loops import DivergenceError, LoopControl
+    seed_run.checkpoint = checkpoint
+    return seed_run
 
-    try:
-        with StopRequest() as stop:
-            result = job.run(logger, checkpoint, run, evaluation, log, ckpt, plasticity_cfg,
-                             LoopControl(resume=resume_state["loop"] if resume_state else None, should_stop=stop))
-    except DivergenceError as e:
-        good = last_saved[0] if last_saved else resume_path
-        record = {"step": e.step, "losses": e.losses, "networks": e.networks,
-                  "last_good_checkpoint": str(good) if good else None, "message": str(e)}
-        (Path(run_dir) / "diverged.json").write_text(json.dumps(record, indent=2))
-        e.args = (f"{e}. Last good checkpoint: {good or 'none'}; details in {Path(run_dir) / 'diverged.json'}",)
-        raise
-    finally:
-        logger.close()
-        job.close()
-    if result.preempted:
-        command = " ".join(["python -m rl_plasticity.train"] + [a for a in sys.argv[1:] if not a.startswith("run_dir=")]
-                           + [f"run_dir={run_dir}"])
-        print(f"stopped at step {result.step:,}; checkpoint {last_saved[0] if last_saved else '-'} written. "
-              f"Resume with: {command}", flush=True)
-        return result.last_eval
-    print(f"done: {run.total_steps:,} env steps, {job.agent.update_count:,} updates; checkpoints in "
-          f"{Path(run_dir) / 'checkpoints'}", flush=True)
-    return result.last_eval
+
+def _record_divergence(seed_run: _SeedRun, e: Exception) -> Exception:
+    """Write `diverged.json` into the seed's directory and name the last good checkpoint."""
+    good = seed_run.last_saved[0] if seed_run.last_saved else seed_run.resume_path
+    record = {"step": e.step, "losses": e.losses, "networks": e.networks,  # type: ignore[attr-defined]
+              "last_good_checkpoint": str(good) if good else None, "message": str(e)}
+    (seed_run.directory / "diverged.json").write_text(json.dumps(record, indent=2))
+    e.args = (f"{e}. Last good checkpoint: {good or 'none'}; details in {seed_run.directory / 'diverged.json'}",)
+    return e
+
+
+def _lockstep(runs: list[_SeedRun], steps: list[Any]) -> tuple[dict[int, Any], dict[int, Any]]:
+    """Run the seeds' loops side by side: each advances (under its own global generators) to its
+    next update request, then one batched update serves all of them (agents/seeds.py).  A seed
+    that diverges stops with its diverged.json; the others go on."""
+    from rl_plasticity.agents.seeds import SACSeedGroup, SequentialGroup
+    from rl_plasticity.loops import DivergenceError
+
+    results: dict[int, Any] = {}
+    diverged: dict[int, Any] = {}
+    pending: dict[int, Any] = {}
+
+    def advance(i: int, value: Any, first: bool = False) -> None:
+        with runs[i].rng:
+            try:
+                pending[i] = next(steps[i]) if first else steps[i].send(value)
+            except StopIteration as stop:
+                results[runs[i].seed] = stop.value
+            except DivergenceError as e:
+                diverged[runs[i].seed] = _record_divergence(runs[i], e)
+                print(f"seed {runs[i].seed}: {diverged[runs[i].seed]}", file=sys.stderr, flush=True)
+
+    group: Any = None
+    members: tuple[int, ...] = ()
+    for i in range(len(runs)):
+        advance(i, None, first=True)
+    while pending:
+        order = tuple(sorted(pending))
+        if order != members:  # the first round, or a seed finished or diverged before the others
+            agents, rngs = [runs[i].job.agent for i in order], [runs[i].rng for i in order]
+            batched = hasattr(agents[0], "critic_target") and agents[0].cfg.fused
+            group = SACSeedGroup(agents, rngs) if batched else SequentialGroup(agents, rngs)
+            members = order
+        metrics = group.update([pending.pop(i) for i in order])
+        for i, m in zip(order, metrics):
+            advance(i, m)
+    return results, diverged
+
 
 
 @dataclasses.dataclass
@@ -386,7 +528,7 @@ def _build_sac(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
     from rl_plasticity.envs import make_env
     from rl_plasticity.envs.slippery_ant import find_slippery_ant
     from rl_plasticity.envs.state import capture_env, restore_env
-    from rl_plasticity.loops import OffPolicySchedule, run_off_policy
+    from rl_plasticity.loops import OffPolicySchedule, off_policy_steps
 
     env = make_env(container["env"])
     eval_env = make_env(container["env"])
@@ -406,7 +548,7 @@ def _build_sac(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
         # On Slippery Ant, evaluation runs under the friction the agent currently trains on.
         eval_slippery = find_slippery_ant(eval_env)
         follow = (lambda: eval_slippery.hold_friction(slippery.friction)) if eval_slippery and slippery else None
-        return run_off_policy(agent, buffer, env, eval_env, logger, schedule, checkpoint, control, before_eval=follow)
+        return off_policy_steps(agent, buffer, env, eval_env, logger, schedule, checkpoint, control, before_eval=follow)
 
     def close() -> None:
         env.close()
@@ -434,7 +576,7 @@ def _build_ppo(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
     from rl_plasticity.envs import make_env
     from rl_plasticity.envs.slippery_ant import find_slippery_ant
     from rl_plasticity.envs.state import capture_env, restore_env
-    from rl_plasticity.loops import OnPolicySchedule, run_on_policy
+    from rl_plasticity.loops import OnPolicySchedule, on_policy_steps
 
     env_cfg = dict(container["env"])
     n = agent_cfg.num_envs
@@ -466,7 +608,7 @@ def _build_ppo(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
         )
         # Evaluation runs under the friction the agent is currently trained on.
         follow = (lambda: eval_slippery.hold_friction(slippery[0].friction)) if eval_slippery and slippery else None
-        return run_on_policy(agent, envs, eval_env, logger, schedule, checkpoint, frictions, before_eval=follow,
+        return on_policy_steps(agent, envs, eval_env, logger, schedule, checkpoint, frictions, before_eval=follow,
                              control=control)
 
     def close() -> None:
@@ -509,7 +651,10 @@ def preflight(args: list[str]) -> None:
         return
     values = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
     run_dir = values.get("run_dir")
-    if run_dir in (None, "", "null", "None") or not run_in_progress(Path(run_dir)):
+    if run_dir in (None, "", "null", "None"):
+        return
+    path = Path(run_dir)
+    if not run_in_progress(path) and not any(run_in_progress(d) for d in path.glob("seed_*") if d.is_dir()):
         return
     from hydra import compose, initialize_config_module
 
@@ -517,7 +662,10 @@ def preflight(args: list[str]) -> None:
 
     with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
         cfg = compose("train", overrides=[a for a in args if not a.startswith("hydra")])
-    resume_point(Path(run_dir), bool(cfg.resume), OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    container["run_dir"] = run_dir
+    for _, directory, config in seed_runs(path, container):
+        resume_point(directory, bool(cfg.resume), config)
 
 
 def main() -> None:

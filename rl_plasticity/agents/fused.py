@@ -50,14 +50,43 @@ class _Block:
     relu: bool
 
 
-class MLPPlan:
-    """Hand-written forward and backward of an `mlp(...)` (nn.Sequential) or an `EnsembleMLP`.
+class StackedLinear:
+    """The same linear layer of several networks (seeds), its parameters stacked along a leading
+    dimension: weight (members, in, out), or (members, out, in) with `transposed` (a stack of
+    `nn.Linear` weights); bias (members, 1, out).  Gradients live in the tensors' `.grad`."""
 
-    Shapes: one member works on (rows, dim) with addmm; `members` > 1 on (members, rows, dim)
-    with baddbmm, the first layer taking a shared (rows, in) input.
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, transposed: bool):
+        self.weight, self.bias, self.transposed = weight, bias, transposed
+        self.num_members = weight.shape[0]
+
+
+class StackedNorm:
+    """LayerNorm gains and biases of several networks stacked as (members, 1, width)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+        self.weight, self.bias, self.eps = weight, bias, eps
+
+
+class MLPPlan:
+    """Hand-written forward and backward of an `mlp(...)` (nn.Sequential), an `EnsembleMLP`, or
+    a stack of either (`MLPPlan.stacked`: one network per seed, batched like ensemble members).
+
+    Shapes: one member works on (rows, dim) with addmm; `members` > 1 (or a stack) on
+    (members, rows, dim) with baddbmm, the first layer taking a shared (rows, in) input or
+    per-member rows.
     """
 
-    def __init__(self, network: nn.Module):
+    def __init__(self, network: Optional[nn.Module] = None, blocks: Optional[list[_Block]] = None):
+        if blocks is None:
+            blocks = self._walk(network)
+        self.blocks = blocks
+        first = blocks[0].linear
+        self.stacked = isinstance(first, StackedLinear)
+        self.members = first.num_members if isinstance(first, (EnsembleLinear, StackedLinear)) else 1
+        self.batched = self.stacked or self.members > 1
+
+    @staticmethod
+    def _walk(network: nn.Module) -> list[_Block]:
         layers = list(network.layers if isinstance(network, EnsembleMLP) else network)
         blocks: list[_Block] = []
         i = 0
@@ -73,25 +102,37 @@ class MLPPlan:
             relu = i < len(layers) and isinstance(layers[i], nn.ReLU)
             i += int(relu)
             blocks.append(_Block(linear, norm, relu))
-        self.blocks = blocks
-        first = blocks[0].linear
-        self.members = first.num_members if isinstance(first, EnsembleLinear) else 1
+        return blocks
+
+    @classmethod
+    def stacked_blocks(cls, networks: list[nn.Module], weights: list[torch.Tensor]) -> "MLPPlan":
+        """A plan over stacked parameters: `weights` are the stacked tensors, in the order of
+        `networks[0].parameters()`, each (seeds · members, ...) as `SeedStack` lays them out."""
+        it = iter(weights)
+        blocks = []
+        for block in cls._walk(networks[0]):
+            transposed = isinstance(block.linear, nn.Linear)
+            linear = StackedLinear(next(it), next(it), transposed)
+            norm = StackedNorm(next(it), next(it), block.norm.eps) if block.norm is not None else None
+            blocks.append(_Block(linear, norm, block.relu))
+        return cls(blocks=blocks)
 
     # -- parameter views ----------------------------------------------------------------------
-    def _weight(self, lin: nn.Module) -> torch.Tensor:
+    def _weight(self, lin) -> torch.Tensor:
         """(in, out) for one member, (members, in, out) otherwise."""
         if isinstance(lin, nn.Linear):
             return lin.weight.t()
+        if isinstance(lin, StackedLinear):
+            return lin.weight.transpose(1, 2) if lin.transposed else lin.weight
         return lin.weight[0] if self.members == 1 else lin.weight
 
-    def _bias(self, lin: nn.Module) -> torch.Tensor:
+    def _bias(self, lin) -> torch.Tensor:
         if isinstance(lin, nn.Linear):
             return lin.bias
-        return lin.bias[0, 0] if self.members == 1 else lin.bias
+        return lin.bias[0, 0] if not self.batched else lin.bias
 
-    @staticmethod
-    def _norm_params(norm: nn.Module, members: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(norm, nn.LayerNorm) or members > 1:
+    def _norm_params(self, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(norm, nn.LayerNorm) or self.batched:
             return norm.weight, norm.bias
         return norm.weight[0, 0], norm.bias[0, 0]
 
@@ -102,9 +143,10 @@ class MLPPlan:
         cache = []
         h = x
         m = self.members
+        batched = self.batched
         for block in self.blocks:
             w, b = self._weight(block.linear), self._bias(block.linear)
-            if m == 1:
+            if not batched:
                 z = torch.addmm(b, h, w)
             elif h.dim() == 2:
                 z = torch.baddbmm(b, h.expand(m, *h.shape), w)
@@ -113,9 +155,9 @@ class MLPPlan:
             mean = rstd = xhat = None
             y = z
             if block.norm is not None:
-                g, beta = self._norm_params(block.norm, m)
+                g, beta = self._norm_params(block.norm)
                 width = z.shape[-1]
-                if m == 1:
+                if not batched:
                     y, mean, rstd = aten.native_layer_norm(z, [width], g, beta, block.norm.eps)
                 else:
                     xhat, mean, rstd = aten.native_layer_norm(z, [width], None, None, block.norm.eps)
@@ -138,7 +180,7 @@ class MLPPlan:
         nothing to them.  The input gradient is returned for `input_rows` × `input_cols`
         (summed over members when the input was shared), or None when neither is given.
         """
-        m = self.members
+        batched = self.batched
         rows = slice(start, None)
         d = grad_out
         n_blocks = len(self.blocks)
@@ -151,10 +193,10 @@ class MLPPlan:
             if block.relu:
                 d = aten.threshold_backward(d, a, 0)
             if block.norm is not None:
-                g, beta = self._norm_params(block.norm, m)
+                g, beta = self._norm_params(block.norm)
                 gg, gb = _grad_buffer(block.norm.weight), _grad_buffer(block.norm.bias)
                 width = z.shape[-1]
-                if m == 1:
+                if not batched:
                     if p == d.shape[0]:
                         d, dg, db = aten.native_layer_norm_backward(d, z, [width], mean, rstd, g, beta, [True, True, True])
                     else:
@@ -166,11 +208,14 @@ class MLPPlan:
                 else:
                     torch.sum(d[:, :p] * xhat[:, :p], dim=1, keepdim=True, out=gg)
                     torch.sum(d[:, :p], dim=1, keepdim=True, out=gb)
-                    d = aten.native_layer_norm_backward(d * g, z, [width], mean, rstd, None, None, [True, False, False])[0]
+                    # The row slice of a (members, rows, 1) statistic is not contiguous, and the
+                    # kernel reads it as if it were (wrong rows for every member after the first).
+                    d = aten.native_layer_norm_backward(d * g, z, [width], mean.contiguous(), rstd.contiguous(), None,
+                                                        None, [True, False, False])[0]
             lin = block.linear
             gw, gbias = _grad_buffer(lin.weight), _grad_buffer(lin.bias)
             w = self._weight(lin)
-            if m == 1:
+            if not batched:
                 dp, hp = d[:p], h[:p]
                 if isinstance(lin, nn.Linear):
                     torch.mm(dp.t(), hp, out=gw)
@@ -179,20 +224,23 @@ class MLPPlan:
                 torch.sum(dp, dim=0, out=gbias.view(-1))
             else:
                 dp = d[:, :p]
-                if h.dim() == 2:
+                if getattr(lin, "transposed", False):  # stacked nn.Linear weights: (members, out, in)
+                    hp = h[:p].expand(dp.shape[0], -1, -1) if h.dim() == 2 else h[:, :p]
+                    torch.bmm(dp.transpose(1, 2), hp, out=gw)
+                elif h.dim() == 2:
                     torch.matmul(h[:p].t(), dp, out=gw)
                 else:
                     torch.bmm(h[:, :p].transpose(1, 2), dp, out=gw)
                 torch.sum(dp, dim=1, keepdim=True, out=gbias)
             if index > 0:
-                wt = w.t() if m == 1 else w.transpose(1, 2)
+                wt = w.t() if not batched else w.transpose(1, 2)
                 # One output unit (a critic's head): an outer product, which as a matmul with
                 # inner size 1 runs ten times slower than the same products broadcast.
-                d = d * wt if d.shape[-1] == 1 else torch.mm(d, wt) if m == 1 else torch.bmm(d, wt)
+                d = d * wt if d.shape[-1] == 1 else torch.mm(d, wt) if not batched else torch.bmm(d, wt)
             elif input_rows is not None or input_cols is not None:
                 r = input_rows or slice(None)
                 c = input_cols or slice(None)
-                if m == 1:
+                if not batched:
                     result = torch.mm(d[r], w[c].t())
                 else:
                     result = torch.bmm(d[:, r], w[:, c].transpose(1, 2))
@@ -233,91 +281,167 @@ def adam_step(optimizer: torch.optim.Optimizer) -> None:
                            maximize=False, grad_scale=None, found_inf=None)
 
 
+def adam_step_many(optimizers: list[torch.optim.Optimizer]) -> None:
+    """`adam_step` of several optimizers with the same parameter groups (one per seed) at once:
+    one `torch._fused_adam_` call per group over every seed's tensors.  Each element's update
+    is that of its own optimizer's step; an optimizer without state yet (the first step after
+    a reset) takes its own `optimizer.step()`."""
+    ready = []
+    for opt in optimizers:
+        if all(opt.state.get(p) for group in opt.param_groups for p in group["params"] if p.grad is not None):
+            ready.append(opt)
+        else:
+            adam_step(opt)
+    if len(ready) == 1:
+        adam_step(ready[0])
+    if len(ready) < 2:
+        return
+    for groups in zip(*(opt.param_groups for opt in ready)):
+        first = groups[0]
+        same = all(g["lr"] == first["lr"] and g["betas"] == first["betas"] and g["eps"] == first["eps"]
+                   and g["weight_decay"] == first["weight_decay"] for g in groups)
+        if (not same or not first.get("fused") or first["amsgrad"] or first["maximize"] or first.get("differentiable")
+                or first.get("capturable") or first.get("decoupled_weight_decay") or isinstance(first["lr"], torch.Tensor)):
+            for opt in ready:
+                opt.step()
+            return
+    for index, groups in enumerate(zip(*(opt.param_groups for opt in ready))):
+        params = [p for g in groups for p in g["params"] if p.grad is not None]
+        if not params:
+            continue
+        states = [opt.state[p] for opt, g in zip(ready, groups) for p in g["params"] if p.grad is not None]
+        steps = [st["step"] for st in states]
+        torch._foreach_add_(steps, 1)
+        group = groups[0]
+        beta1, beta2 = group["betas"]
+        torch._fused_adam_(params, [p.grad for p in params], [st["exp_avg"] for st in states],
+                           [st["exp_avg_sq"] for st in states], [], steps, amsgrad=False, lr=group["lr"],
+                           beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                           maximize=False, grad_scale=None, found_inf=None)
+
+
 class FusedSAC:
     """The fused update of one `SACAgent` (see the module docstring); same maths as
-    `SACAgent._update_once`, which stays the reference."""
+    `SACAgent._update_once`, which stays the reference.
 
-    def __init__(self, agent):
-        self.agent = agent
-        self.actor = MLPPlan(agent.actor.net)
-        self.critic = MLPPlan(agent.critic.net)
-        self.target = MLPPlan(agent.critic_target.net)
-        if self.actor.members != 1:
-            raise ValueError("fused path: the actor must be a single network")
+    With `seeds` (agents/seeds.py) the plans are stacks of several agents' networks and every
+    tensor carries a leading seed dimension: obs (seeds, B, obs_dim), noise (seeds, 2, B, |A|),
+    `log_alpha` (seeds,); the critics of all seeds are one ensemble of seeds · num_critics
+    members, and each metric comes back per seed, shape (seeds,).
+    """
+
+    def __init__(self, agent=None, *, plans: Optional[tuple[MLPPlan, MLPPlan, MLPPlan]] = None,
+                 log_alpha: Optional[torch.Tensor] = None, seeds: Optional[int] = None, template=None):
+        template = agent if agent is not None else template
+        self.cfg = template.cfg
+        self.action_dim, self.obs_dim = template.action_dim, template.obs_dim
+        self.target_entropy = template.target_entropy
+        self.log_std_min, self.log_std_max = template.actor.log_std_min, template.actor.log_std_max
+        self.num_critics = template.cfg.num_critics
+        self.seeds = seeds
+        if agent is not None:
+            self.actor = MLPPlan(agent.actor.net)
+            self.critic = MLPPlan(agent.critic.net)
+            self.target = MLPPlan(agent.critic_target.net)
+            self._agent = agent
+            if self.actor.members != 1:
+                raise ValueError("fused path: the actor must be a single network")
+        else:
+            self.actor, self.critic, self.target = plans
+            self._log_alpha = log_alpha
+
+    @property
+    def log_alpha(self) -> torch.Tensor:
+        # A single agent's temperature is read at each call (a reset replaces the tensor).
+        return self._agent.log_alpha if self.seeds is None else self._log_alpha
+
+    def _critic_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Per seed (seeds, rows, d) -> per critic member (seeds · num_critics, rows, d)."""
+        C = self.num_critics
+        if self.seeds is None or C == 1:
+            return x
+        return x.unsqueeze(1).expand(x.shape[0], C, *x.shape[1:]).reshape(-1, *x.shape[1:])
 
     @torch.no_grad()
     def losses_and_grads(self, obs: torch.Tensor, action: torch.Tensor, reward: torch.Tensor, next_obs: torch.Tensor,
                          terminated: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
         """Write d(critic + actor + alpha loss)/dθ into every `.grad`; return the update's metrics.
 
-        `noise` (2, B, |A|): standard normal draws for the next action and the policy action.
+        `noise` (2, B, |A|) (with seeds: (seeds, 2, B, |A|)): standard normal draws for the next
+        action and the policy action.
         """
-        agent = self.agent
-        cfg = agent.cfg
-        B, A = obs.shape[0], agent.action_dim
-        log_alpha = agent.log_alpha
+        cfg = self.cfg
+        lead = () if self.seeds is None else (self.seeds,)
+        B, A, C = obs.shape[-2], self.action_dim, self.num_critics
+        log_alpha = self.log_alpha
         alpha = log_alpha.detach().exp()
-        lo, hi = agent.actor.log_std_min, agent.actor.log_std_max
+        alpha_col = alpha.unsqueeze(-1)  # against (..., B)
+        lo, hi = self.log_std_min, self.log_std_max
         half_range = 0.5 * (hi - lo)
 
         # Actor on [next_obs; obs]: the sample for the target and the policy sample in one pass.
-        head, actor_cache = self.actor.forward(torch.cat([next_obs, obs]))
-        mean, raw = head[:, :A], head[:, A:]
+        head, actor_cache = self.actor.forward(torch.cat([next_obs, obs], dim=-2))
+        mean, raw = head[..., :A], head[..., A:]
         t = torch.tanh(raw)
         log_std = torch.add(t, 1.0).mul_(half_range).add_(lo)
         std = log_std.exp()
-        eps = noise.reshape(2 * B, A)
+        eps = noise.reshape(*lead, 2 * B, A)
         u = torch.addcmul(mean, std, eps)
         a = torch.tanh(u)
         log_prob = (-0.5 * eps.square() - log_std - _HALF_LOG_2PI).sum(-1)
         log_prob = log_prob - (2.0 * (_LOG2 - u - F.softplus(-2.0 * u))).sum(-1)
-        next_a, pi_a = a[:B], a[B:]
-        next_lp, lp = log_prob[:B], log_prob[B:]
+        next_a, pi_a = a[..., :B, :], a[..., B:, :]
+        next_lp, lp = log_prob[..., :B], log_prob[..., B:]
 
         # TD target through the target critic.
-        q_next, _ = self.target.forward(torch.cat([next_obs, next_a], dim=-1), keep=False)
-        q_next = q_next.reshape(-1, B)
-        next_q = q_next[0] if q_next.shape[0] == 1 else q_next.min(0).values
-        target = reward + cfg.gamma * (1.0 - terminated) * (next_q - alpha * next_lp)
+        q_next, _ = self.target.forward(self._critic_input(torch.cat([next_obs, next_a], dim=-1)), keep=False)
+        q_next = q_next.reshape(*lead, C, B)
+        next_q = q_next[..., 0, :] if C == 1 else q_next.min(-2).values
+        target = reward + cfg.gamma * (1.0 - terminated) * (next_q - alpha_col * next_lp)
 
         # Critic on [(obs, action); (obs, π(obs))].
-        obs2 = torch.cat([obs, obs])
-        q_all, critic_cache = self.critic.forward(torch.cat([obs2, torch.cat([action, pi_a])], dim=-1))
-        C = self.critic.members
-        q_all = q_all.reshape(C, 2 * B)
-        q, q_pi = q_all[:, :B], q_all[:, B:]
-        diff = q - target
-        critic_loss = diff.square().mean(-1).sum()
+        obs2 = torch.cat([obs, obs], dim=-2)
+        x = torch.cat([obs2, torch.cat([action, pi_a], dim=-2)], dim=-1)
+        q_all, critic_cache = self.critic.forward(self._critic_input(x))
+        q_all = q_all.reshape(*lead, C, 2 * B)
+        q, q_pi = q_all[..., :B], q_all[..., B:]
+        diff = q - target.unsqueeze(-2)
+        critic_loss = diff.square().mean(-1).sum(-1)
         if C == 1:
-            q_pi_min = q_pi[0]
+            q_pi_min = q_pi[..., 0, :]
             d_q_pi = torch.full_like(q_pi, -1.0 / B)
         else:
-            q_pi_min, which = q_pi.min(0)
-            d_q_pi = torch.zeros_like(q_pi).scatter_(0, which.unsqueeze(0), -1.0 / B)
-        actor_loss = (alpha * lp - q_pi_min).mean()
-        alpha_loss = -(log_alpha.detach() * (lp + agent.target_entropy)).mean()
+            q_pi_min, which = q_pi.min(-2)
+            d_q_pi = torch.zeros_like(q_pi).scatter_(-2, which.unsqueeze(-2), -1.0 / B)
+        actor_loss = (alpha_col * lp - q_pi_min).mean(-1)
+        alpha_loss = -(log_alpha.detach().unsqueeze(-1) * (lp + self.target_entropy)).mean(-1)
 
         # Critic backward: parameters from the first B rows, dQ/da from the other B.
-        d_q = torch.cat([diff.mul(2.0 / B), d_q_pi], dim=1)
-        d_q = d_q.reshape(2 * B, 1) if C == 1 else d_q.unsqueeze(-1)
+        d_q = torch.cat([diff.mul(2.0 / B), d_q_pi], dim=-1)
+        if self.seeds is not None:
+            d_q = d_q.reshape(-1, 2 * B, 1)
+        else:
+            d_q = d_q.reshape(2 * B, 1) if C == 1 else d_q.unsqueeze(-1)
         dq_da = self.critic.backward(critic_cache, d_q, param_rows=B, input_rows=slice(B, None),
-                                     input_cols=slice(agent.obs_dim, None))
+                                     input_cols=slice(self.obs_dim, None))
+        if self.seeds is not None and C > 1:
+            dq_da = dq_da.reshape(self.seeds, C, B, A).sum(1)
 
         # Actor backward through the squashed Gaussian (noise fixed: the reparameterisation).
-        a_pi, t_pi, std_pi, eps_pi = pi_a, t[B:], std[B:], eps[B:]
-        scale = alpha / B
+        a_pi, t_pi, std_pi, eps_pi = pi_a, t[..., B:, :], std[..., B:, :], eps[..., B:, :]
+        scale = (alpha / B).reshape(*lead, 1, 1) if lead else alpha / B
         du = torch.addcmul(dq_da * (1.0 - a_pi.square()), a_pi, 2.0 * scale.expand_as(a_pi))
         d_log_std = torch.sub(du * std_pi * eps_pi, scale)
         d_raw = d_log_std.mul_((1.0 - t_pi.square()).mul_(half_range))
         self.actor.backward(actor_cache, torch.cat([du, d_raw], dim=-1), start=B)
 
         # Temperature.
-        _grad_buffer(log_alpha).copy_(-(lp + agent.target_entropy).mean())
+        _grad_buffer(log_alpha).copy_(-(lp + self.target_entropy).mean(-1))
         return {
             "losses/critic": critic_loss,
             "losses/actor": actor_loss,
             "losses/alpha": alpha_loss,
             "value/alpha": alpha,
-            "value/q_mean": q.mean(),
-            "value/entropy": -lp.mean(),
+            "value/q_mean": q.mean((-2, -1)),
+            "value/entropy": -lp.mean(-1),
         }
