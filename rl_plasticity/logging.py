@@ -23,9 +23,11 @@ class Logger:
     """Scalars to TensorBoard (one namespace per concern: charts/, eval/, losses/, value/, ...)
     and a one-line progress report on the console."""
 
-    def __init__(self, run_dir: str, total_steps: int, stream=sys.stdout, purge_step: int | None = None):
+    def __init__(self, run_dir: str, total_steps: int, stream=sys.stdout, purge_step: int | None = None,
+                 label: str = ""):
         self.writer = SummaryWriter(log_dir=run_dir, purge_step=purge_step)
         self.total_steps = total_steps
+        self.label = f"{label} | " if label else ""  # names the seed on the console in a multi-seed run
         self.stream = stream
         self.last_return: float | None = None
 
@@ -81,7 +83,7 @@ class Logger:
         remaining = (self.total_steps - step) / sps if sps > 0 else float("inf")
         ret = "n/a" if self.last_return is None else f"{self.last_return:.1f}"
         pct = 100.0 * step / max(self.total_steps, 1)
-        print(f"step {step:>9,}/{self.total_steps:,} ({pct:5.1f}%) | {sps:7.1f} steps/s | {ups:8.1f} updates/s | "
+        print(f"{self.label}step {step:>9,}/{self.total_steps:,} ({pct:5.1f}%) | {sps:7.1f} steps/s | {ups:8.1f} updates/s | "
               f"return {ret} | elapsed {_fmt_duration(elapsed_s)} | ETA {_fmt_duration(remaining)}",
               file=self.stream, flush=True)
 

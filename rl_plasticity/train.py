@@ -423,7 +423,8 @@ def _start_seed(seed: int, directory: Path, container: dict[str, Any], resume_pa
     start = resume_state["step"] if resume_state is not None else 0
     # purge_step drops what a crashed process logged after its last checkpoint, so the curves
     # continue without duplicated points.
-    logger = Logger(str(directory), run.total_steps, purge_step=start + 1 if resume_state is not None else None)
+    logger = Logger(str(directory), run.total_steps, purge_step=start + 1 if resume_state is not None else None,
+                    label=f"seed {seed}" if int(container.get("num_seeds", 1)) > 1 else "")
     if resume_state is None:
         logger.text("config", _yaml_block(container))
         logger.dashboard(list(job.agent.networks), **job.dashboard)

@@ -1,0 +1,247 @@
+"""num_seeds=N: seed i of an N-seed run is the single-seed run with that seed.
+
+The SAC seeds share batched updates (agents/seeds.py), so they agree with single-seed runs to
+float tolerance (the batched matmuls sum in another order); PPO's seeds update one after the
+other and agree bitwise.  Also: per-seed directories, checkpoints and TensorBoard tags, exact
+resumption of a multi-seed run, refused layouts, and a seed that diverges alone.
+"""
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from rl_plasticity.agents.sac import SACAgent, SACConfig
+from rl_plasticity.agents.seeds import SACSeedGroup, SeedRNG
+from rl_plasticity.buffers import Batch
+from rl_plasticity.checkpoint import list_checkpoints
+from rl_plasticity.plasticity.mixin import PlasticityConfig
+from tests.test_cli import read_events, train
+from tests.test_resume import popen, wait_for
+
+SAC = ["env=gym", "env.id=Pendulum-v1", "agent.prefill_steps=100", "agent.replay_ratio=2", "agent.batch_size=32",
+       "agent.hidden_sizes=[64,64]", "eval.every=400", "eval.episodes=1", "log.every=100", "checkpoint.every=400",
+       "plasticity=spectral", "agent.num_critics=2", "agent.reset_interval=500", "total_steps=800"]
+PPO = ["agent=ppo", "env=slippery-ant", "env.change_every=300", "plasticity=cbp_l2", "plasticity.cbp_maturity=50",
+       "plasticity.cbp_replacement_rate=0.01", "agent.rollout_steps=256", "agent.num_minibatches=8", "agent.epochs=2",
+       "agent.hidden_sizes=[64,64]", "eval.every=512", "eval.episodes=1", "log.every=256", "checkpoint.every=512",
+       "total_steps=1024"]
+NETS = {"sac": ("actor", "critic", "critic_target"), "ppo": ("policy", "value")}
+
+
+def last_checkpoint(run_dir):
+    return torch.load(list_checkpoints(Path(run_dir) / "checkpoints")[-1], weights_only=False)
+
+
+def max_difference(a, b, nets):
+    worst = 0.0
+    for net in nets:
+        for k, v in a["agent"][net].items():
+            if torch.is_tensor(v) and v.dtype.is_floating_point:
+                worst = max(worst, (v - b["agent"][net][k]).abs().max().item())
+    return worst
+
+
+# -- the batched update against separate agents ------------------------------------------------
+def _agents(cfg, pcfg, seeds):
+    agents, rngs = [], []
+    for s in seeds:
+        torch.manual_seed(s)
+        agents.append(SACAgent(5, 3, cfg, plasticity=pcfg, seed=s))
+        rngs.append(SeedRNG())
+    return agents, rngs
+
+
+@pytest.mark.parametrize("num_critics,layer_norm,plasticity,reset", [
+    (1, True, PlasticityConfig(), None),
+    (2, True, PlasticityConfig(name="spectral", coef=1e-3), None),
+    (2, False, PlasticityConfig(name="l2_init", coef=1e-3), 5),
+    (1, True, PlasticityConfig(name="cbp", cbp=True, cbp_maturity=2, cbp_replacement_rate=0.2), None),
+    (2, True, PlasticityConfig(name="l2_er", coef=1e-3, er=True), 3),
+    (1, True, PlasticityConfig(name="wasserstein", coef=1e-3), None),
+])
+def test_batched_seeds_follow_separate_agents(num_critics, layer_norm, plasticity, reset):
+    cfg = SACConfig(hidden_sizes=(32, 32), num_critics=num_critics, layer_norm=layer_norm, replay_ratio=4,
+                    batch_size=16, reset_interval=reset)
+    seeds = [3, 4, 5]
+    single, single_rngs = _agents(cfg, plasticity, seeds)
+    batched, rngs = _agents(cfg, plasticity, seeds)
+    group = SACSeedGroup(batched, rngs)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        batches = [Batch(torch.randn(4, 16, 5, generator=g), torch.rand(4, 16, 3, generator=g) * 2 - 1,
+                         torch.randn(4, 16, generator=g), torch.randn(4, 16, 5, generator=g),
+                         (torch.rand(4, 16, generator=g) < 0.1).float()) for _ in seeds]
+        metrics = group.update(batches)
+        for i, (agent, batch, rng) in enumerate(zip(single, batches, single_rngs)):
+            with rng:
+                expected = agent.update(batch)
+            for k, v in expected.items():
+                assert torch.allclose(metrics[i][k], v, rtol=1e-4, atol=1e-5), k
+    for a, b in zip(single, batched):
+        assert a.update_count == b.update_count and a.reset_count == b.reset_count
+        for net in ("actor", "critic", "critic_target"):
+            for (k, v), w in zip(getattr(a, net).state_dict().items(), getattr(b, net).state_dict().values()):
+                assert torch.allclose(v, w, atol=1e-5), f"{net}.{k}"
+        assert torch.allclose(a.log_alpha, b.log_alpha, atol=1e-6)
+    if reset is not None:
+        assert batched[0].reset_count > 0
+    # Each seed's parameters are still views of the group's stacks (also after resets).
+    for i, agent in enumerate(batched):
+        assert agent.actor.net[0].weight.data_ptr() == group._storage[0][0][i].data_ptr()
+        assert agent.log_alpha.data_ptr() == group._alpha[i].data_ptr()
+
+
+def test_a_seed_of_the_group_is_still_a_whole_agent():
+    cfg = SACConfig(hidden_sizes=(16, 16), replay_ratio=2, batch_size=8)
+    agents, rngs = _agents(cfg, PlasticityConfig(), [0, 1])
+    SACSeedGroup(agents, rngs)
+    state = agents[1].state_dict()
+    torch.manual_seed(1)
+    alone = SACAgent(5, 3, cfg, seed=1)
+    alone.load_state_dict(state)
+    obs = torch.randn(5).numpy()
+    assert (alone.act(obs, deterministic=True) == agents[1].act(obs, deterministic=True)).all()
+    assert state["actor"]["net.0.weight"].shape == alone.actor.net[0].weight.shape
+
+
+# -- whole runs ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 2-seed run (seeds 5, 6) and the single-seed runs of those seeds, for SAC and PPO."""
+    out = {}
+    for kind, args in (("sac", SAC), ("ppo", PPO)):
+        root = tmp_path_factory.mktemp(kind)
+        result = train(*args, "seed=5", "num_seeds=2", f"run_dir={root / 'multi'}")
+        assert result.returncode == 0, result.stderr
+        for seed in (5, 6):
+            result = train(*args, f"seed={seed}", f"run_dir={root / f'single_{seed}'}")
+            assert result.returncode == 0, result.stderr
+        out[kind] = root
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sac", "ppo"])
+def test_each_seed_of_a_multi_seed_run_is_the_single_seed_run(kind, runs):
+    root = runs[kind]
+    assert sorted(p.name for p in (root / "multi").iterdir() if p.name.startswith("seed_")) == ["seed_5", "seed_6"]
+    for seed in (5, 6):
+        multi, single = last_checkpoint(root / "multi" / f"seed_{seed}"), last_checkpoint(root / f"single_{seed}")
+        assert multi["config"]["seed"] == seed and multi["step"] == single["step"]
+        assert multi["agent"]["update_count"] == single["agent"]["update_count"]
+        worst = max_difference(multi, single, NETS[kind])
+        if kind == "ppo":  # updated one seed after the other: the very same arithmetic
+            assert worst == 0.0
+        else:  # batched matmuls: float tolerance (measured about 2e-7)
+            assert worst < 1e-4
+        m_eval, s_eval = multi["loop"]["last_eval"], single["loop"]["last_eval"]
+        assert m_eval["eval/return_mean"] == pytest.approx(s_eval["eval/return_mean"], rel=1e-4)
+        tag = "charts/episode_return"
+        m_curve = [(e.step, e.value) for e in read_events(root / "multi" / f"seed_{seed}").Scalars(tag)]
+        s_curve = [(e.step, e.value) for e in read_events(root / f"single_{seed}").Scalars(tag)]
+        assert [s for s, _ in m_curve] == [s for s, _ in s_curve]
+        assert [v for _, v in m_curve] == pytest.approx([v for _, v in s_curve], rel=1e-4)
+    # The seeds are different runs.
+    assert max_difference(last_checkpoint(root / "multi" / "seed_5"), last_checkpoint(root / "multi" / "seed_6"),
+                          NETS[kind]) > 1e-3
+
+
+def test_a_seed_directory_continues_as_a_single_seed_run(runs):
+    seed_dir = runs["sac"] / "multi" / "seed_6"
+    result = train(*[a for a in SAC if not a.startswith("total_steps")], "total_steps=900", "seed=6",
+                   f"run_dir={seed_dir}")
+    assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stdout
+    assert last_checkpoint(seed_dir)["step"] == 900
+
+
+def test_multi_seed_run_refuses_the_other_layout(runs, tmp_path):
+    multi, single = runs["ppo"] / "multi", runs["ppo"] / "single_5"
+    before = sorted(p.name for p in multi.rglob("*"))
+    result = train(*PPO, "seed=5", f"run_dir={multi}")
+    assert result.returncode == 2 and "multi-seed run (seed_5, seed_6)" in result.stderr
+    assert "num_seeds=2" in result.stderr
+    result = train(*PPO, "seed=5", "num_seeds=2", f"run_dir={single}")
+    assert result.returncode == 2 and "holds a single-seed run" in result.stderr
+    result = train(*PPO, "num_seeds=0", f"run_dir={tmp_path / 'x'}")
+    assert result.returncode == 2 and "num_seeds must be >= 1" in result.stderr
+    assert sorted(p.name for p in multi.rglob("*")) == before
+
+
+def test_sigterm_stops_every_seed_and_the_resumed_run_is_exact(runs, tmp_path):
+    """Stopped after its first checkpoint, then resumed: each seed ends bitwise where the
+    uninterrupted 2-seed run ended, and its curves have the same points."""
+    args = [*SAC, "seed=5", "num_seeds=2"]
+    proc = popen(args, tmp_path)
+    wait_for(lambda: (tmp_path / "seed_6" / "checkpoints" / "step_000000400.pt").exists(), proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "Resume with:" in out and "done" not in out
+    assert all(list_checkpoints(tmp_path / f"seed_{s}" / "checkpoints")[-1].name != "step_000000800.pt"
+               for s in (5, 6))
+    result = train(*args, f"run_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    for seed in (5, 6):
+        a, b = last_checkpoint(tmp_path / f"seed_{seed}"), last_checkpoint(runs["sac"] / "multi" / f"seed_{seed}")
+        assert a["step"] == b["step"] == 800
+        assert max_difference(a, b, NETS["sac"]) == 0.0
+        tags = ("charts/episode_return", "losses/critic")
+        got, want = read_events(tmp_path / f"seed_{seed}"), read_events(runs["sac"] / "multi" / f"seed_{seed}")
+        for tag in tags:
+            assert [(e.step, e.value) for e in got.Scalars(tag)] == [(e.step, e.value) for e in want.Scalars(tag)]
+
+
+def test_a_diverging_seed_stops_alone(tmp_path, monkeypatch):
+    """Seed 1's critic is poisoned mid-run: it stops with its diverged.json, seed 0 finishes, and
+    the run exits with the divergence error naming seed 1's checkpoint."""
+    from hydra import compose, initialize_config_module
+
+    from rl_plasticity import train as train_module
+    from rl_plasticity.loops import DivergenceError
+
+    original = train_module._start_seed
+
+    def start(seed, *args, **kwargs):
+        seed_run = original(seed, *args, **kwargs)
+        if seed == 1:
+            agent, calls = seed_run.job.agent, [0]
+            update = agent.plasticity_after_update
+
+            def poisoned(batch):
+                calls[0] += 1
+                if calls[0] == 300:
+                    with torch.no_grad():
+                        agent.critic.net.layers[0].weight[0, 0, 0] = float("nan")
+                return update(batch)
+
+            agent.plasticity_after_update = poisoned
+        return seed_run
+
+    monkeypatch.setattr(train_module, "_start_seed", start)
+    args = [a for a in SAC if not a.startswith(("total_steps", "plasticity"))] + ["total_steps=1200", "num_seeds=2"]
+    with initialize_config_module(config_module="rl_plasticity.configs", version_base=None):
+        cfg = compose("train", overrides=args)
+    with pytest.raises(DivergenceError, match="diverged at env step"):
+        train_module.train(cfg, str(tmp_path))
+    assert (tmp_path / "seed_1" / "diverged.json").exists()
+    assert not (tmp_path / "seed_0" / "diverged.json").exists()
+    assert last_checkpoint(tmp_path / "seed_0")["step"] == 1200
+    assert last_checkpoint(tmp_path / "seed_1")["step"] < 1200
+
+
+def test_evaluate_and_report_read_a_multi_seed_run(runs, tmp_path):
+    import subprocess
+    import sys
+
+    multi = runs["sac"] / "multi"
+    result = subprocess.run([sys.executable, "-m", "rl_plasticity.evaluate", f"checkpoint={multi}", "episodes=1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for seed in (5, 6):
+        assert (multi / f"seed_{seed}" / "checkpoint_returns.csv").exists()
+    result = subprocess.run([sys.executable, "-m", "rl_plasticity.report", str(multi), "--out", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "final_performance.csv").read_text()
+    assert "sac" in table and ",2," in table.replace(", ", ",") or "2" in table
