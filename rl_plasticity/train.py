@@ -100,12 +100,16 @@ RESUMABLE_CHANGES = ("total_steps", "device", "threads", "run_dir", "resume", "c
                      "eval", "log", "checkpoint")
 
 
+# Dotted keys that choose an implementation of the same algorithm (equal to float tolerance).
+RESUMABLE_IMPLEMENTATION = ("agent.fused",)
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two resolved configs, ignoring RESUMABLE_CHANGES."""
     out = []
     for key in sorted(set(saved) | set(current)):
         dotted = f"{prefix}{key}"
-        if not prefix and key in RESUMABLE_CHANGES:
+        if (not prefix and key in RESUMABLE_CHANGES) or dotted in RESUMABLE_IMPLEMENTATION:
             continue
         a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
         if isinstance(a, dict) and isinstance(b, dict):
@@ -333,8 +337,10 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
     diverged: dict[int, DivergenceError] = {}
     try:
         with StopRequest() as stop:
+            seeds_stop = _RoundStop(stop)
             steps = [r.job.run(r.logger, r.checkpoint, r.run, evaluation, log, ckpt, plasticity_cfg,
-                               LoopControl(resume=r.resume_state["loop"] if r.resume_state else None, should_stop=stop))
+                               LoopControl(resume=r.resume_state["loop"] if r.resume_state else None,
+                                           should_stop=stop if run.num_seeds == 1 else seeds_stop))
                      for r in runs]
             if run.num_seeds == 1 and runs:
                 try:
@@ -342,7 +348,7 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
                 except DivergenceError as e:
                     raise _record_divergence(runs[0], e)
             elif runs:
-                results, diverged = _lockstep(runs, steps)
+                results, diverged = _lockstep(runs, steps, seeds_stop)
     finally:
         for r in runs:
             r.logger.close()
@@ -467,7 +473,23 @@ def _record_divergence(seed_run: _SeedRun, e: Exception) -> Exception:
     return e
 
 
-def _lockstep(runs: list[_SeedRun], steps: list[Any]) -> tuple[dict[int, Any], dict[int, Any]]:
+class _RoundStop:
+    """The stop flag as the seeds of a lockstep run see it: live until the first batched update
+    (prefill runs many steps per seed at a time), then read once per round, so that all seeds stop
+    after the same update and the resumed run batches them exactly as the uninterrupted one."""
+
+    def __init__(self, stop: Any):
+        self.stop = stop
+        self.snapshot: Optional[bool] = None
+
+    def new_round(self) -> None:
+        self.snapshot = bool(self.stop())
+
+    def __call__(self) -> bool:
+        return bool(self.stop()) if self.snapshot is None else self.snapshot
+
+
+def _lockstep(runs: list[_SeedRun], steps: list[Any], stop: _RoundStop) -> tuple[dict[int, Any], dict[int, Any]]:
     """Run the seeds' loops side by side: each advances (under its own global generators) to its
     next update request, then one batched update serves all of them (agents/seeds.py).  A seed
     that diverges stops with its diverged.json; the others go on."""
@@ -493,6 +515,7 @@ def _lockstep(runs: list[_SeedRun], steps: list[Any]) -> tuple[dict[int, Any], d
     for i in range(len(runs)):
         advance(i, None, first=True)
     while pending:
+        stop.new_round()
         order = tuple(sorted(pending))
         if order != members:  # the first round, or a seed finished or diverged before the others
             agents, rngs = [runs[i].job.agent for i in order], [runs[i].rng for i in order]

@@ -5,6 +5,7 @@ float tolerance (the batched matmuls sum in another order); PPO's seeds update o
 other and agree bitwise.  Also: per-seed directories, checkpoints and TensorBoard tags, exact
 resumption of a multi-seed run, refused layouts, and a seed that diverges alone.
 """
+import json
 import signal
 from pathlib import Path
 
@@ -21,12 +22,12 @@ from tests.test_resume import popen, wait_for
 
 SAC = ["env=gym", "env.id=Pendulum-v1", "agent.prefill_steps=100", "agent.replay_ratio=2", "agent.batch_size=32",
        "agent.hidden_sizes=[64,64]", "eval.every=400", "eval.episodes=1", "log.every=100", "checkpoint.every=400",
-       "plasticity=spectral", "agent.num_critics=2", "agent.reset_interval=500", "total_steps=800"]
+       "plasticity=spectral", "agent.reset_interval=500", "total_steps=800"]
 PPO = ["agent=ppo", "env=slippery-ant", "env.change_every=300", "plasticity=cbp_l2", "plasticity.cbp_maturity=50",
        "plasticity.cbp_replacement_rate=0.01", "agent.rollout_steps=256", "agent.num_minibatches=8", "agent.epochs=2",
        "agent.hidden_sizes=[64,64]", "eval.every=512", "eval.episodes=1", "log.every=256", "checkpoint.every=512",
        "total_steps=1024"]
-NETS = {"sac": ("actor", "critic", "critic_target"), "ppo": ("policy", "value")}
+NETS = {"sac": ("actor", "critic", "critic_target"), "ppo": ("actor", "critic")}
 
 
 def last_checkpoint(run_dir):
@@ -123,31 +124,48 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["sac", "ppo"])
 def test_each_seed_of_a_multi_seed_run_is_the_single_seed_run(kind, runs):
+    """PPO's seeds update one after the other: bitwise the single-seed runs.  SAC's batched
+    matmuls sum in another order (about 1e-7 per update, tests above); in a closed loop the
+    differences then grow with training (the actions change the data), so SAC is compared at the
+    first checkpoint, after a reset and about 600 updates (measured: parameters within 6e-6)."""
     root = runs[kind]
     assert sorted(p.name for p in (root / "multi").iterdir() if p.name.startswith("seed_")) == ["seed_5", "seed_6"]
     for seed in (5, 6):
-        multi, single = last_checkpoint(root / "multi" / f"seed_{seed}"), last_checkpoint(root / f"single_{seed}")
+        multi_dir, single_dir = root / "multi" / f"seed_{seed}", root / f"single_{seed}"
+        multi, single = last_checkpoint(multi_dir), last_checkpoint(single_dir)
         assert multi["config"]["seed"] == seed and multi["step"] == single["step"]
         assert multi["agent"]["update_count"] == single["agent"]["update_count"]
-        worst = max_difference(multi, single, NETS[kind])
-        if kind == "ppo":  # updated one seed after the other: the very same arithmetic
-            assert worst == 0.0
-        else:  # batched matmuls: float tolerance (measured about 2e-7)
-            assert worst < 1e-4
-        m_eval, s_eval = multi["loop"]["last_eval"], single["loop"]["last_eval"]
-        assert m_eval["eval/return_mean"] == pytest.approx(s_eval["eval/return_mean"], rel=1e-4)
+        if kind == "ppo":
+            assert max_difference(multi, single, NETS[kind]) == 0.0
+            assert multi["loop"]["last_eval"] == single["loop"]["last_eval"]
+            tags = ("charts/episode_return", "losses/policy", "env/friction", "eval/return_mean")
+            for tag in tags:
+                got = [(e.step, e.value) for e in read_events(multi_dir).Scalars(tag)]
+                assert got == [(e.step, e.value) for e in read_events(single_dir).Scalars(tag)], tag
+            continue
+        first = "checkpoints/step_000000400.pt"
+        a = torch.load(multi_dir / first, weights_only=False)
+        b = torch.load(single_dir / first, weights_only=False)
+        assert a["agent"]["plasticity"]["reset_count"] == b["agent"]["plasticity"]["reset_count"] == 1
+        assert max_difference(a, b, NETS[kind]) < 1e-4
+        assert torch.allclose(a["replay"]["obs"], b["replay"]["obs"], atol=1e-3)
+        assert a["loop"]["last_eval"]["eval/return_mean"] == pytest.approx(b["loop"]["last_eval"]["eval/return_mean"],
+                                                                            rel=1e-4)
         tag = "charts/episode_return"
-        m_curve = [(e.step, e.value) for e in read_events(root / "multi" / f"seed_{seed}").Scalars(tag)]
-        s_curve = [(e.step, e.value) for e in read_events(root / f"single_{seed}").Scalars(tag)]
-        assert [s for s, _ in m_curve] == [s for s, _ in s_curve]
-        assert [v for _, v in m_curve] == pytest.approx([v for _, v in s_curve], rel=1e-4)
+        got = [(e.step, e.value) for e in read_events(multi_dir).Scalars(tag) if e.step <= 400]
+        want = [(e.step, e.value) for e in read_events(single_dir).Scalars(tag) if e.step <= 400]
+        assert [s for s, _ in got] == [s for s, _ in want] and len(got) >= 2
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-4)
     # The seeds are different runs.
     assert max_difference(last_checkpoint(root / "multi" / "seed_5"), last_checkpoint(root / "multi" / "seed_6"),
                           NETS[kind]) > 1e-3
 
 
-def test_a_seed_directory_continues_as_a_single_seed_run(runs):
-    seed_dir = runs["sac"] / "multi" / "seed_6"
+def test_a_seed_directory_continues_as_a_single_seed_run(runs, tmp_path):
+    import shutil
+
+    seed_dir = tmp_path / "seed_6"
+    shutil.copytree(runs["sac"] / "multi" / "seed_6", seed_dir)
     result = train(*[a for a in SAC if not a.startswith("total_steps")], "total_steps=900", "seed=6",
                    f"run_dir={seed_dir}")
     assert result.returncode == 0, result.stderr
@@ -178,8 +196,8 @@ def test_sigterm_stops_every_seed_and_the_resumed_run_is_exact(runs, tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "Resume with:" in out and "done" not in out
-    assert all(list_checkpoints(tmp_path / f"seed_{s}" / "checkpoints")[-1].name != "step_000000800.pt"
-               for s in (5, 6))
+    stopped = {list_checkpoints(tmp_path / f"seed_{s}" / "checkpoints")[-1].name for s in (5, 6)}
+    assert len(stopped) == 1 and stopped != {"step_000000800.pt"}  # both seeds stop after the same step
     result = train(*args, f"run_dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     for seed in (5, 6):
@@ -210,7 +228,7 @@ def test_a_diverging_seed_stops_alone(tmp_path, monkeypatch):
 
             def poisoned(batch):
                 calls[0] += 1
-                if calls[0] == 300:
+                if calls[0] == 800:  # updates start at step 100, two per step: step 500
                     with torch.no_grad():
                         agent.critic.net.layers[0].weight[0, 0, 0] = float("nan")
                 return update(batch)
@@ -224,10 +242,11 @@ def test_a_diverging_seed_stops_alone(tmp_path, monkeypatch):
         cfg = compose("train", overrides=args)
     with pytest.raises(DivergenceError, match="diverged at env step"):
         train_module.train(cfg, str(tmp_path))
-    assert (tmp_path / "seed_1" / "diverged.json").exists()
+    record = json.loads((tmp_path / "seed_1" / "diverged.json").read_text())
+    assert record["step"] == 500 and record["last_good_checkpoint"].endswith("seed_1/checkpoints/step_000000400.pt")
     assert not (tmp_path / "seed_0" / "diverged.json").exists()
     assert last_checkpoint(tmp_path / "seed_0")["step"] == 1200
-    assert last_checkpoint(tmp_path / "seed_1")["step"] < 1200
+    assert [p.name for p in list_checkpoints(tmp_path / "seed_1" / "checkpoints")] == ["step_000000400.pt"]
 
 
 def test_evaluate_and_report_read_a_multi_seed_run(runs, tmp_path):
@@ -243,5 +262,9 @@ def test_evaluate_and_report_read_a_multi_seed_run(runs, tmp_path):
     result = subprocess.run([sys.executable, "-m", "rl_plasticity.report", str(multi), "--out", str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    table = (tmp_path / "final_performance.csv").read_text()
-    assert "sac" in table and ",2," in table.replace(", ", ",") or "2" in table
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "final_performance.csv").open()))
+    assert len(rows) == 1  # both seeds pooled into one method
+    assert rows[0]["method"] == "sac+LN+reset+spectral" and rows[0]["runs"] == "2"
+    assert rows[0]["final_step_min"] == rows[0]["final_step_max"] == "800"
