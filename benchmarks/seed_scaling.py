@@ -25,6 +25,7 @@ import time
 import torch
 
 OBS, ACT = 17, 6  # cheetah-run
+SIDE_ORDER = ("batched", "separate")
 
 
 def build(n: int, args, device: torch.device):
@@ -34,7 +35,7 @@ def build(n: int, args, device: torch.device):
 
     cfg = SACConfig(layer_norm=not args.no_layer_norm, num_critics=args.num_critics, batch_size=256, replay_ratio=16)
     sides = {}
-    for side in ("batched", "separate"):
+    for side in SIDE_ORDER:
         agents, rngs, buffers = [], [], []
         for s in range(n):
             torch.manual_seed(s)

@@ -55,7 +55,7 @@ def from_node(cls: type[T], node: Mapping[str, Any], prefix: str) -> T:
     unknown = sorted(set(node) - names)
     if unknown:
         raise ConfigError(f"unknown key {prefix}.{unknown[0]}. Valid keys: {', '.join(sorted(names))}")
-    values = {k: check_type(f"{prefix}.{k}", node[k], hints[k]) for k in node}
+    values = {k: check_type(f"{prefix}.{k}" if prefix else k, node[k], hints[k]) for k in node}
     return cls(**values)
 
 

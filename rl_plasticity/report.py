@@ -46,7 +46,7 @@ DEFAULT_REPS = 10_000
 
 # Keys that never distinguish two methods: seeds, bookkeeping, and the keys naming the environment.
 IGNORED_PREFIXES = ("eval.", "log.", "checkpoint.", "hydra.")
-IGNORED_KEYS = {"seed", "num_seeds", "run_dir", "device", "threads", "resume", "total_steps", "compile", "cudagraphs",
+IGNORED_KEYS = {"seed", "num_seeds", "batch_seeds", "run_dir", "device", "threads", "resume", "total_steps", "compile", "cudagraphs",
                 "plasticity.log_every",
                 "env.friction_seed", "env.name", "env.id", "env.kind", "env.domain", "env.task"}
 

@@ -34,6 +34,7 @@ class RunConfig:
     compile: bool = False
     cudagraphs: bool = False
     num_seeds: int = 1
+    batch_seeds: Optional[bool] = None
 
 
 @dataclasses.dataclass
@@ -97,7 +98,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # Keys that may differ between a run and its resumption (they do not change what is learned).
 RESUMABLE_CHANGES = ("total_steps", "device", "threads", "run_dir", "resume", "compile", "cudagraphs", "num_seeds",
-                     "eval", "log", "checkpoint")
+                     "batch_seeds", "eval", "log", "checkpoint")
 
 
 # Dotted keys that choose an implementation of the same algorithm (equal to float tolerance).
@@ -296,7 +297,8 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
     container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     container["run_dir"] = run_dir
     run = from_node(RunConfig, {k: container[k] for k in ("seed", "total_steps", "device", "run_dir", "threads",
-                                                          "resume", "compile", "cudagraphs", "num_seeds")
+                                                          "resume", "compile", "cudagraphs", "num_seeds",
+                                                          "batch_seeds")
                                   if k in container}, "")
     evaluation = from_node(EvalConfig, container["eval"], "eval")
     log = from_node(LogConfig, container["log"], "log")
@@ -348,7 +350,8 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
                 except DivergenceError as e:
                     raise _record_divergence(runs[0], e)
             elif runs:
-                results, diverged = _lockstep(runs, steps, seeds_stop)
+                batched = run.batch_seeds if run.batch_seeds is not None else device.type == "cuda"
+                results, diverged = _lockstep(runs, steps, seeds_stop, batched)
     finally:
         for r in runs:
             r.logger.close()
@@ -489,10 +492,12 @@ class _RoundStop:
         return bool(self.stop()) if self.snapshot is None else self.snapshot
 
 
-def _lockstep(runs: list[_SeedRun], steps: list[Any], stop: _RoundStop) -> tuple[dict[int, Any], dict[int, Any]]:
+def _lockstep(runs: list[_SeedRun], steps: list[Any], stop: _RoundStop,
+              batched: bool) -> tuple[dict[int, Any], dict[int, Any]]:
     """Run the seeds' loops side by side: each advances (under its own global generators) to its
-    next update request, then one batched update serves all of them (agents/seeds.py).  A seed
-    that diverges stops with its diverged.json; the others go on."""
+    next update request, then the requests are served together: by one batched update of all
+    SAC seeds (agents/seeds.py) when `batched`, otherwise by each agent's own update in turn.
+    A seed that diverges stops with its diverged.json; the others go on."""
     from rl_plasticity.agents.seeds import SACSeedGroup, SequentialGroup
     from rl_plasticity.loops import DivergenceError
 
@@ -519,8 +524,8 @@ def _lockstep(runs: list[_SeedRun], steps: list[Any], stop: _RoundStop) -> tuple
         order = tuple(sorted(pending))
         if order != members:  # the first round, or a seed finished or diverged before the others
             agents, rngs = [runs[i].job.agent for i in order], [runs[i].rng for i in order]
-            batched = hasattr(agents[0], "critic_target") and agents[0].cfg.fused
-            group = SACSeedGroup(agents, rngs) if batched else SequentialGroup(agents, rngs)
+            fused_sac = hasattr(agents[0], "critic_target") and agents[0].cfg.fused
+            group = SACSeedGroup(agents, rngs) if batched and fused_sac else SequentialGroup(agents, rngs)
             members = order
         metrics = group.update([pending.pop(i) for i in order])
         for i, m in zip(order, metrics):

@@ -113,8 +113,12 @@ def runs(tmp_path_factory):
     out = {}
     for kind, args in (("sac", SAC), ("ppo", PPO)):
         root = tmp_path_factory.mktemp(kind)
-        result = train(*args, "seed=5", "num_seeds=2", f"run_dir={root / 'multi'}")
+        # SAC: the batched update (on CPU not the default, so asked for); PPO always in turn.
+        result = train(*args, "seed=5", "num_seeds=2", "batch_seeds=true", f"run_dir={root / 'multi'}")
         assert result.returncode == 0, result.stderr
+        if kind == "sac":  # the CPU default: each seed's own update, one after the other
+            result = train(*args, "seed=5", "num_seeds=2", f"run_dir={root / 'multi_in_turn'}")
+            assert result.returncode == 0, result.stderr
         for seed in (5, 6):
             result = train(*args, f"seed={seed}", f"run_dir={root / f'single_{seed}'}")
             assert result.returncode == 0, result.stderr
@@ -156,6 +160,11 @@ def test_each_seed_of_a_multi_seed_run_is_the_single_seed_run(kind, runs):
         want = [(e.step, e.value) for e in read_events(single_dir).Scalars(tag) if e.step <= 400]
         assert [s for s, _ in got] == [s for s, _ in want] and len(got) >= 2
         assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-4)
+    if kind == "sac":  # unbatched, the seeds are bitwise the single-seed runs
+        for seed in (5, 6):
+            in_turn, single = last_checkpoint(root / "multi_in_turn" / f"seed_{seed}"), last_checkpoint(root / f"single_{seed}")
+            assert max_difference(in_turn, single, NETS[kind]) == 0.0
+            assert in_turn["loop"]["last_eval"] == single["loop"]["last_eval"]
     # The seeds are different runs.
     assert max_difference(last_checkpoint(root / "multi" / "seed_5"), last_checkpoint(root / "multi" / "seed_6"),
                           NETS[kind]) > 1e-3
@@ -189,7 +198,7 @@ def test_multi_seed_run_refuses_the_other_layout(runs, tmp_path):
 def test_sigterm_stops_every_seed_and_the_resumed_run_is_exact(runs, tmp_path):
     """Stopped after its first checkpoint, then resumed: each seed ends bitwise where the
     uninterrupted 2-seed run ended, and its curves have the same points."""
-    args = [*SAC, "seed=5", "num_seeds=2"]
+    args = [*SAC, "seed=5", "num_seeds=2", "batch_seeds=true"]
     proc = popen(args, tmp_path)
     wait_for(lambda: (tmp_path / "seed_6" / "checkpoints" / "step_000000400.pt").exists(), proc)
     proc.send_signal(signal.SIGTERM)
@@ -237,7 +246,8 @@ def test_a_diverging_seed_stops_alone(tmp_path, monkeypatch):
         return seed_run
 
     monkeypatch.setattr(train_module, "_start_seed", start)
-    args = [a for a in SAC if not a.startswith(("total_steps", "plasticity"))] + ["total_steps=1200", "num_seeds=2"]
+    args = [a for a in SAC if not a.startswith(("total_steps", "plasticity"))] + ["total_steps=1200", "num_seeds=2",
+                                                                                  "batch_seeds=true"]
     with initialize_config_module(config_module="rl_plasticity.configs", version_base=None):
         cfg = compose("train", overrides=args)
     with pytest.raises(DivergenceError, match="diverged at env step"):
