@@ -1,5 +1,5 @@
 """Many seeds in one process: aggregate SAC updates/s of N seeds batched (`num_seeds=N`) against
-the same N agents updated one after the other, measured in one run.
+the same N agents updated one after the other (`batch_seeds=false`), measured in one run.
 
 Each seed is a full `SACAgent` (paper settings unless changed: 2x256 MLPs with LayerNorm, one
 critic, batch 256, replay ratio 16) with its own replay buffer of random cheetah-run-sized
@@ -25,7 +25,7 @@ import time
 import torch
 
 OBS, ACT = 17, 6  # cheetah-run
-SIDE_ORDER = ("batched", "separate")
+SIDE_ORDER = ("batched", "separate")  # build order of the two sides
 
 
 def build(n: int, args, device: torch.device):
