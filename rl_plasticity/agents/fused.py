@@ -249,6 +249,12 @@ class MLPPlan:
         return result
 
 
+def _fused_adam_supported(group: dict) -> bool:
+    return bool(group.get("fused")) and not (group["amsgrad"] or group["maximize"] or group.get("differentiable")
+                                             or group.get("capturable") or group.get("decoupled_weight_decay")
+                                             or isinstance(group["lr"], torch.Tensor))
+
+
 def adam_step(optimizer: torch.optim.Optimizer) -> None:
     """`optimizer.step()` of a `torch.optim.Adam(fused=True)` without its per-call Python work.
 
@@ -257,55 +263,30 @@ def adam_step(optimizer: torch.optim.Optimizer) -> None:
     step creates it) or for settings this shortcut does not cover (amsgrad, maximize, tensor lr,
     gradient scaling, differentiable).
     """
-    calls = []
-    for group in optimizer.param_groups:
-        if (not group.get("fused") or group["amsgrad"] or group["maximize"] or group.get("differentiable")
-                or group.get("capturable") or group.get("decoupled_weight_decay") or isinstance(group["lr"], torch.Tensor)):
-            optimizer.step()
-            return
-        params = [p for p in group["params"] if p.grad is not None]
-        states = [optimizer.state.get(p) for p in params]
-        if not all(states):
-            optimizer.step()
-            return
-        calls.append((group, params, states))
-    for group, params, states in calls:
-        if not params:
-            continue
-        steps = [st["step"] for st in states]
-        torch._foreach_add_(steps, 1)
-        beta1, beta2 = group["betas"]
-        torch._fused_adam_(params, [p.grad for p in params], [st["exp_avg"] for st in states],
-                           [st["exp_avg_sq"] for st in states], [], steps, amsgrad=False, lr=group["lr"],
-                           beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
-                           maximize=False, grad_scale=None, found_inf=None)
+    adam_step_many([optimizer])
 
 
 def adam_step_many(optimizers: list[torch.optim.Optimizer]) -> None:
     """`adam_step` of several optimizers with the same parameter groups (one per seed) at once:
-    one `torch._fused_adam_` call per group over every seed's tensors.  Each element's update
-    is that of its own optimizer's step; an optimizer without state yet (the first step after
-    a reset) takes its own `optimizer.step()`."""
+    one `torch._fused_adam_` call per group over every optimizer's tensors.  Each element's
+    update is that of its own optimizer's step; an optimizer without state yet (the first step
+    after a reset) takes its own `optimizer.step()`, and so do all of them when a group's
+    settings differ between them or are not covered."""
     ready = []
     for opt in optimizers:
         if all(opt.state.get(p) for group in opt.param_groups for p in group["params"] if p.grad is not None):
             ready.append(opt)
         else:
-            adam_step(opt)
-    if len(ready) == 1:
-        adam_step(ready[0])
-    if len(ready) < 2:
+            opt.step()
+    if not ready:
         return
+    keys = ("lr", "betas", "eps", "weight_decay")
     for groups in zip(*(opt.param_groups for opt in ready)):
-        first = groups[0]
-        same = all(g["lr"] == first["lr"] and g["betas"] == first["betas"] and g["eps"] == first["eps"]
-                   and g["weight_decay"] == first["weight_decay"] for g in groups)
-        if (not same or not first.get("fused") or first["amsgrad"] or first["maximize"] or first.get("differentiable")
-                or first.get("capturable") or first.get("decoupled_weight_decay") or isinstance(first["lr"], torch.Tensor)):
+        if not _fused_adam_supported(groups[0]) or any(g[k] != groups[0][k] for g in groups for k in keys):
             for opt in ready:
                 opt.step()
             return
-    for index, groups in enumerate(zip(*(opt.param_groups for opt in ready))):
+    for groups in zip(*(opt.param_groups for opt in ready)):
         params = [p for g in groups for p in g["params"] if p.grad is not None]
         if not params:
             continue

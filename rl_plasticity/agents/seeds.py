@@ -137,6 +137,7 @@ class SACSeedGroup:
         dev = agents[0].log_alpha.device
         self._alpha = torch.empty(len(agents), device=dev)
         self._alpha.grad = torch.zeros_like(self._alpha)
+        self._bound_actor: list[Any] = [None] * len(agents)  # to notice a reset's new networks
         for i in range(len(agents)):
             self._bind_seed(i)
         plans = tuple(MLPPlan.stacked_blocks([self._networks(agents[0])[k]], self._storage[k]) for k in range(3))
@@ -150,7 +151,6 @@ class SACSeedGroup:
             for p, s, g in zip(net.parameters(), self._storage[kind], self._grads[kind]):
                 _bind(p, s, g, self._index(kind, p, i))
         _bind(agent.log_alpha, self._alpha, self._alpha.grad, i)
-        self._bound_actor = getattr(self, "_bound_actor", [None] * len(self.agents))
         self._bound_actor[i] = agent.actor
 
     # -- the update ---------------------------------------------------------------------------
