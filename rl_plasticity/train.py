@@ -492,13 +492,26 @@ class _RoundStop:
         return bool(self.stop()) if self.snapshot is None else self.snapshot
 
 
+def _seed_group(agents: list[Any], rngs: list[Any], batched: bool) -> Any:
+    """How the seeds' updates are served: batched along a seed dimension (`SACSeedGroup` for the
+    fused SAC update, `PPOSeedGroup`), or each agent's own update in turn."""
+    from rl_plasticity.agents.ppo import PPOAgent
+    from rl_plasticity.agents.sac import SACAgent
+    from rl_plasticity.agents.seeds import PPOSeedGroup, SACSeedGroup, SequentialGroup
+
+    if batched and isinstance(agents[0], SACAgent) and agents[0].cfg.fused:
+        return SACSeedGroup(agents, rngs)
+    if batched and isinstance(agents[0], PPOAgent):
+        return PPOSeedGroup(agents, rngs)
+    return SequentialGroup(agents, rngs)
+
+
 def _lockstep(runs: list[_SeedRun], steps: list[Any], stop: _RoundStop,
               batched: bool) -> tuple[dict[int, Any], dict[int, Any]]:
     """Run the seeds' loops side by side: each advances (under its own global generators) to its
     next update request, then the requests are served together: by one batched update of all
-    SAC seeds (agents/seeds.py) when `batched`, otherwise by each agent's own update in turn.
+    seeds (agents/seeds.py) when `batched`, otherwise by each agent's own update in turn.
     A seed that diverges stops with its diverged.json; the others go on."""
-    from rl_plasticity.agents.seeds import SACSeedGroup, SequentialGroup
     from rl_plasticity.loops import DivergenceError
 
     results: dict[int, Any] = {}
@@ -524,8 +537,7 @@ def _lockstep(runs: list[_SeedRun], steps: list[Any], stop: _RoundStop,
         order = tuple(sorted(pending))
         if order != members:  # the first round, or a seed finished or diverged before the others
             agents, rngs = [runs[i].job.agent for i in order], [runs[i].rng for i in order]
-            fused_sac = hasattr(agents[0], "critic_target") and agents[0].cfg.fused
-            group = SACSeedGroup(agents, rngs) if batched and fused_sac else SequentialGroup(agents, rngs)
+            group = _seed_group(agents, rngs, batched)
             members = order
         metrics = group.update([pending.pop(i) for i in order])
         for i, m in zip(order, metrics):

@@ -5,7 +5,9 @@ regularizer state, resets, logger, checkpoints and global random state), built e
 `num_seeds=1` builds it with that seed.  What the seeds share is the work of the update: a
 `SACSeedGroup` stacks the seeds' parameters along a leading seed dimension and runs one fused
 forward/backward for all of them (agents/fused.py, every matmul a batched one over
-seeds × critics), one fused Adam call over every seed's tensors and one target-network lerp.
+seeds × critics), one fused Adam call over every seed's tensors and one target-network lerp; a
+`PPOSeedGroup` does the same for each PPO minibatch step (one batched forward and autograd
+backward of every seed's policy and value networks, one fused Adam call).
 Each seed's `nn.Parameter`s stay its own objects but alias slices of the stacked storage, so
 everything written per seed (regularizer gradients, the effective-rank step, continual backprop,
 diagnostics, checkpoints) acts on the stacked tensors directly.
@@ -22,13 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from rl_plasticity.agents.accelerate import accelerate
 from rl_plasticity.agents.fused import FusedSAC, MLPPlan, adam_step_many
+from rl_plasticity.agents.ppo import _LOG_SQRT_2PI
 from rl_plasticity.buffers import Batch
 
 
@@ -79,9 +83,26 @@ def _bind(param: torch.Tensor, storage: torch.Tensor, grad: torch.Tensor | None,
     """Make `param` (and its `.grad`) alias `storage[index]` (and `grad[index]`), keeping its value."""
     with torch.no_grad():
         storage[index].copy_(param.detach())
-    param.data = storage[index]
-    if grad is not None:
-        param.grad = grad[index]
+        param.data = storage[index]
+        if grad is not None:
+            param.grad = grad[index]
+
+
+def _needs_rng(agent: Any) -> bool:
+    """Whether the after-update work of the agent's next update may draw from the global
+    generators (a reset's fresh networks, continual backprop's re-initialised units)."""
+    due = agent.reset_interval is not None and (agent.plasticity_updates + 1) % agent.reset_interval == 0
+    return bool(agent._cbp) or due
+
+
+def _after_update(agent: Any, rng: "SeedRNG | None", batch: Any) -> None:
+    """`agent.plasticity_after_update(batch)`, under the seed's own torch generators when it may
+    draw from them."""
+    if rng is not None and _needs_rng(agent):
+        with rng.torch_only():
+            agent.plasticity_after_update(batch)
+    else:
+        agent.plasticity_after_update(batch)
 
 
 class SACSeedGroup:
@@ -154,11 +175,6 @@ class SACSeedGroup:
         self._bound_actor[i] = agent.actor
 
     # -- the update ---------------------------------------------------------------------------
-    def _needs_rng(self, agent: Any) -> bool:
-        """Whether this update's after-step work may draw from the global generators."""
-        due = agent.reset_interval is not None and (agent.plasticity_updates + 1) % agent.reset_interval == 0
-        return bool(agent._cbp) or due
-
     def update(self, batches: Sequence[Batch]) -> list[dict[str, torch.Tensor]]:
         agents = self.agents
         n = len(agents)
@@ -182,20 +198,173 @@ class SACSeedGroup:
                 torch._foreach_lerp_(self._storage[2], self._storage[1], tau)
             for i, agent in enumerate(agents):
                 agent.update_count += 1
-                rng = self.rngs[i]
-                if rng is not None and self._needs_rng(agent):
-                    with rng.torch_only():
-                        agent.plasticity_after_update((obs[u, i], action[u, i]))
-                else:
-                    agent.plasticity_after_update((obs[u, i], action[u, i]))
+                _after_update(agent, self.rngs[i], (obs[u, i], action[u, i]))
                 if agent.actor is not self._bound_actor[i]:  # a reset built new networks
                     self._bind_seed(i)
         return [{k: v[i] for k, v in metrics.items()} for i in range(n)]
 
 
+class PPOSeedGroup:
+    """The PPO agents of several seeds updated together: `update(rollouts)` takes one finished
+    rollout per seed (the dicts `PPOAgent.update` takes) and returns each seed's metrics.
+
+    Each seed's actor, critic and log-std are stacked along a leading seed dimension (weights
+    (N, out, in), vectors (N, n)) and aliased by the seed's own parameters, as in
+    `SACSeedGroup`.  Every minibatch step runs all seeds at once: one batched forward per
+    network (`baddbmm` per layer), the seeds' PPO losses summed (their parameters are
+    disjoint, so each seed's gradient is its own loss's), one autograd pass into the stacked
+    gradients, then per seed what `PPOAgent._update_minibatch` does after its backward
+    (regularizer gradients, the spectral step, gradient clipping), one fused Adam call over
+    every seed's tensors and, after the step, each seed's effective-rank step, continual
+    backprop and reset.  Each seed draws its own minibatch order from its own generator.
+    """
+
+    def __init__(self, agents: Sequence[Any], rngs: Sequence[SeedRNG] | None = None):
+        if len(agents) < 1:
+            raise ValueError("PPOSeedGroup needs at least one agent")
+        self.agents = list(agents)
+        self.rngs = list(rngs) if rngs is not None else [None] * len(self.agents)
+        first = self.agents[0]
+        if any(a.cfg != first.cfg or a.plasticity_cfg != first.plasticity_cfg for a in self.agents):
+            raise ValueError("PPOSeedGroup: the seeds' agent and plasticity settings must be the same")
+        self._plans = {name: self._plan(getattr(first, name)) for name in ("actor", "critic")}
+        self._stack()
+
+    @staticmethod
+    def _plan(network: Any) -> list[tuple]:
+        """The layers of a `policy_mlp` as (kind, index of its first parameter[, eps])."""
+        plan, index = [], 0
+        for layer in network:
+            if isinstance(layer, torch.nn.Linear):
+                plan.append(("linear", index))
+                index += 2
+            elif isinstance(layer, torch.nn.LayerNorm):
+                plan.append(("norm", index, layer.eps))
+                index += 2
+            elif isinstance(layer, torch.nn.ReLU):
+                plan.append(("relu",))
+            else:
+                raise TypeError(f"PPOSeedGroup: unexpected layer {type(layer).__name__}")
+        return plan
+
+    def _stack(self) -> None:
+        n = len(self.agents)
+        self._storage: dict[str, list[torch.Tensor]] = {}
+        for name in ("actor", "critic"):
+            self._storage[name] = [torch.empty((n, *p.shape), device=p.device, dtype=p.dtype)
+                                   for p in getattr(self.agents[0], name).parameters()]
+        log_std = self.agents[0].log_std
+        self._storage["log_std"] = [torch.empty((n, *log_std.shape), device=log_std.device, dtype=log_std.dtype)]
+        self._leaves = [t for ts in self._storage.values() for t in ts]
+        for t in self._leaves:
+            t.requires_grad_(True)
+            t.grad = torch.zeros_like(t)
+        self._bound_actor: list[Any] = [None] * n
+        for i in range(n):
+            self._bind_seed(i)
+
+    def _bind_seed(self, i: int) -> None:
+        agent = self.agents[i]
+        for name in ("actor", "critic"):
+            for p, s in zip(getattr(agent, name).parameters(), self._storage[name]):
+                _bind(p, s, s.grad, i)
+        s = self._storage["log_std"][0]
+        _bind(agent.log_std, s, s.grad, i)
+        self._bound_actor[i] = agent.actor
+
+    def _forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Network `name` of every seed on its rows: x (N, rows, in) -> (N, rows, out)."""
+        params = self._storage[name]
+        for layer in self._plans[name]:
+            if layer[0] == "linear":
+                w, b = params[layer[1]], params[layer[1] + 1]
+                x = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+            elif layer[0] == "norm":
+                g, b = params[layer[1]], params[layer[1] + 1]
+                x = torch.addcmul(b.unsqueeze(1), F.layer_norm(x, (g.shape[-1],), eps=layer[2]), g.unsqueeze(1))
+            else:
+                x = torch.relu(x)
+        return x
+
+    def update(self, rollouts: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, torch.Tensor]]:
+        """`PPOAgent.update` of every seed (see there); metrics per seed."""
+        agents = self.agents
+        n = len(agents)
+        if len(rollouts) != n:
+            raise ValueError(f"{len(rollouts)} rollouts for {n} seeds")
+        cfg, dev = agents[0].cfg, agents[0].device
+        data = {k: torch.stack([torch.from_numpy(r[k]) for r in rollouts]).to(dev) for k in rollouts[0]}
+        rows = data["obs"].shape[1]
+        size = max(1, rows // cfg.num_minibatches)
+        pl = agents[0].plasticity_cfg
+        block = max(size, pl.er_batch) if pl.er else size
+        seed_index = torch.arange(n, device=dev).unsqueeze(1)
+        history: list[torch.Tensor] = []
+        for _ in range(cfg.epochs):
+            perm = torch.stack([torch.randperm(rows, generator=a.generator) for a in agents]).to(dev)
+            history = []
+            for start in range(0, size * (rows // size), size):
+                index = perm[:, start:start + size]
+                mb = {k: v[seed_index, index] for k, v in data.items()}
+                history.append(self._update_minibatch(mb))
+                for i, agent in enumerate(agents):
+                    inputs = mb["obs"][i] if block == size else data["obs"][i][perm[i].roll(-start)[:block]]
+                    _after_update(agent, self.rngs[i], inputs)
+                    if agent.actor is not self._bound_actor[i]:  # a reset built new networks
+                        self._bind_seed(i)
+        stats = torch.stack(history).mean(0)  # (N, 5)
+        names = ("losses/policy", "losses/value", "losses/entropy", "losses/approx_kl", "losses/clip_fraction")
+        values, returns = data["value"], data["return"]
+        explained = 1.0 - (returns - values).var(-1) / returns.var(-1).clamp_min(1e-8)
+        out = []
+        for i, agent in enumerate(agents):
+            metrics = dict(zip(names, stats[i].unbind()))
+            metrics["losses/explained_variance"] = explained[i]
+            metrics["value/log_std"] = agent.log_std.detach().mean()
+            out.append(metrics)
+        return out
+
+    def _update_minibatch(self, mb: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One minibatch step of every seed (`PPOAgent._update_minibatch`); stats (N, 5)."""
+        agents = self.agents
+        cfg = agents[0].cfg
+        obs, action = mb["obs"], mb["action"]
+        log_std = self._storage["log_std"][0]
+        ls = log_std.unsqueeze(1)
+        z = (action - self._forward("actor", obs)) * torch.exp(-ls)
+        log_prob = (-0.5 * z.square() - ls - _LOG_SQRT_2PI).sum(-1)
+        log_ratio = log_prob - mb["log_prob"]
+        ratio = log_ratio.exp()
+        adv = mb["advantage"]
+        if adv.shape[-1] > 1:
+            adv = (adv - adv.mean(-1, keepdim=True)) / (adv.std(-1, keepdim=True) + 1e-8)
+        policy_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1.0 - cfg.clip, 1.0 + cfg.clip)).mean(-1)
+        value = self._forward("critic", obs).squeeze(-1)
+        value_loss = 0.5 * (value - mb["return"]).square().mean(-1)
+        entropy = (log_std + 0.5 + _LOG_SQRT_2PI).sum(-1)
+        loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
+        grads = torch.autograd.grad(loss.sum(), self._leaves)
+        with torch.no_grad():
+            for leaf, g in zip(self._leaves, grads):
+                leaf.grad.copy_(g)
+        for agent in agents:
+            agent.add_plasticity_gradients(("actor", "critic"))
+            agent.plasticity_before_step()
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(agent.params, cfg.max_grad_norm)
+        adam_step_many([a.optimizer for a in agents])
+        for agent in agents:
+            agent.update_count += 1
+        with torch.no_grad():
+            approx_kl = ((ratio - 1.0) - log_ratio).mean(-1)
+            clip_fraction = ((ratio - 1.0).abs() > cfg.clip).float().mean(-1)
+            return torch.stack([policy_loss.detach(), value_loss.detach(), entropy.detach(), approx_kl, clip_fraction], -1)
+
+
 class SequentialGroup:
-    """Agents updated one after the other, each under its own global generators (PPO: its
-    update is a few large minibatch steps per rollout, and its collection is env-bound)."""
+    """Agents updated one after the other, each under its own global generators (`batch_seeds`
+    false, the CPU default: there a batched matmul costs what the seeds' matmuls cost one by
+    one; and SAC through the autograd path, agent.fused=false)."""
 
     def __init__(self, agents: Sequence[Any], rngs: Sequence[SeedRNG]):
         self.agents, self.rngs = list(agents), list(rngs)
