@@ -1,19 +1,27 @@
-"""Many seeds in one process: aggregate SAC updates/s of N seeds batched (`num_seeds=N`) against
-the same N agents updated one after the other (`batch_seeds=false`), measured in one run.
+"""Many seeds in one process: aggregate update throughput of N seeds batched (`num_seeds=N`,
+`batch_seeds=true`) against the same N agents updated one after the other (`batch_seeds=false`),
+measured in one run.
 
-Each seed is a full `SACAgent` (paper settings unless changed: 2x256 MLPs with LayerNorm, one
-critic, batch 256, replay ratio 16) with its own replay buffer of random cheetah-run-sized
-transitions.  The batched side is `SACSeedGroup.update` (what `num_seeds=N` runs: one fused
+SAC (default): each seed is a full `SACAgent` (paper settings unless changed: 2x256 MLPs with
+LayerNorm, one critic, batch 256, replay ratio 16) with its own replay buffer of random
+cheetah-run-sized transitions.  The batched side is `SACSeedGroup.update` (one fused
 forward/backward over a leading seed dimension, one Adam call, one target lerp); the peer is
 each agent's own fused `update`, called in turn (N single-seed processes sharing one device,
-without their process overhead).  Sides alternate for `--rounds` rounds; reported: aggregate
-single-seed updates per second (seeds × updates / time), per side, and the median ratio.
-Last line: `seed_batching_speedup <ratio at the largest N>`.
+without their process overhead).  Unit: single-seed gradient updates per second, summed over seeds.
 
-    python benchmarks/seed_scaling.py [--seeds 1 2 4] [--device cpu|cuda] [--compile] [--cudagraphs]
-                                      [--no-layer-norm] [--rounds 5] [--calls 4]
+PPO (`--agent ppo`): each seed is a `PPOAgent` with Table 8's settings (2x256 ReLU policy and
+value MLPs, rollout 2048, 10 epochs x 128 minibatches of 16) updating on its own random
+Slippery-Ant-sized rollout (obs 105, action 8); batched is `PPOSeedGroup.update`.  Unit:
+minibatch steps per second, summed over seeds (one call = one rollout's 1,280 steps per seed).
 
-On a GPU, `--seeds 1 5 10 20 --compile --cudagraphs` gives the issue's N-seed table.
+Sides alternate for `--rounds` rounds; reported per side is the median rate, and the median
+of the per-round ratios.  Last line: `seed_batching_speedup <ratio at the largest N>`.
+
+    python benchmarks/seed_scaling.py [--agent sac|ppo] [--seeds 1 2 4] [--device cpu|cuda]
+                                      [--compile] [--cudagraphs] [--no-layer-norm] [--rounds 5] [--calls 4]
+
+On a GPU, `--seeds 1 5 10 20 --compile --cudagraphs` (SAC) and `--agent ppo --seeds 1 5 10 20`
+give the issue's N-seed tables.
 """
 from __future__ import annotations
 
@@ -28,7 +36,53 @@ OBS, ACT = 17, 6  # cheetah-run
 SIDE_ORDER = ("batched", "separate")  # build order of the two sides
 
 
+PPO_OBS, PPO_ACT = 105, 8  # Slippery Ant
+
+
+def build_ppo(n: int, args, device: torch.device):
+    import numpy as np
+
+    from rl_plasticity.agents.ppo import PPOAgent, PPOConfig
+    from rl_plasticity.agents.seeds import PPOSeedGroup, SeedRNG, SequentialGroup
+
+    cfg = PPOConfig(layer_norm=False)
+    rows = cfg.rollout_steps * cfg.num_envs
+    rollouts = []
+    for s in range(n):
+        rng = np.random.default_rng(s)
+        f32 = np.float32
+        rollouts.append({"obs": rng.standard_normal((rows, PPO_OBS)).astype(f32),
+                         "action": rng.standard_normal((rows, PPO_ACT)).astype(f32),
+                         "log_prob": (rng.standard_normal(rows) - 8.0).astype(f32),
+                         "value": rng.standard_normal(rows).astype(f32),
+                         "advantage": rng.standard_normal(rows).astype(f32),
+                         "return": rng.standard_normal(rows).astype(f32)})
+    sides = {}
+    for side in SIDE_ORDER:
+        agents, rngs = [], []
+        for s in range(n):
+            torch.manual_seed(s)
+            agents.append(PPOAgent(PPO_OBS, PPO_ACT, cfg, device, seed=s))
+            rngs.append(SeedRNG())
+        group = PPOSeedGroup(agents, rngs) if side == "batched" else SequentialGroup(agents, rngs)
+        sides[side] = lambda group=group: group.update(rollouts)[-1]
+    steps = cfg.epochs * cfg.num_minibatches
+
+    def timed(step, calls: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            metrics = step()
+        float(metrics["losses/policy"])
+        return n * calls * steps / (time.perf_counter() - start)
+
+    return sides, timed
+
+
 def build(n: int, args, device: torch.device):
+    if args.agent == "ppo":
+        return build_ppo(n, args, device)
     from rl_plasticity.agents.sac import SACAgent, SACConfig
     from rl_plasticity.agents.seeds import SACSeedGroup, SeedRNG
     from rl_plasticity.buffers import ReplayBuffer
@@ -76,6 +130,7 @@ def build(n: int, args, device: torch.device):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--agent", choices=("sac", "ppo"), default="sac")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-critics", type=int, default=1)
@@ -83,16 +138,24 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--cudagraphs", action="store_true")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--calls", type=int, default=4, help="calls of 16 updates per round and side")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=None,
+                        help="calls per round and side: SAC 16 updates each (default 4), PPO one rollout (default 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: SAC 3, PPO 1)")
     parser.add_argument("--fill", type=int, default=5000)
     args = parser.parse_args()
+    ppo = args.agent == "ppo"
+    if ppo and (args.compile or args.cudagraphs):
+        parser.error("--compile and --cudagraphs apply to SAC's fused update only")
+    args.calls = args.calls if args.calls is not None else (1 if ppo else 4)
+    args.warmup = args.warmup if args.warmup is not None else (1 if ppo else 3)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"LayerNorm {not args.no_layer_norm}, critics {args.num_critics}, compile {args.compile}, "
-          f"cudagraphs {args.cudagraphs}")
-    print(f"{'seeds':>5} | {'batched upd/s':>13} | {'separate upd/s':>14} | ratio (median of rounds)")
+    print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, agent {args.agent}, "
+          + ("Table 8 settings (2x256, no LayerNorm, 1,280 minibatch steps of 16 per rollout)" if ppo else
+             f"LayerNorm {not args.no_layer_norm}, critics {args.num_critics}, compile {args.compile}, "
+             f"cudagraphs {args.cudagraphs}"))
+    unit = "steps/s" if ppo else "upd/s"
+    print(f"{'seeds':>5} | {'batched ' + unit:>15} | {'separate ' + unit:>16} | ratio (median of rounds)")
     ratio = float("nan")
     for n in args.seeds:
         sides, timed = build(n, args, device)
@@ -104,7 +167,7 @@ def main() -> None:
                 rates[key].append(timed(sides[key], args.calls))
         ratios = [b / s for b, s in zip(rates["batched"], rates["separate"])]
         ratio = statistics.median(ratios)
-        print(f"{n:>5} | {statistics.median(rates['batched']):>13.0f} | {statistics.median(rates['separate']):>14.0f} | "
+        print(f"{n:>5} | {statistics.median(rates['batched']):>15.0f} | {statistics.median(rates['separate']):>16.0f} | "
               f"{ratio:.2f} ({min(ratios):.2f}-{max(ratios):.2f})", flush=True)
     print(f"seed_batching_speedup {ratio:.3f}")
 

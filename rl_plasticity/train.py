@@ -350,8 +350,7 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
                 except DivergenceError as e:
                     raise _record_divergence(runs[0], e)
             elif runs:
-                batched = run.batch_seeds if run.batch_seeds is not None else device.type == "cuda"
-                results, diverged = _lockstep(runs, steps, seeds_stop, batched)
+                results, diverged = _lockstep(runs, steps, seeds_stop, run.batch_seeds)
     finally:
         for r in runs:
             r.logger.close()
@@ -492,25 +491,33 @@ class _RoundStop:
         return bool(self.stop()) if self.snapshot is None else self.snapshot
 
 
-def _seed_group(agents: list[Any], rngs: list[Any], batched: bool) -> Any:
+def _seed_group(agents: list[Any], rngs: list[Any], batch_seeds: Optional[bool]) -> Any:
     """How the seeds' updates are served: batched along a seed dimension (`SACSeedGroup` for the
-    fused SAC update, `PPOSeedGroup`), or each agent's own update in turn."""
+    fused SAC update, `PPOSeedGroup`), or each agent's own update in turn.
+
+    `batch_seeds=None` chooses what measured faster (benchmarks/seed_scaling.py): PPO batched
+    everywhere (its 16-row minibatch steps are bound by per-op overhead, which batching shares:
+    about 2x with 4-8 seeds on 2 CPU cores); SAC batched on CUDA only (on a CPU its 256-row
+    update is bound by the matmuls, which cost the same batched or one by one).
+    """
     from rl_plasticity.agents.ppo import PPOAgent
     from rl_plasticity.agents.sac import SACAgent
     from rl_plasticity.agents.seeds import PPOSeedGroup, SACSeedGroup, SequentialGroup
 
-    if batched and isinstance(agents[0], SACAgent) and agents[0].cfg.fused:
+    first = agents[0]
+    if isinstance(first, PPOAgent):
+        return PPOSeedGroup(agents, rngs) if batch_seeds is not False else SequentialGroup(agents, rngs)
+    batched = batch_seeds if batch_seeds is not None else first.device.type == "cuda"
+    if batched and isinstance(first, SACAgent) and first.cfg.fused:
         return SACSeedGroup(agents, rngs)
-    if batched and isinstance(agents[0], PPOAgent):
-        return PPOSeedGroup(agents, rngs)
     return SequentialGroup(agents, rngs)
 
 
 def _lockstep(runs: list[_SeedRun], steps: list[Any], stop: _RoundStop,
-              batched: bool) -> tuple[dict[int, Any], dict[int, Any]]:
+              batch_seeds: Optional[bool]) -> tuple[dict[int, Any], dict[int, Any]]:
     """Run the seeds' loops side by side: each advances (under its own global generators) to its
-    next update request, then the requests are served together: by one batched update of all
-    seeds (agents/seeds.py) when `batched`, otherwise by each agent's own update in turn.
+    next update request, then the requests are served together (`_seed_group`): by one batched
+    update of all seeds (agents/seeds.py), or by each agent's own update in turn.
     A seed that diverges stops with its diverged.json; the others go on."""
     from rl_plasticity.loops import DivergenceError
 
@@ -537,7 +544,7 @@ def _lockstep(runs: list[_SeedRun], steps: list[Any], stop: _RoundStop,
         order = tuple(sorted(pending))
         if order != members:  # the first round, or a seed finished or diverged before the others
             agents, rngs = [runs[i].job.agent for i in order], [runs[i].rng for i in order]
-            group = _seed_group(agents, rngs, batched)
+            group = _seed_group(agents, rngs, batch_seeds)
             members = order
         metrics = group.update([pending.pop(i) for i in order])
         for i, m in zip(order, metrics):

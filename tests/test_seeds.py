@@ -1,8 +1,8 @@
 """num_seeds=N: seed i of an N-seed run is the single-seed run with that seed.
 
 Batched (agents/seeds.py), SAC's and PPO's seeds agree with single-seed runs to float
-tolerance (the batched matmuls sum in another order); updated one after the other (the CPU
-default), bitwise.  Also: per-seed directories, checkpoints and TensorBoard tags, exact
+tolerance (the batched matmuls sum in another order); updated one after the other
+(batch_seeds=false), bitwise.  Also: per-seed directories, checkpoints and TensorBoard tags, exact
 resumption of a multi-seed run, refused layouts, and a seed that diverges alone.
 """
 import json
@@ -172,6 +172,22 @@ def test_batched_ppo_seeds_follow_separate_agents(layer_norm, plasticity, reset,
         assert agent.critic[0].weight.grad.data_ptr() == group._storage["critic"][0].grad[i].data_ptr()
 
 
+def test_batch_seeds_default_follows_the_measurements():
+    """null: PPO batched everywhere, SAC batched on CUDA only (here: in turn); true/false force it;
+    SAC's autograd path always updates in turn."""
+    from rl_plasticity.agents.seeds import SequentialGroup
+    from rl_plasticity.train import _seed_group
+
+    ppo = [PPOAgent(6, 2, PPOConfig(hidden_sizes=(8,)), seed=s) for s in (0, 1)]
+    assert isinstance(_seed_group(ppo, [SeedRNG(), SeedRNG()], None), PPOSeedGroup)
+    assert isinstance(_seed_group(ppo, [SeedRNG(), SeedRNG()], False), SequentialGroup)
+    sac = [SACAgent(5, 3, SACConfig(hidden_sizes=(8, 8)), seed=s) for s in (0, 1)]
+    assert isinstance(_seed_group(sac, [SeedRNG(), SeedRNG()], None), SequentialGroup)
+    assert isinstance(_seed_group(sac, [SeedRNG(), SeedRNG()], True), SACSeedGroup)
+    reference = [SACAgent(5, 3, SACConfig(hidden_sizes=(8, 8), fused=False), seed=s) for s in (0, 1)]
+    assert isinstance(_seed_group(reference, [SeedRNG(), SeedRNG()], True), SequentialGroup)
+
+
 def test_ppo_seed_group_refuses_different_settings():
     agents = [PPOAgent(6, 2, PPOConfig(hidden_sizes=(8,))), PPOAgent(6, 2, PPOConfig(hidden_sizes=(8,), lr=1e-3))]
     with pytest.raises(ValueError, match="settings must be the same"):
@@ -185,11 +201,11 @@ def runs(tmp_path_factory):
     out = {}
     for kind, args in (("sac", SAC), ("ppo", PPO)):
         root = tmp_path_factory.mktemp(kind)
-        # The batched update (on CPU not the default, so asked for) ...
+        # The batched update (PPO's default; SAC's on CUDA only, so asked for) ...
         result = train(*args, "seed=5", "num_seeds=2", "batch_seeds=true", f"run_dir={root / 'multi'}")
         assert result.returncode == 0, result.stderr
-        # ... and the CPU default: each seed's own update, one after the other.
-        result = train(*args, "seed=5", "num_seeds=2", f"run_dir={root / 'multi_in_turn'}")
+        # ... and each seed's own update, one after the other (SAC's CPU default).
+        result = train(*args, "seed=5", "num_seeds=2", "batch_seeds=false", f"run_dir={root / 'multi_in_turn'}")
         assert result.returncode == 0, result.stderr
         for seed in (5, 6):
             result = train(*args, f"seed={seed}", f"run_dir={root / f'single_{seed}'}")
@@ -272,26 +288,29 @@ def test_multi_seed_run_refuses_the_other_layout(runs, tmp_path):
     assert sorted(p.name for p in multi.rglob("*")) == before
 
 
-def test_sigterm_stops_every_seed_and_the_resumed_run_is_exact(runs, tmp_path):
-    """Stopped after its first checkpoint, then resumed: each seed ends bitwise where the
-    uninterrupted 2-seed run ended, and its curves have the same points."""
-    args = [*SAC, "seed=5", "num_seeds=2", "batch_seeds=true"]
+@pytest.mark.parametrize("kind", ["sac", "ppo"])
+def test_sigterm_stops_every_seed_and_the_resumed_run_is_exact(kind, runs, tmp_path):
+    """A batched 2-seed run stopped after its first checkpoint (PPO: in the middle of its second
+    rollout), then resumed: each seed ends bitwise where the uninterrupted run ended, and its
+    curves have the same points."""
+    args = [*(SAC if kind == "sac" else PPO), "seed=5", "num_seeds=2", "batch_seeds=true"]
+    first, last = (400, 800) if kind == "sac" else (256, 1024)
     proc = popen(args, tmp_path)
-    wait_for(lambda: (tmp_path / "seed_6" / "checkpoints" / "step_000000400.pt").exists(), proc)
+    wait_for(lambda: (tmp_path / "seed_6" / "checkpoints" / f"step_{first:09d}.pt").exists(), proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "Resume with:" in out and "done" not in out
     stopped = {list_checkpoints(tmp_path / f"seed_{s}" / "checkpoints")[-1].name for s in (5, 6)}
-    assert len(stopped) == 1 and stopped != {"step_000000800.pt"}  # both seeds stop after the same step
+    assert len(stopped) == 1 and stopped != {f"step_{last:09d}.pt"}  # both seeds stop after the same step
     result = train(*args, f"run_dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     for seed in (5, 6):
-        a, b = last_checkpoint(tmp_path / f"seed_{seed}"), last_checkpoint(runs["sac"] / "multi" / f"seed_{seed}")
-        assert a["step"] == b["step"] == 800
-        assert max_difference(a, b, NETS["sac"]) == 0.0
-        tags = ("charts/episode_return", "losses/critic")
-        got, want = read_events(tmp_path / f"seed_{seed}"), read_events(runs["sac"] / "multi" / f"seed_{seed}")
+        a, b = last_checkpoint(tmp_path / f"seed_{seed}"), last_checkpoint(runs[kind] / "multi" / f"seed_{seed}")
+        assert a["step"] == b["step"] == last
+        assert max_difference(a, b, NETS[kind]) == 0.0
+        tags = ("charts/episode_return", "losses/critic") if kind == "sac" else ("losses/policy", "eval/return_mean")
+        got, want = read_events(tmp_path / f"seed_{seed}"), read_events(runs[kind] / "multi" / f"seed_{seed}")
         for tag in tags:
             assert [(e.step, e.value) for e in got.Scalars(tag)] == [(e.step, e.value) for e in want.Scalars(tag)]
 
