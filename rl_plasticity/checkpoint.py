@@ -36,6 +36,24 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def own_storage(obj: Any) -> Any:
+    """`obj` with every tensor that is a view into a larger storage replaced by a copy of itself.
+
+    `torch.save` writes a tensor's whole storage: a seed's parameter that aliases a slice of the
+    stacked parameters of N seeds (agents/seeds.py) would otherwise carry all N seeds' values into
+    each seed's checkpoint.  Tensors that own their storage are returned as they are.
+    """
+    if isinstance(obj, torch.Tensor):
+        if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size():
+            return obj.clone()
+        return obj
+    if isinstance(obj, dict):
+        return type(obj)((k, own_storage(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(own_storage(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, keep: int = 3) -> Path:
     """Write `state` as `<directory>/step_<step>.pt` atomically, then prune to the newest `keep`."""
     d = Path(directory)

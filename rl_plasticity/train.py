@@ -416,7 +416,7 @@ def _start_seed(seed: int, directory: Path, container: dict[str, Any], resume_pa
     """Build one seed's job exactly as a single-seed run of that seed builds it, restore its
     checkpoint, open its logger, and keep its global generators (SeedRNG) for the loop."""
     from rl_plasticity.agents.seeds import SeedRNG
-    from rl_plasticity.checkpoint import save_checkpoint
+    from rl_plasticity.checkpoint import own_storage, save_checkpoint
     from rl_plasticity.logging import Logger
 
     seed_everything(seed)
@@ -452,7 +452,8 @@ def _start_seed(seed: int, directory: Path, container: dict[str, Any], resume_pa
             "agent_name": agent_name,
             "obs_dim": job.obs_dim,
             "action_dim": job.action_dim,
-            "agent": job.agent.state_dict(),
+            # A batched seed's parameters are views into the stacks of all seeds: saved on their own.
+            "agent": own_storage(job.agent.state_dict()),
             "env": job.env_state(),
             "loop": loop_state,
             "rng": rng_state(),

@@ -238,6 +238,10 @@ def test_each_seed_of_a_multi_seed_run_is_the_single_seed_run(kind, runs):
         b = torch.load(single_dir / first, weights_only=False)
         assert a["agent"]["plasticity"]["reset_count"] == b["agent"]["plasticity"]["reset_count"]
         assert max_difference(a, b, NETS[kind]) < 1e-4
+        # Each seed's checkpoint holds its own parameters, not the stacks of all seeds they alias.
+        for net in NETS[kind]:
+            for k, v in a["agent"][net].items():
+                assert v.untyped_storage().nbytes() == v.numel() * v.element_size(), f"{net}.{k}"
         if kind == "sac":
             assert a["agent"]["plasticity"]["reset_count"] == 1
             assert torch.allclose(a["replay"]["obs"], b["replay"]["obs"], atol=1e-3)
