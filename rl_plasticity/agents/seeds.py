@@ -362,9 +362,9 @@ class PPOSeedGroup:
 
 
 class SequentialGroup:
-    """Agents updated one after the other, each under its own global generators (`batch_seeds`
-    false, the CPU default: there a batched matmul costs what the seeds' matmuls cost one by
-    one; and SAC through the autograd path, agent.fused=false)."""
+    """Agents updated one after the other, each under its own global generators: `batch_seeds`
+    false, SAC's default on a CPU (there a batched matmul costs what the seeds' matmuls cost one
+    by one), and SAC through the autograd path (agent.fused=false)."""
 
     def __init__(self, agents: Sequence[Any], rngs: Sequence[SeedRNG]):
         self.agents, self.rngs = list(agents), list(rngs)
