@@ -39,6 +39,19 @@ SIDE_ORDER = ("batched", "separate")  # build order of the two sides
 PPO_OBS, PPO_ACT = 105, 8  # Slippery Ant
 
 
+def timer(per_call: int, metric: str, device: torch.device):
+    """A function timing `calls` calls of a side: `per_call` (seeds x updates of one call) per second."""
+    def timed(step, calls: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            metrics = step()
+        float(metrics[metric])  # one host sync at the end, as at log time
+        return calls * per_call / (time.perf_counter() - start)
+    return timed
+
+
 def build_ppo(n: int, args, device: torch.device):
     import numpy as np
 
@@ -66,18 +79,7 @@ def build_ppo(n: int, args, device: torch.device):
             rngs.append(SeedRNG())
         group = PPOSeedGroup(agents, rngs) if side == "batched" else SequentialGroup(agents, rngs)
         sides[side] = lambda group=group: group.update(rollouts)[-1]
-    steps = cfg.epochs * cfg.num_minibatches
-
-    def timed(step, calls: int) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            metrics = step()
-        float(metrics["losses/policy"])
-        return n * calls * steps / (time.perf_counter() - start)
-
-    return sides, timed
+    return sides, timer(n * cfg.epochs * cfg.num_minibatches, "losses/policy", device)
 
 
 def build(n: int, args, device: torch.device):
@@ -116,16 +118,7 @@ def build(n: int, args, device: torch.device):
                 return m
         sides[side] = step
 
-    def timed(step, calls: int) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            metrics = step()
-        float(metrics["losses/critic"])  # one host sync at the end, as at log time
-        return n * calls * 16 / (time.perf_counter() - start)
-
-    return sides, timed
+    return sides, timer(n * 16, "losses/critic", device)
 
 
 def main() -> None:

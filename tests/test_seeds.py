@@ -48,11 +48,13 @@ def max_difference(a, b, nets):
 
 
 # -- the batched update against separate agents ------------------------------------------------
-def _agents(cfg, pcfg, seeds):
+def _agents(cfg, pcfg, seeds, kind=SACAgent, dims=(5, 3)):
+    """One agent per seed, each built after torch.manual_seed(seed) as a run builds it, and its
+    copy of the global generators."""
     agents, rngs = [], []
     for s in seeds:
         torch.manual_seed(s)
-        agents.append(SACAgent(5, 3, cfg, plasticity=pcfg, seed=s))
+        agents.append(kind(*dims, cfg, plasticity=pcfg, seed=s))
         rngs.append(SeedRNG())
     return agents, rngs
 
@@ -133,17 +135,8 @@ def test_batched_ppo_seeds_follow_separate_agents(layer_norm, plasticity, reset,
     cfg = PPOConfig(rollout_steps=32, num_minibatches=4, epochs=2, hidden_sizes=(16, 16), layer_norm=layer_norm,
                     reset_interval=reset, max_grad_norm=max_grad_norm)
     seeds = [3, 4, 5]
-
-    def agents():
-        out, rngs = [], []
-        for s in seeds:
-            torch.manual_seed(s)
-            out.append(PPOAgent(6, 2, cfg, plasticity=plasticity, seed=s))
-            rngs.append(SeedRNG())
-        return out, rngs
-
-    single, single_rngs = agents()
-    batched, rngs = agents()
+    single, single_rngs = _agents(cfg, plasticity, seeds, PPOAgent, (6, 2))
+    batched, rngs = _agents(cfg, plasticity, seeds, PPOAgent, (6, 2))
     group = PPOSeedGroup(batched, rngs)
     data = np.random.default_rng(0)
     for _ in range(4):
