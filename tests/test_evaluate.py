@@ -40,20 +40,21 @@ def logged(run_dir, tag="eval/return_mean"):
     return [(e.step, e.value) for e in read_events(run_dir).Scalars(tag)]
 
 
-@pytest.fixture(scope="module")
-def sac_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("sac")
-    result = train(*SAC, f"run_dir={run_dir}")
+def _trained(tmp_path_factory, name, args):
+    run_dir = tmp_path_factory.mktemp(name)
+    result = train(*args, f"run_dir={run_dir}")
     assert result.returncode == 0, result.stderr
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def sac_run(tmp_path_factory):
+    return _trained(tmp_path_factory, "sac", SAC)
 
 
 @pytest.fixture(scope="module")
 def ppo_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("ppo")
-    result = train(*PPO, f"run_dir={run_dir}")
-    assert result.returncode == 0, result.stderr
-    return run_dir
+    return _trained(tmp_path_factory, "ppo", PPO)
 
 
 def test_reproduces_the_last_logged_evaluation_from_the_command_line(sac_run):

@@ -90,6 +90,25 @@ def _wait(predicate, proc, timeout=240):
         time.sleep(0.02)
 
 
+def _submitit_job(sweep_dir):
+    """The process of the one job that submitit's local controller in `sweep_dir` runs."""
+    (controller,) = [int(p.name) for p in (sweep_dir / ".submitit").iterdir() if p.name.isdigit()]
+    (job,) = _children(controller)
+    return job
+
+
+def _signal_once_checkpointed(proc, checkpointed, target, sig):
+    """Once `checkpointed()` holds, send `sig` to the process `target()` names; return the
+    sweep's (stdout, stderr) after it exits (killed if the test fails first)."""
+    try:
+        _wait(checkpointed, proc)
+        os.kill(target(), sig)
+        return proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def _final_parameters_equal(job, reference):
     final = torch.load(list_checkpoints(job / "checkpoints")[-1], weights_only=True)
     expected = torch.load(list_checkpoints(reference / "checkpoints")[-1], weights_only=True)
@@ -113,16 +132,10 @@ def test_a_preempted_job_is_requeued_in_the_same_dir_and_resumes_exactly(local_s
     work.mkdir()
     proc = subprocess.Popen(sweep_command(*args), cwd=work, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    try:
-        _wait(lambda: any(work.glob("multirun/*/0_*/checkpoints/step_000000100.pt")), proc)
-        (sweep_dir,) = list((work / "multirun").iterdir())
-        (controller,) = [int(p.name) for p in (sweep_dir / ".submitit").iterdir() if p.name.isdigit()]
-        (job_process,) = _children(controller)
-        os.kill(job_process, signal.SIGUSR2)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    out, err = _signal_once_checkpointed(
+        proc, lambda: any(work.glob("multirun/*/0_*/checkpoints/step_000000100.pt")),
+        lambda: _submitit_job(next((work / "multirun").iterdir())), signal.SIGUSR2)
+    (sweep_dir,) = list((work / "multirun").iterdir())
     log = submitit_log(sweep_dir)
     assert proc.returncode == 0, err + log
     if "already complete" in log:
@@ -187,18 +200,9 @@ def test_sigterm_stops_the_sweep_and_the_same_command_resumes_it(launcher, local
     command = [sys.executable, "-m", "rl_plasticity.train", "-m", f"hydra/launcher={launcher}", *ARGS, f"seed={seeds}",
                f"hydra.sweep.dir={sweep_dir}"]
     proc = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait(lambda: any(sweep_dir.glob("0_*/checkpoints/step_000000100.pt")), proc)
-        if launcher == "basic":
-            target = proc.pid
-        else:
-            (controller,) = [int(p.name) for p in (sweep_dir / ".submitit").iterdir() if p.name.isdigit()]
-            (target,) = _children(controller)
-        os.kill(target, signal.SIGTERM)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    out, err = _signal_once_checkpointed(
+        proc, lambda: any(sweep_dir.glob("0_*/checkpoints/step_000000100.pt")),
+        lambda: proc.pid if launcher == "basic" else _submitit_job(sweep_dir), signal.SIGTERM)
     assert proc.returncode != 0, out + err
     (job,) = job_dirs(sweep_dir)  # the basic launcher did not start job 1
     stopped = torch.load(list_checkpoints(job / "checkpoints")[-1], weights_only=True)["step"]

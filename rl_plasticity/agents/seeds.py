@@ -95,17 +95,34 @@ def _needs_rng(agent: Any) -> bool:
     return bool(agent._cbp) or due
 
 
-def _after_update(agent: Any, rng: "SeedRNG | None", batch: Any) -> None:
-    """`agent.plasticity_after_update(batch)`, under the seed's own torch generators when it may
-    draw from them."""
-    if rng is not None and _needs_rng(agent):
-        with rng.torch_only():
+class _StackedSeeds:
+    """What the batched groups share: the seeds' agents and global generators, and the work after
+    each optimizer step, which rebinds a seed whose networks a reset rebuilt (`_bind_seed`)."""
+
+    def __init__(self, agents: Sequence[Any], rngs: Sequence[SeedRNG] | None):
+        if len(agents) < 1:
+            raise ValueError(f"{type(self).__name__} needs at least one agent")
+        self.agents = list(agents)
+        self.rngs = list(rngs) if rngs is not None else [None] * len(self.agents)
+        self._bound_actor: list[Any] = [None] * len(self.agents)  # to notice a reset's new networks
+
+    def _bind_seed(self, i: int) -> None:
+        raise NotImplementedError
+
+    def _after_update(self, i: int, batch: Any) -> None:
+        """Seed i's `plasticity_after_update(batch)`, under its own torch generators when it may
+        draw from them; then its new networks bound to the stacks if a reset built them."""
+        agent, rng = self.agents[i], self.rngs[i]
+        if rng is not None and _needs_rng(agent):
+            with rng.torch_only():
+                agent.plasticity_after_update(batch)
+        else:
             agent.plasticity_after_update(batch)
-    else:
-        agent.plasticity_after_update(batch)
+        if agent.actor is not self._bound_actor[i]:
+            self._bind_seed(i)
 
 
-class SACSeedGroup:
+class SACSeedGroup(_StackedSeeds):
     """The SAC agents of several seeds updated together (see the module docstring).
 
     `update(batches)` takes one `Batch` per seed (leading dimension = replay ratio, as
@@ -115,10 +132,7 @@ class SACSeedGroup:
     """
 
     def __init__(self, agents: Sequence[Any], rngs: Sequence[SeedRNG] | None = None):
-        if len(agents) < 1:
-            raise ValueError("SACSeedGroup needs at least one agent")
-        self.agents = list(agents)
-        self.rngs = list(rngs) if rngs is not None else [None] * len(self.agents)
+        super().__init__(agents, rngs)
         first = self.agents[0]
         if not all(a.cfg.fused for a in self.agents):
             raise ValueError("num_seeds > 1 batches the fused SAC update: agent.fused must be true")
@@ -158,7 +172,6 @@ class SACSeedGroup:
         dev = agents[0].log_alpha.device
         self._alpha = torch.empty(len(agents), device=dev)
         self._alpha.grad = torch.zeros_like(self._alpha)
-        self._bound_actor: list[Any] = [None] * len(agents)  # to notice a reset's new networks
         for i in range(len(agents)):
             self._bind_seed(i)
         plans = tuple(MLPPlan.stacked_blocks([self._networks(agents[0])[k]], self._storage[k]) for k in range(3))
@@ -198,13 +211,11 @@ class SACSeedGroup:
                 torch._foreach_lerp_(self._storage[2], self._storage[1], tau)
             for i, agent in enumerate(agents):
                 agent.update_count += 1
-                _after_update(agent, self.rngs[i], (obs[u, i], action[u, i]))
-                if agent.actor is not self._bound_actor[i]:  # a reset built new networks
-                    self._bind_seed(i)
+                self._after_update(i, (obs[u, i], action[u, i]))
         return [{k: v[i] for k, v in metrics.items()} for i in range(n)]
 
 
-class PPOSeedGroup:
+class PPOSeedGroup(_StackedSeeds):
     """The PPO agents of several seeds updated together: `update(rollouts)` takes one finished
     rollout per seed (the dicts `PPOAgent.update` takes) and returns each seed's metrics.
 
@@ -220,10 +231,7 @@ class PPOSeedGroup:
     """
 
     def __init__(self, agents: Sequence[Any], rngs: Sequence[SeedRNG] | None = None):
-        if len(agents) < 1:
-            raise ValueError("PPOSeedGroup needs at least one agent")
-        self.agents = list(agents)
-        self.rngs = list(rngs) if rngs is not None else [None] * len(self.agents)
+        super().__init__(agents, rngs)
         first = self.agents[0]
         if any(a.cfg != first.cfg or a.plasticity_cfg != first.plasticity_cfg for a in self.agents):
             raise ValueError("PPOSeedGroup: the seeds' agent and plasticity settings must be the same")
@@ -259,7 +267,6 @@ class PPOSeedGroup:
         for t in self._leaves:
             t.requires_grad_(True)
             t.grad = torch.zeros_like(t)
-        self._bound_actor: list[Any] = [None] * n
         for i in range(n):
             self._bind_seed(i)
 
@@ -307,11 +314,8 @@ class PPOSeedGroup:
                 index = perm[:, start:start + size]
                 mb = {k: v[seed_index, index] for k, v in data.items()}
                 history.append(self._update_minibatch(mb))
-                for i, agent in enumerate(agents):
-                    inputs = mb["obs"][i] if block == size else data["obs"][i][perm[i].roll(-start)[:block]]
-                    _after_update(agent, self.rngs[i], inputs)
-                    if agent.actor is not self._bound_actor[i]:  # a reset built new networks
-                        self._bind_seed(i)
+                for i in range(n):
+                    self._after_update(i, mb["obs"][i] if block == size else data["obs"][i][perm[i].roll(-start)[:block]])
         stats = torch.stack(history).mean(0)  # (N, 5)
         names = ("losses/policy", "losses/value", "losses/entropy", "losses/approx_kl", "losses/clip_fraction")
         values, returns = data["value"], data["return"]
