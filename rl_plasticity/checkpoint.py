@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -34,6 +35,18 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def numpy_rng_to_torch(state: tuple) -> dict[str, Any]:
+    """A NumPy `RandomState.get_state()` tuple as checkpoint-safe values (tensors and numbers)."""
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def numpy_rng_from_torch(s: dict[str, Any]) -> tuple:
+    """The `RandomState.set_state()` tuple of `numpy_rng_to_torch`'s result."""
+    return s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached"]
 
 
 def own_storage(obj: Any) -> Any:

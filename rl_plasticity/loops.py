@@ -370,8 +370,7 @@ def on_policy_steps(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: 
             obs = next_obs
             if control.should_stop():
                 check_finite(agent, metrics, step)
-                logger.flush()
-                save_checkpoint(step, loop_state())
+                save_checkpoint(step, loop_state())  # which flushes the logger first
                 return LoopResult(last_eval, step, preempted=True)
         if probe is None:
             probe = torch.from_numpy(rollout.obs[: rollout.pos].reshape(-1, obs_dim)[:256].copy())

@@ -78,19 +78,20 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch (CPU and CUDA) global generator states, checkpoint-safe."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    from rl_plasticity.checkpoint import numpy_rng_to_torch
+
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached": float(cached)}}
+             "numpy": numpy_rng_to_torch(np.random.get_state())}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    from rl_plasticity.checkpoint import numpy_rng_from_torch
+
     random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    np.random.set_state(numpy_rng_from_torch(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -296,10 +297,8 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
 
     container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     container["run_dir"] = run_dir
-    run = from_node(RunConfig, {k: container[k] for k in ("seed", "total_steps", "device", "run_dir", "threads",
-                                                          "resume", "compile", "cudagraphs", "num_seeds",
-                                                          "batch_seeds")
-                                  if k in container}, "")
+    run = from_node(RunConfig, {f.name: container[f.name] for f in dataclasses.fields(RunConfig) if f.name in container},
+                    "")
     evaluation = from_node(EvalConfig, container["eval"], "eval")
     log = from_node(LogConfig, container["log"], "log")
     ckpt = from_node(CheckpointConfig, container["checkpoint"], "checkpoint")
@@ -320,28 +319,17 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
         torch.set_num_threads(run.threads)
 
     require(run.num_seeds >= 1, f"num_seeds must be >= 1, got {run.num_seeds}")
-    seeds = seed_runs(Path(run_dir), container)
-    points = [resume_point(directory, run.resume, config) for _, directory, config in seeds]
+    runs, finished = _start_seeds(Path(run_dir), container, run, agent_name, agent_cfg, plasticity_cfg, device, ckpt)
 
     from rl_plasticity.loops import DivergenceError, LoopControl, drive
 
-    runs: list[_SeedRun] = []
-    finished: dict[int, dict[str, float]] = {}
-    for (seed, directory, config), (resume_path, resume_state) in zip(seeds, points):
-        if resume_state is not None and resume_state["step"] >= run.total_steps:
-            print(f"run in {directory} is already complete ({resume_state['step']:,} steps); raise total_steps to "
-                  f"continue it", flush=True)
-            finished[seed] = dict(resume_state["loop"].get("last_eval", {}))
-            continue
-        runs.append(_start_seed(seed, directory, config, resume_path, resume_state, agent_name, agent_cfg,
-                                plasticity_cfg, dataclasses.replace(run, seed=seed), device, ckpt))
     results: dict[int, Any] = {}
     diverged: dict[int, DivergenceError] = {}
     try:
         with StopRequest() as stop:
             seeds_stop = _RoundStop(stop)
             steps = [r.job.run(r.logger, r.checkpoint, r.run, evaluation, log, ckpt, plasticity_cfg,
-                               LoopControl(resume=r.resume_state["loop"] if r.resume_state else None,
+                               LoopControl(resume=r.resume_loop,
                                            should_stop=stop if run.num_seeds == 1 else seeds_stop))
                      for r in runs]
             if run.num_seeds == 1 and runs:
@@ -361,7 +349,7 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
         command = " ".join(["python -m rl_plasticity.train"] + [a for a in sys.argv[1:] if not a.startswith("run_dir=")]
                            + [f"run_dir={run_dir}"])
         for r in preempted:
-            print(f"stopped at step {results[r.seed].step:,}; checkpoint {r.last_saved[0] if r.last_saved else '-'} "
+            print(f"stopped at step {results[r.seed].step:,}; checkpoint {r.last_saved or '-'} "
                   f"written{'' if run.num_seeds == 1 else f' (seed {r.seed})'}.", flush=True)
         print(f"Resume with: {command}", flush=True)
     else:
@@ -399,15 +387,39 @@ class _SeedRun:
 
     seed: int
     directory: Path
-    config: dict[str, Any]
     run: Any
     job: Any
     logger: Any
     resume_path: Optional[Path]
-    resume_state: Optional[dict[str, Any]]
+    resume_loop: Optional[dict[str, Any]]  # the loop state of the checkpoint it resumed from
     rng: Any
-    last_saved: list[Path]
+    last_saved: Optional[Path] = None
     checkpoint: Any = None
+
+
+def _start_seeds(run_dir: Path, container: dict[str, Any], run: RunConfig, agent_name: str, agent_cfg: Any,
+                 plasticity_cfg: Any, device: torch.device,
+                 ckpt: CheckpointConfig) -> tuple[list[_SeedRun], dict[int, dict[str, float]]]:
+    """Every seed's run, restored from its checkpoint; and the last evaluation of each seed whose
+    run is already complete.  Checks every seed's resume point before building any, and lets each
+    loaded checkpoint (replay buffer included) go once its seed is restored."""
+    seeds = seed_runs(run_dir, container)
+    points = [resume_point(directory, run.resume, config) for _, directory, config in seeds]
+    for _, directory, _ in seeds:
+        _RESUME_CACHE.pop(str(directory.resolve()), None)
+    runs: list[_SeedRun] = []
+    finished: dict[int, dict[str, float]] = {}
+    for i, (seed, directory, config) in enumerate(seeds):
+        resume_path, resume_state = points[i]
+        points[i] = (None, None)
+        if resume_state is not None and resume_state["step"] >= run.total_steps:
+            print(f"run in {directory} is already complete ({resume_state['step']:,} steps); raise total_steps to "
+                  f"continue it", flush=True)
+            finished[seed] = dict(resume_state["loop"].get("last_eval", {}))
+            continue
+        runs.append(_start_seed(seed, directory, config, resume_path, resume_state, agent_name, agent_cfg,
+                                plasticity_cfg, dataclasses.replace(run, seed=seed), device, ckpt))
+    return runs, finished
 
 
 def _start_seed(seed: int, directory: Path, container: dict[str, Any], resume_path: Optional[Path],
@@ -442,7 +454,8 @@ def _start_seed(seed: int, directory: Path, container: dict[str, Any], resume_pa
     print(f"run dir: {directory}  (tensorboard --logdir {directory})\n"
           f"agent {agent_name} on {container['env']['name']} | seed {seed} | device {device} | obs {job.obs_dim} | "
           f"actions {job.action_dim} | {job.summary} | plasticity {plasticity_cfg.name}", flush=True)
-    seed_run = _SeedRun(seed, directory, container, run, job, logger, resume_path, resume_state, SeedRNG(), [])
+    seed_run = _SeedRun(seed, directory, run, job, logger, resume_path,
+                        resume_state["loop"] if resume_state is not None else None, SeedRNG())
 
     def checkpoint(step: int, loop_state: dict[str, Any]) -> None:
         state = {
@@ -460,7 +473,7 @@ def _start_seed(seed: int, directory: Path, container: dict[str, Any], resume_pa
             **job.extra_state(ckpt.save_replay),
         }
         logger.flush()
-        seed_run.last_saved[:] = [save_checkpoint(state, directory / "checkpoints", step, keep=ckpt.keep)]
+        seed_run.last_saved = save_checkpoint(state, directory / "checkpoints", step, keep=ckpt.keep)
 
     seed_run.checkpoint = checkpoint
     return seed_run
@@ -468,7 +481,7 @@ def _start_seed(seed: int, directory: Path, container: dict[str, Any], resume_pa
 
 def _record_divergence(seed_run: _SeedRun, e: Exception) -> Exception:
     """Write `diverged.json` into the seed's directory and name the last good checkpoint."""
-    good = seed_run.last_saved[0] if seed_run.last_saved else seed_run.resume_path
+    good = seed_run.last_saved or seed_run.resume_path
     record = {"step": e.step, "losses": e.losses, "networks": e.networks,  # type: ignore[attr-defined]
               "last_good_checkpoint": str(good) if good else None, "message": str(e)}
     (seed_run.directory / "diverged.json").write_text(json.dumps(record, indent=2))
@@ -565,7 +578,7 @@ class _Job:
     run: Any
     env_state: Any
     close: Any
-    restore: Any = None       # (checkpoint state) -> whether the env state was restored exactly
+    restore: Any              # (checkpoint state) -> whether the env state was restored exactly
     extra_state: Any = lambda save_replay: {}
     dashboard: dict[str, Any] = dataclasses.field(default_factory=dict)
 

@@ -105,12 +105,12 @@ class MLPPlan:
         return blocks
 
     @classmethod
-    def stacked_blocks(cls, networks: list[nn.Module], weights: list[torch.Tensor]) -> "MLPPlan":
+    def stacked_blocks(cls, network: nn.Module, weights: list[torch.Tensor]) -> "MLPPlan":
         """A plan over stacked parameters: `weights` are the stacked tensors, in the order of
-        `networks[0].parameters()`, each (seeds · members, ...) as `SeedStack` lays them out."""
+        `network.parameters()`, each (seeds · members, ...) as agents/seeds.py lays them out."""
         it = iter(weights)
         blocks = []
-        for block in cls._walk(networks[0]):
+        for block in cls._walk(network):
             transposed = isinstance(block.linear, nn.Linear)
             linear = StackedLinear(next(it), next(it), transposed)
             norm = StackedNorm(next(it), next(it), block.norm.eps) if block.norm is not None else None
@@ -324,17 +324,13 @@ class FusedSAC:
             self.actor = MLPPlan(agent.actor.net)
             self.critic = MLPPlan(agent.critic.net)
             self.target = MLPPlan(agent.critic_target.net)
-            self._agent = agent
+            # A reset builds a new temperature tensor and, with it, a new FusedSAC.
+            self.log_alpha = agent.log_alpha
             if self.actor.members != 1:
                 raise ValueError("fused path: the actor must be a single network")
         else:
             self.actor, self.critic, self.target = plans
-            self._log_alpha = log_alpha
-
-    @property
-    def log_alpha(self) -> torch.Tensor:
-        # A single agent's temperature is read at each call (a reset replaces the tensor).
-        return self._agent.log_alpha if self.seeds is None else self._log_alpha
+            self.log_alpha = log_alpha
 
     def _critic_input(self, x: torch.Tensor) -> torch.Tensor:
         """Per seed (seeds, rows, d) -> per critic member (seeds · num_critics, rows, d)."""

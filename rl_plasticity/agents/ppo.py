@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rl_plasticity.agents.fused import adam_step
 from rl_plasticity.agents.networks import orthogonal_init_
 from rl_plasticity.config import from_node, require
 from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
@@ -117,6 +118,40 @@ class RunningMeanStd:
         self.mean = state["mean"].double().numpy().copy()
         self.var = state["var"].double().numpy().copy()
         self.count = float(state["count"])
+
+
+STAT_NAMES = ("losses/policy", "losses/value", "losses/entropy", "losses/approx_kl", "losses/clip_fraction")
+
+
+def ppo_loss(mean: torch.Tensor, value: torch.Tensor, log_std: torch.Tensor, mb: Mapping[str, torch.Tensor],
+             cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped-surrogate loss of a minibatch, and its stats (`STAT_NAMES`, detached).
+
+    Rows are the last dimension (mean (..., rows, |A|), value and `mb` entries (..., rows),
+    `log_std` (..., |A|)), so a leading seed dimension gives each seed's loss and stats.
+    """
+    ls = log_std.unsqueeze(-2)
+    z = (mb["action"] - mean) * torch.exp(-ls)
+    log_prob = (-0.5 * z.square() - ls - _LOG_SQRT_2PI).sum(-1)
+    log_ratio = log_prob - mb["log_prob"]
+    ratio = log_ratio.exp()
+    adv = mb["advantage"]
+    if adv.shape[-1] > 1:
+        adv = (adv - adv.mean(-1, keepdim=True)) / (adv.std(-1, keepdim=True) + 1e-8)
+    policy_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1.0 - cfg.clip, 1.0 + cfg.clip)).mean(-1)
+    value_loss = 0.5 * (value - mb["return"]).square().mean(-1)
+    entropy = (log_std + 0.5 + _LOG_SQRT_2PI).sum(-1)
+    loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
+    with torch.no_grad():
+        approx_kl = ((ratio - 1.0) - log_ratio).mean(-1)
+        clip_fraction = ((ratio - 1.0).abs() > cfg.clip).float().mean(-1)
+        stats = torch.stack([policy_loss.detach(), value_loss.detach(), entropy.detach(), approx_kl, clip_fraction], -1)
+    return loss, stats
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
+    """1 − Var(returns − values) / Var(returns), over the last dimension."""
+    return 1.0 - (returns - values).var(-1) / returns.var(-1).clamp_min(1e-8)
 
 
 class PPOAgent(PlasticityMixin):
@@ -226,43 +261,24 @@ class PPOAgent(PlasticityMixin):
                 history.append(self._update_minibatch(mb))
                 # The mixin reads this only when an ER step, CBP or a reset is due.
                 self.plasticity_after_update(mb["obs"] if block == size else data["obs"][perm.roll(-start)[:block]])
-        stats = torch.stack(history).mean(0)
-        names = ("losses/policy", "losses/value", "losses/entropy", "losses/approx_kl", "losses/clip_fraction")
-        metrics = dict(zip(names, stats.unbind()))
-        values, returns = data["value"], data["return"]
-        metrics["losses/explained_variance"] = 1.0 - (returns - values).var() / returns.var().clamp_min(1e-8)
+        metrics = dict(zip(STAT_NAMES, torch.stack(history).mean(0).unbind()))
+        metrics["losses/explained_variance"] = explained_variance(data["value"], data["return"])
         metrics["value/log_std"] = self.log_std.detach().mean()
         return metrics
 
     def _update_minibatch(self, mb: Mapping[str, torch.Tensor]) -> torch.Tensor:
         cfg = self.cfg
-        obs, action = mb["obs"], mb["action"]
-        mean = self.actor(obs)
-        log_std = self.log_std
-        z = (action - mean) * torch.exp(-log_std)
-        log_prob = (-0.5 * z.square() - log_std - _LOG_SQRT_2PI).sum(-1)
-        log_ratio = log_prob - mb["log_prob"]
-        ratio = log_ratio.exp()
-        adv = mb["advantage"]
-        if adv.numel() > 1:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-        policy_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1.0 - cfg.clip, 1.0 + cfg.clip)).mean()
-        value = self.critic(obs).squeeze(-1)
-        value_loss = 0.5 * (value - mb["return"]).square().mean()
-        entropy = (log_std + 0.5 + _LOG_SQRT_2PI).sum()
-        loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
+        obs = mb["obs"]
+        loss, stats = ppo_loss(self.actor(obs), self.critic(obs).squeeze(-1), self.log_std, mb, cfg)
         loss = self.add_plasticity_losses(loss, ("actor", "critic"))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.plasticity_before_step()
         if cfg.max_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        self.optimizer.step()
+        adam_step(self.optimizer)  # bitwise optimizer.step(), without its per-call Python work
         self.update_count += 1
-        with torch.no_grad():
-            approx_kl = ((ratio - 1.0) - log_ratio).mean()
-            clip_fraction = ((ratio - 1.0).abs() > cfg.clip).float().mean()
-            return torch.stack([policy_loss.detach(), value_loss.detach(), entropy.detach(), approx_kl, clip_fraction])
+        return stats
 
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

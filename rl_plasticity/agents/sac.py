@@ -239,10 +239,7 @@ class SACAgent(PlasticityMixin):
     def _finish_update(self, obs: torch.Tensor, action: torch.Tensor) -> None:
         """Gradients are in `.grad`: regularizer gradients, the optimizer step, the target."""
         self.plasticity_before_step()
-        if self._fused is not None:
-            adam_step(self.optimizer)
-        else:
-            self.optimizer.step()
+        adam_step(self.optimizer)  # bitwise optimizer.step(), without its per-call Python work
         with torch.no_grad():
             torch._foreach_lerp_(self._target_params, self._critic_params, self.cfg.tau)
         self.update_count += 1

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from rl_plasticity.agents.accelerate import accelerate
 from rl_plasticity.agents.fused import FusedSAC, MLPPlan, adam_step_many
-from rl_plasticity.agents.ppo import _LOG_SQRT_2PI
+from rl_plasticity.agents.ppo import STAT_NAMES, explained_variance, ppo_loss
 from rl_plasticity.buffers import Batch
 
 
@@ -95,6 +95,17 @@ def _needs_rng(agent: Any) -> bool:
     return bool(agent._cbp) or due
 
 
+def _network_shape(n: int, param: torch.Tensor) -> tuple[int, ...]:
+    """Stacked shape of one `nn.Linear`/`nn.LayerNorm` parameter of N seeds' networks: matrices
+    (N, out, in), vectors (N, 1, n), the layout `MLPPlan.stacked_blocks` reads."""
+    return (n, *param.shape) if param.dim() == 2 else (n, 1, param.shape[0])
+
+
+def _network_index(param: torch.Tensor, i: int) -> Any:
+    """Seed i's slice of a `_network_shape` stack."""
+    return i if param.dim() == 2 else (i, 0)
+
+
 class _StackedSeeds:
     """What the batched groups share: the seeds' agents and global generators, and the work after
     each optimizer step, which rebinds a seed whose networks a reset rebuilt (`_bind_seed`)."""
@@ -145,36 +156,33 @@ class SACSeedGroup(_StackedSeeds):
         return agent.actor.net, agent.critic.net, agent.critic_target.net
 
     def _index(self, kind: int, param: torch.Tensor, i: int) -> Any:
-        if kind == 0:  # actor (nn.Linear / nn.LayerNorm): matrices (N, out, in), vectors (N, 1, n)
-            return i if param.dim() == 2 else (i, 0)
+        if kind == 0:  # actor (nn.Linear / nn.LayerNorm)
+            return _network_index(param, i)
         C = self.num_critics  # critic and target (ensembles): members of seed i are rows i·C ... (i+1)·C
         return slice(i * C, (i + 1) * C)
 
     def _stacked_shape(self, kind: int, param: torch.Tensor) -> tuple[int, ...]:
         n = len(self.agents)
         if kind == 0:
-            return (n, *param.shape) if param.dim() == 2 else (n, 1, param.shape[0])
+            return _network_shape(n, param)
         return (n * param.shape[0], *param.shape[1:])
 
     def _stack(self) -> None:
         agents = self.agents
         self._storage: list[list[torch.Tensor]] = []
-        self._grads: list[list[torch.Tensor | None]] = []
         for kind in range(3):
             params0 = list(self._networks(agents[0])[kind].parameters())
             storage = [torch.empty(self._stacked_shape(kind, p), device=p.device, dtype=p.dtype) for p in params0]
-            grads = [torch.zeros_like(s) if kind < 2 else None for s in storage]
-            for s, g in zip(storage, grads):
-                if g is not None:
-                    s.grad = g
+            if kind < 2:  # the target network has no gradient
+                for t in storage:
+                    t.grad = torch.zeros_like(t)
             self._storage.append(storage)
-            self._grads.append(grads)
         dev = agents[0].log_alpha.device
         self._alpha = torch.empty(len(agents), device=dev)
         self._alpha.grad = torch.zeros_like(self._alpha)
         for i in range(len(agents)):
             self._bind_seed(i)
-        plans = tuple(MLPPlan.stacked_blocks([self._networks(agents[0])[k]], self._storage[k]) for k in range(3))
+        plans = tuple(MLPPlan.stacked_blocks(self._networks(agents[0])[k], self._storage[k]) for k in range(3))
         self._fused = FusedSAC(plans=plans, log_alpha=self._alpha, seeds=len(agents), template=agents[0])
         self._losses_and_grads = accelerate(self._fused.losses_and_grads, agents[0].device, agents[0]._compile,
                                             agents[0]._cudagraphs, "the batched multi-seed SAC update")
@@ -182,8 +190,8 @@ class SACSeedGroup(_StackedSeeds):
     def _bind_seed(self, i: int) -> None:
         agent = self.agents[i]
         for kind, net in enumerate(self._networks(agent)):
-            for p, s, g in zip(net.parameters(), self._storage[kind], self._grads[kind]):
-                _bind(p, s, g, self._index(kind, p, i))
+            for p, t in zip(net.parameters(), self._storage[kind]):
+                _bind(p, t, t.grad, self._index(kind, p, i))
         _bind(agent.log_alpha, self._alpha, self._alpha.grad, i)
         self._bound_actor[i] = agent.actor
 
@@ -220,7 +228,7 @@ class PPOSeedGroup(_StackedSeeds):
     rollout per seed (the dicts `PPOAgent.update` takes) and returns each seed's metrics.
 
     Each seed's actor, critic and log-std are stacked along a leading seed dimension (weights
-    (N, out, in), vectors (N, n)) and aliased by the seed's own parameters, as in
+    (N, out, in), vectors (N, 1, n), log-std (N, |A|)) and aliased by the seed's own parameters, as in
     `SACSeedGroup`.  Every minibatch step runs all seeds at once: one batched forward per
     network (`baddbmm` per layer), the seeds' PPO losses summed (their parameters are
     disjoint, so each seed's gradient is its own loss's), one autograd pass into the stacked
@@ -235,61 +243,44 @@ class PPOSeedGroup(_StackedSeeds):
         first = self.agents[0]
         if any(a.cfg != first.cfg or a.plasticity_cfg != first.plasticity_cfg for a in self.agents):
             raise ValueError("PPOSeedGroup: the seeds' agent and plasticity settings must be the same")
-        self._plans = {name: self._plan(getattr(first, name)) for name in ("actor", "critic")}
         self._stack()
-
-    @staticmethod
-    def _plan(network: Any) -> list[tuple]:
-        """The layers of a `policy_mlp` as (kind, index of its first parameter[, eps])."""
-        plan, index = [], 0
-        for layer in network:
-            if isinstance(layer, torch.nn.Linear):
-                plan.append(("linear", index))
-                index += 2
-            elif isinstance(layer, torch.nn.LayerNorm):
-                plan.append(("norm", index, layer.eps))
-                index += 2
-            elif isinstance(layer, torch.nn.ReLU):
-                plan.append(("relu",))
-            else:
-                raise TypeError(f"PPOSeedGroup: unexpected layer {type(layer).__name__}")
-        return plan
 
     def _stack(self) -> None:
         n = len(self.agents)
+        first = self.agents[0]
         self._storage: dict[str, list[torch.Tensor]] = {}
         for name in ("actor", "critic"):
-            self._storage[name] = [torch.empty((n, *p.shape), device=p.device, dtype=p.dtype)
-                                   for p in getattr(self.agents[0], name).parameters()]
-        log_std = self.agents[0].log_std
+            self._storage[name] = [torch.empty(_network_shape(n, p), device=p.device, dtype=p.dtype)
+                                   for p in getattr(first, name).parameters()]
+        log_std = first.log_std
         self._storage["log_std"] = [torch.empty((n, *log_std.shape), device=log_std.device, dtype=log_std.dtype)]
         self._leaves = [t for ts in self._storage.values() for t in ts]
         for t in self._leaves:
             t.requires_grad_(True)
             t.grad = torch.zeros_like(t)
+        self._leaf_grads = [t.grad for t in self._leaves]
         for i in range(n):
             self._bind_seed(i)
+        self._plans = {name: MLPPlan.stacked_blocks(getattr(first, name), self._storage[name])
+                       for name in ("actor", "critic")}
 
     def _bind_seed(self, i: int) -> None:
         agent = self.agents[i]
         for name in ("actor", "critic"):
-            for p, s in zip(getattr(agent, name).parameters(), self._storage[name]):
-                _bind(p, s, s.grad, i)
-        s = self._storage["log_std"][0]
-        _bind(agent.log_std, s, s.grad, i)
+            for p, t in zip(getattr(agent, name).parameters(), self._storage[name]):
+                _bind(p, t, t.grad, _network_index(p, i))
+        t = self._storage["log_std"][0]
+        _bind(agent.log_std, t, t.grad, i)
         self._bound_actor[i] = agent.actor
 
     def _forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Network `name` of every seed on its rows: x (N, rows, in) -> (N, rows, out)."""
-        params = self._storage[name]
-        for layer in self._plans[name]:
-            if layer[0] == "linear":
-                w, b = params[layer[1]], params[layer[1] + 1]
-                x = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
-            elif layer[0] == "norm":
-                g, b = params[layer[1]], params[layer[1] + 1]
-                x = torch.addcmul(b.unsqueeze(1), F.layer_norm(x, (g.shape[-1],), eps=layer[2]), g.unsqueeze(1))
-            else:
+        """Network `name` of every seed on its rows, through autograd: x (N, rows, in) -> (N, rows, out)."""
+        for block in self._plans[name].blocks:
+            x = torch.baddbmm(block.linear.bias, x, block.linear.weight.transpose(1, 2))
+            if block.norm is not None:
+                norm = block.norm
+                x = torch.addcmul(norm.bias, F.layer_norm(x, (norm.weight.shape[-1],), eps=norm.eps), norm.weight)
+            if block.relu:
                 x = torch.relu(x)
         return x
 
@@ -317,12 +308,10 @@ class PPOSeedGroup(_StackedSeeds):
                 for i in range(n):
                     self._after_update(i, mb["obs"][i] if block == size else data["obs"][i][perm[i].roll(-start)[:block]])
         stats = torch.stack(history).mean(0)  # (N, 5)
-        names = ("losses/policy", "losses/value", "losses/entropy", "losses/approx_kl", "losses/clip_fraction")
-        values, returns = data["value"], data["return"]
-        explained = 1.0 - (returns - values).var(-1) / returns.var(-1).clamp_min(1e-8)
+        explained = explained_variance(data["value"], data["return"])
         out = []
         for i, agent in enumerate(agents):
-            metrics = dict(zip(names, stats[i].unbind()))
+            metrics = dict(zip(STAT_NAMES, stats[i].unbind()))
             metrics["losses/explained_variance"] = explained[i]
             metrics["value/log_std"] = agent.log_std.detach().mean()
             out.append(metrics)
@@ -332,25 +321,10 @@ class PPOSeedGroup(_StackedSeeds):
         """One minibatch step of every seed (`PPOAgent._update_minibatch`); stats (N, 5)."""
         agents = self.agents
         cfg = agents[0].cfg
-        obs, action = mb["obs"], mb["action"]
-        log_std = self._storage["log_std"][0]
-        ls = log_std.unsqueeze(1)
-        z = (action - self._forward("actor", obs)) * torch.exp(-ls)
-        log_prob = (-0.5 * z.square() - ls - _LOG_SQRT_2PI).sum(-1)
-        log_ratio = log_prob - mb["log_prob"]
-        ratio = log_ratio.exp()
-        adv = mb["advantage"]
-        if adv.shape[-1] > 1:
-            adv = (adv - adv.mean(-1, keepdim=True)) / (adv.std(-1, keepdim=True) + 1e-8)
-        policy_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1.0 - cfg.clip, 1.0 + cfg.clip)).mean(-1)
-        value = self._forward("critic", obs).squeeze(-1)
-        value_loss = 0.5 * (value - mb["return"]).square().mean(-1)
-        entropy = (log_std + 0.5 + _LOG_SQRT_2PI).sum(-1)
-        loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
-        grads = torch.autograd.grad(loss.sum(), self._leaves)
-        with torch.no_grad():
-            for leaf, g in zip(self._leaves, grads):
-                leaf.grad.copy_(g)
+        obs = mb["obs"]
+        loss, stats = ppo_loss(self._forward("actor", obs), self._forward("critic", obs).squeeze(-1),
+                               self._storage["log_std"][0], mb, cfg)
+        torch._foreach_copy_(self._leaf_grads, torch.autograd.grad(loss.sum(), self._leaves))
         for agent in agents:
             agent.add_plasticity_gradients(("actor", "critic"))
             agent.plasticity_before_step()
@@ -359,10 +333,7 @@ class PPOSeedGroup(_StackedSeeds):
         adam_step_many([a.optimizer for a in agents])
         for agent in agents:
             agent.update_count += 1
-        with torch.no_grad():
-            approx_kl = ((ratio - 1.0) - log_ratio).mean(-1)
-            clip_fraction = ((ratio - 1.0).abs() > cfg.clip).float().mean(-1)
-            return torch.stack([policy_loss.detach(), value_loss.detach(), entropy.detach(), approx_kl, clip_fraction], -1)
+        return stats
 
 
 class SequentialGroup:

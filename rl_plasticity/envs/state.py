@@ -19,6 +19,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from rl_plasticity.checkpoint import numpy_rng_from_torch, numpy_rng_to_torch
+
 
 _DERIVED = ("xpos", "xquat", "xmat", "xipos", "ximat", "cfrc_ext", "cinert", "cvel", "subtree_com", "qfrc_actuator",
             "sensordata", "qacc", "actuator_force")
@@ -44,16 +46,6 @@ def _mujoco_handles(unwrapped: Any) -> tuple[Any, Any, Any] | None:
     if model is not None and data is not None and hasattr(model, "nq"):
         return model, data, None
     return None
-
-
-def _random_state_to_torch(rs: np.random.RandomState) -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = rs.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
-
-
-def _random_state_from_torch(rs: np.random.RandomState, s: dict[str, Any]) -> None:
-    rs.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached"]))
 
 
 def capture_env(env: gym.Env) -> dict[str, Any]:
@@ -86,7 +78,7 @@ def capture_env(env: gym.Env) -> dict[str, Any]:
         if dm_env is not None:
             state["dm_control"] = {"step_count": int(dm_env._step_count),
                                    "reset_next_step": bool(dm_env._reset_next_step),
-                                   "task_random": _random_state_to_torch(dm_env.task.random)}
+                                   "task_random": numpy_rng_to_torch(dm_env.task.random.get_state())}
         state["exact"] = True
     elif isinstance(getattr(unwrapped, "state", None), np.ndarray):
         state["classic_state"] = torch.from_numpy(np.array(unwrapped.state, copy=True))
@@ -128,7 +120,7 @@ def restore_env(env: gym.Env, state: dict[str, Any]) -> bool:
             dm = state["dm_control"]
             dm_env._step_count = dm["step_count"]
             dm_env._reset_next_step = dm["reset_next_step"]
-            _random_state_from_torch(dm_env.task.random, dm["task_random"])
+            dm_env.task.random.set_state(numpy_rng_from_torch(dm["task_random"]))
         return True
     if "classic_state" in state:
         unwrapped.state = state["classic_state"].numpy().copy()

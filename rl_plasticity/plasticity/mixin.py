@@ -119,24 +119,27 @@ class PlasticityMixin:
         self._last_penalty[name] = loss.detach()
         return loss
 
-    def add_plasticity_losses(self, loss: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
-        """`loss` plus coef · penalty of each network in `names` that has a loss term."""
-        for name in names:
-            penalty = self.plasticity_loss(name)
-            if penalty is not None:
-                loss = loss + penalty
-        return loss
-
-    def add_plasticity_gradients(self, names: tuple[str, ...]) -> None:
-        """For updates that write their gradients without autograd (the fused SAC path): add the
-        gradient of coef · penalty of each network in `names` to its parameters' `.grad`."""
+    def _plasticity_penalty(self, names: tuple[str, ...]) -> Optional[torch.Tensor]:
+        """The sum of coef · penalty over the networks in `names` that have a loss term (None if none)."""
         total = None
         for name in names:
             penalty = self.plasticity_loss(name)
             if penalty is not None:
                 total = penalty if total is None else total + penalty
-        if total is not None:
-            total.backward()
+        return total
+
+    def add_plasticity_losses(self, loss: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+        """`loss` plus coef · penalty of each network in `names` that has a loss term."""
+        penalty = self._plasticity_penalty(names)
+        return loss if penalty is None else loss + penalty
+
+    def add_plasticity_gradients(self, names: tuple[str, ...]) -> None:
+        """For updates that write their gradients outside this agent's autograd graph (the fused SAC
+        path, the batched seed groups): add the gradient of coef · penalty of each network in
+        `names` to its parameters' `.grad`."""
+        penalty = self._plasticity_penalty(names)
+        if penalty is not None:
+            penalty.backward()
 
     def plasticity_before_step(self) -> None:
         """Between backward and the optimizer step: regularizers that add their gradient directly
