@@ -158,8 +158,9 @@ class ReplayBuffer:
 
     def state_dict(self) -> dict:
         """The filled part of the storage, as *views* (no copy): saving a checkpoint does not need
-        a second buffer's worth of memory.  (torch.save writes each field's whole storage, so the
-        file holds `capacity` rows; the views must be saved before the buffer changes again.)"""
+        a second buffer's worth of memory.  The views must be saved before the buffer changes
+        again; `checkpoint.own_storage` trims them to their own bytes, so that the file holds the
+        filled rows only (torch.save writes a view's whole storage)."""
         n = self.size
         return {
             "layout": "shared_obs", "obs": self.obs[:n], "action": self.action[:n], "reward": self.reward[:n],

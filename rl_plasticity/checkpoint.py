@@ -50,20 +50,31 @@ def numpy_rng_from_torch(s: dict[str, Any]) -> tuple:
 
 
 def own_storage(obj: Any) -> Any:
-    """`obj` with every tensor that is a view into a larger storage replaced by a copy of itself.
+    """`obj` with every tensor that views part of a larger storage replaced by a tensor whose
+    storage is exactly its own bytes.
 
-    `torch.save` writes a tensor's whole storage: a seed's parameter that aliases a slice of the
-    stacked parameters of N seeds (agents/seeds.py) would otherwise carry all N seeds' values into
-    each seed's checkpoint.  Tensors that own their storage are returned as they are.
+    `torch.save` writes a tensor's whole storage: the filled rows of a replay buffer would carry
+    the buffer's full capacity into the file, and a seed's parameter that aliases a slice of the
+    stacked parameters of N seeds (agents/seeds.py) all N seeds' values.  A contiguous view gets a
+    storage that is the byte range it covers of the same memory (no copy: the state must be saved
+    before the viewed tensor changes again, as `save_checkpoint` does); other views are copied.
+    Tensors that own their storage are returned as they are.
     """
     if isinstance(obj, torch.Tensor):
-        if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size():
+        size = obj.numel() * obj.element_size()
+        storage = obj.untyped_storage()
+        if storage.nbytes() <= size:
+            return obj
+        if not obj.is_contiguous():
             return obj.clone()
-        return obj
+        start = obj.storage_offset() * obj.element_size()
+        return torch.empty(0, dtype=obj.dtype, device=obj.device).set_(storage[start:start + size], 0, obj.shape)
     if isinstance(obj, dict):
         return type(obj)((k, own_storage(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         return type(obj)(own_storage(v) for v in obj)
+    if isinstance(obj, tuple):  # a named tuple
+        return type(obj)(*(own_storage(v) for v in obj))
     return obj
 
 
@@ -79,6 +90,12 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, kee
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
+    except OSError as e:  # a full disk, a quota, a vanished file system: the previous files stay
+        Path(tmp).unlink(missing_ok=True)
+        previous = [p.name for p in list_checkpoints(d)]
+        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}; nothing was lost: "
+                              + (f"the previous checkpoint {previous[-1]} is intact" if previous
+                                 else "no earlier checkpoint exists")) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -21,9 +21,11 @@ GROUPS = ("agent", "env", "plasticity")
 
 
 def _run_dir(run_dir: Any, root: str, stamp: str, overrides: str) -> str:
+    from rl_plasticity.rundir import default_name
+
     if run_dir not in (None, "", "None", "null"):
         return str(run_dir)
-    return f"{root}/{stamp}_{overrides}" if overrides else f"{root}/{stamp}"
+    return default_name(root, stamp, overrides)
 
 
 def register_configs() -> None:

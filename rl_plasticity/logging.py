@@ -1,10 +1,12 @@
 """TensorBoard writer and console progress line: the only place that writes metrics."""
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
-from typing import Mapping
+from pathlib import Path
+from typing import IO, Iterator, Mapping
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -23,13 +25,14 @@ class Logger:
     """Scalars to TensorBoard (one namespace per concern: charts/, eval/, losses/, value/, ...)
     and a one-line progress report on the console."""
 
-    def __init__(self, run_dir: str, total_steps: int, stream=sys.stdout, purge_step: int | None = None,
-                 label: str = ""):
+    def __init__(self, run_dir: str, total_steps: int, stream=None, purge_step: int | None = None,
+                 label: str = "", progress_every_s: float = 30.0):
         self.writer = SummaryWriter(log_dir=run_dir, purge_step=purge_step)
         self.total_steps = total_steps
         self.label = f"{label} | " if label else ""  # names the seed on the console in a multi-seed run
-        self.stream = stream
+        self._stream = stream  # None: sys.stdout at the time of writing (tee_console's, in a run)
         self.last_return: float | None = None
+        self.console = ConsoleProgress(progress_every_s)
 
     def dashboard(self, networks: list[str], losses: tuple[str, ...] = ("critic", "actor", "alpha", "plasticity"),
                   values: tuple[str, ...] = ("q_mean", "alpha", "entropy"), friction: bool = False) -> None:
@@ -78,20 +81,67 @@ class Logger:
         self.writer.add_scalar("charts/episode_return", episode_return, step)
         self.writer.add_scalar("charts/episode_length", length, step)
 
-    def progress(self, step: int, sps: float, ups: float, elapsed_s: float) -> None:
-        """Console: env steps, steps/s, updates/s, last episode return, ETA."""
-        remaining = (self.total_steps - step) / sps if sps > 0 else float("inf")
-        ret = "n/a" if self.last_return is None else f"{self.last_return:.1f}"
-        pct = 100.0 * step / max(self.total_steps, 1)
-        print(f"{self.label}step {step:>9,}/{self.total_steps:,} ({pct:5.1f}%) | {sps:7.1f} steps/s | {ups:8.1f} updates/s | "
-              f"return {ret} | elapsed {_fmt_duration(elapsed_s)} | ETA {_fmt_duration(remaining)}",
-              file=self.stream, flush=True)
+    def progress(self, step: int, updates: int, learning_starts: int = 0) -> None:
+        """Console: one progress line (see `ConsoleProgress`)."""
+        line = self.console.line(step, updates, self.total_steps, learning_starts, self.last_return)
+        print(self.label + line, file=self._stream or sys.stdout, flush=True)
+
+    def tick(self, step: int, updates: int, learning_starts: int = 0) -> None:
+        """Called after every env step: a progress line when `progress_every_s` seconds have passed
+        since the last one, so that a slow run never looks hung between `log.every` lines."""
+        self.console.observe(step, learning_starts)
+        if self.console.due():
+            self.progress(step, updates, learning_starts)
 
     def flush(self) -> None:
         self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
+
+
+class ConsoleProgress:
+    """What the console's progress lines say, and when a line is due on a time basis.
+
+    Rates are over the interval since the previous line.  The ETA is estimated from the learning
+    phase only (env steps after `learning_starts`, the random prefill excluded, whose steps are
+    hundreds of times faster): during prefill it is unknown and the line says when learning starts.
+    """
+
+    def __init__(self, every_s: float = 30.0):
+        self.every_s = float(every_s)
+        self._last: tuple[float, int, int] | None = None      # (time, step, updates) of the previous line
+        self._learning: tuple[float, int] | None = None       # (time, step) of the first line in the learning phase
+        self._t0 = self._t_line = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self._t_line >= self.every_s
+
+    def observe(self, step: int, learning_starts: int) -> None:
+        """Note the first step of the learning phase (the ETA's rate is measured from there)."""
+        if self._learning is None and step >= learning_starts:
+            self._learning = (time.monotonic(), step)
+
+    def line(self, step: int, updates: int, total: int, learning_starts: int, last_return: float | None) -> str:
+        now = time.monotonic()
+        t_prev, step_prev, upd_prev = self._last if self._last is not None else (self._t0, step, updates)
+        dt = max(now - t_prev, 1e-9)
+        sps, ups = (step - step_prev) / dt, (updates - upd_prev) / dt
+        self._last, self._t_line = (now, step, updates), now
+        self.observe(step, learning_starts)
+        if step >= total:
+            eta = "0m00s"
+        elif self._learning is None:
+            eta = f"after prefill (learning starts at step {learning_starts:,})"
+        elif step > self._learning[1]:
+            rate = (step - self._learning[1]) / max(now - self._learning[0], 1e-9)
+            eta = _fmt_duration((total - step) / rate)
+        else:
+            eta = "? (measuring)"
+        ret = "n/a" if last_return is None else f"{last_return:.1f}"
+        pct = 100.0 * step / max(total, 1)
+        return (f"step {step:>9,}/{total:,} ({pct:5.1f}%) | {sps:7.1f} steps/s | {ups:8.1f} updates/s | "
+                f"return {ret} | elapsed {_fmt_duration(now - self._t0)} | ETA {eta}")
 
 
 class RateMeter:
@@ -108,6 +158,34 @@ class RateMeter:
         self.t_last, self.step_last, self.upd_last = now, step, updates
         return sps, ups
 
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
+
+class _Tee:
+    """A text stream that writes to the console stream and to a log file (flushed per write)."""
+
+    def __init__(self, console: IO[str], file: IO[str]):
+        self.console, self.file = console, file
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        self.file.flush()
+        return self.console.write(text)
+
+    def flush(self) -> None:
+        self.console.flush()
+        self.file.flush()
+
+    def __getattr__(self, name: str):  # isatty, fileno, encoding, ...: the console's
+        return getattr(self.console, name)
+
+
+@contextlib.contextmanager
+def tee_console(path: str | Path) -> Iterator[None]:
+    """Everything printed to stdout and stderr (progress lines, messages, warnings) is also
+    appended to `path` (a run's `train.log`) while the context is open."""
+    with open(path, "a", encoding="utf-8") as f:
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, f), _Tee(err, f)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = out, err

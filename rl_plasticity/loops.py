@@ -236,7 +236,9 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
             logger.scalars(values, step)  # the only host sync of the update metrics
             logger.scalar("charts/sps", sps, step)
             logger.scalar("charts/updates_per_s", ups, step)
-            logger.progress(step, sps, ups, meter.elapsed)
+            logger.progress(step, agent.update_count, s.prefill_steps)
+        else:
+            logger.tick(step, agent.update_count, s.prefill_steps)
         if s.eval_episodes > 0 and (step % s.eval_every == 0 or step == s.total_steps):
             if before_eval is not None:
                 before_eval()
@@ -368,6 +370,7 @@ def on_policy_steps(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: 
                         logger.scalar("env/friction", current[i], step)
                     episode_return[i], episode_length[i] = 0.0, 0
             obs = next_obs
+            logger.tick(step, agent.update_count)
             if control.should_stop():
                 check_finite(agent, metrics, step)
                 save_checkpoint(step, loop_state())  # which flushes the logger first
@@ -387,7 +390,7 @@ def on_policy_steps(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: 
             logger.scalars(values, step)
             logger.scalar("charts/sps", sps, step)
             logger.scalar("charts/updates_per_s", ups, step)
-            logger.progress(step, sps, ups, meter.elapsed)
+            logger.progress(step, agent.update_count)
         if s.eval_episodes > 0 and (_crossed(before, step, s.eval_every) or step == usable):
             if before_eval is not None:
                 before_eval()

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rl_plasticity.cli import check_overrides, fail, register_configs
 from rl_plasticity.config import ConfigError, from_node, require
+from rl_plasticity.rundir import RunLock, check_trainable, run_dir_override, shell_command
 
 register_configs()
 
@@ -29,7 +32,7 @@ class RunConfig:
     total_steps: int = 1_000_000
     device: str = "auto"
     run_dir: Optional[str] = None
-    threads: Optional[int] = None
+    threads: Optional[int] = 1
     resume: bool = True
     compile: bool = False
     cudagraphs: bool = False
@@ -46,6 +49,7 @@ class EvalConfig:
 @dataclasses.dataclass
 class LogConfig:
     every: int = 1_000
+    progress_seconds: float = 30.0
 
 
 @dataclasses.dataclass
@@ -141,7 +145,8 @@ def seed_runs(run_dir: Path, config: dict[str, Any]) -> list[tuple[int, Path, di
     if num_seeds == 1:
         if multi:
             raise ConfigError(f"run_dir {run_dir} holds a multi-seed run ({', '.join(multi)}): continue it with "
-                              f"num_seeds={len(multi)}, or continue one seed alone with run_dir={run_dir / multi[0]}")
+                              f"num_seeds={len(multi)}, or continue one seed alone with "
+                              f"{run_dir_override(run_dir / multi[0])}")
         return [(seed, run_dir, config)]
     if run_in_progress(run_dir):
         raise ConfigError(f"run_dir {run_dir} holds a single-seed run, and num_seeds={num_seeds} writes one "
@@ -289,14 +294,29 @@ def _yaml_block(cfg: dict[str, Any]) -> str:
 AGENTS = ("sac", "ppo")
 
 
-def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
-    """Run one training job described by `cfg` in `run_dir`; returns the last evaluation summary."""
+@dataclasses.dataclass
+class Settings:
+    """A composed config, checked and typed (`settings`); building it has no side effects."""
+
+    container: dict[str, Any]
+    run: RunConfig
+    evaluation: EvalConfig
+    log: LogConfig
+    ckpt: CheckpointConfig
+    agent_name: str
+    agent_cfg: Any
+    plasticity_cfg: Any
+    device: torch.device
+
+
+def settings(container: dict[str, Any]) -> Settings:
+    """Check every run-level, agent and plasticity key of a resolved config (ConfigError naming
+    the key), before anything is created: the entry point calls it before Hydra makes the run
+    directory, so a rejected config leaves nothing on disk."""
     from rl_plasticity.agents.ppo import PPOConfig
     from rl_plasticity.agents.sac import SACConfig
     from rl_plasticity.plasticity.mixin import PlasticityConfig
 
-    container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    container["run_dir"] = run_dir
     run = from_node(RunConfig, {f.name: container[f.name] for f in dataclasses.fields(RunConfig) if f.name in container},
                     "")
     evaluation = from_node(EvalConfig, container["eval"], "eval")
@@ -306,21 +326,34 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
     require(evaluation.every >= 1, f"eval.every must be >= 1, got {evaluation.every}")
     require(evaluation.episodes >= 0, f"eval.episodes must be >= 0, got {evaluation.episodes}")
     require(log.every >= 1, f"log.every must be >= 1, got {log.every}")
+    require(log.progress_seconds > 0, f"log.progress_seconds must be > 0, got {log.progress_seconds}")
     require(ckpt.every >= 1, f"checkpoint.every must be >= 1, got {ckpt.every}")
     require(ckpt.keep >= 1, f"checkpoint.keep must be >= 1, got {ckpt.keep}")
+    require(run.threads is None or run.threads >= 1, f"threads must be >= 1 or null, got {run.threads}")
+    require(run.num_seeds >= 1, f"num_seeds must be >= 1, got {run.num_seeds}")
     agent_name = container["agent"].get("name")
     if agent_name not in AGENTS:
         raise ConfigError(f"unknown agent '{agent_name}'. Valid choices: {', '.join(AGENTS)}")
     plasticity_cfg = PlasticityConfig.from_node(container["plasticity"])
     agent_cfg = (SACConfig if agent_name == "sac" else PPOConfig).from_node(container["agent"])
     device = resolve_device(run.device)
-    if run.threads is not None:
-        require(run.threads >= 1, f"threads must be >= 1, got {run.threads}")
-        torch.set_num_threads(run.threads)
+    return Settings(container, run, evaluation, log, ckpt, agent_name, agent_cfg, plasticity_cfg, device)
 
-    require(run.num_seeds >= 1, f"num_seeds must be >= 1, got {run.num_seeds}")
+
+def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
+    """Run one training job described by `cfg` in `run_dir`; returns the last evaluation summary."""
+    container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    container["run_dir"] = run_dir
+    st = settings(container)
+    run, evaluation, log, ckpt = st.run, st.evaluation, st.log, st.ckpt
+    agent_name, agent_cfg, plasticity_cfg, device = st.agent_name, st.agent_cfg, st.plasticity_cfg, st.device
+    if run.threads is not None:
+        torch.set_num_threads(run.threads)
+    RunLock.acquire(Path(run_dir))
+
     runs, finished = _start_seeds(Path(run_dir), container, run, agent_name, agent_cfg, plasticity_cfg, device, ckpt)
 
+    from rl_plasticity.checkpoint import CheckpointError
     from rl_plasticity.loops import DivergenceError, LoopControl, drive
 
     results: dict[int, Any] = {}
@@ -339,6 +372,8 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
                     raise _record_divergence(runs[0], e)
             elif runs:
                 results, diverged = _lockstep(runs, steps, seeds_stop, run.batch_seeds)
+    except CheckpointError as e:  # a checkpoint could not be written (disk full): stop, losing nothing
+        raise CheckpointError(f"{e}. Free space, then resume with: {shell_command(sys.argv[1:], run_dir=run_dir)}")
     finally:
         for r in runs:
             r.logger.close()
@@ -346,8 +381,7 @@ def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
     summary = {**finished, **{seed: result.last_eval for seed, result in results.items()}}
     preempted = [r for r in runs if r.seed in results and results[r.seed].preempted]
     if preempted:
-        command = " ".join(["python -m rl_plasticity.train"] + [a for a in sys.argv[1:] if not a.startswith("run_dir=")]
-                           + [f"run_dir={run_dir}"])
+        command = shell_command(sys.argv[1:], run_dir=run_dir)
         for r in preempted:
             print(f"stopped at step {results[r.seed].step:,}; checkpoint {r.last_saved or '-'} "
                   f"written{'' if run.num_seeds == 1 else f' (seed {r.seed})'}.", flush=True)
@@ -444,14 +478,15 @@ def _start_seed(seed: int, directory: Path, container: dict[str, Any], resume_pa
     # purge_step drops what a crashed process logged after its last checkpoint, so the curves
     # continue without duplicated points.
     logger = Logger(str(directory), run.total_steps, purge_step=start + 1 if resume_state is not None else None,
-                    label=f"seed {seed}" if int(container.get("num_seeds", 1)) > 1 else "")
+                    label=f"seed {seed}" if int(container.get("num_seeds", 1)) > 1 else "",
+                    progress_every_s=float(container["log"].get("progress_seconds", 30.0)))
     if resume_state is None:
         logger.text("config", _yaml_block(container))
         logger.dashboard(list(job.agent.networks), **job.dashboard)
     else:
         print(f"resuming from {resume_path} at step {start:,}"
               + ("" if resumed_env_exact else " (this env's state cannot be restored: its episode restarts)"), flush=True)
-    print(f"run dir: {directory}  (tensorboard --logdir {directory})\n"
+    print(f"run dir: {directory}  (tensorboard --logdir {shlex.quote(str(directory))})\n"
           f"agent {agent_name} on {container['env']['name']} | seed {seed} | device {device} | obs {job.obs_dim} | "
           f"actions {job.action_dim} | {job.summary} | plasticity {plasticity_cfg.name}", flush=True)
     seed_run = _SeedRun(seed, directory, run, job, logger, resume_path,
@@ -465,15 +500,16 @@ def _start_seed(seed: int, directory: Path, container: dict[str, Any], resume_pa
             "agent_name": agent_name,
             "obs_dim": job.obs_dim,
             "action_dim": job.action_dim,
-            # A batched seed's parameters are views into the stacks of all seeds: saved on their own.
-            "agent": own_storage(job.agent.state_dict()),
+            "agent": job.agent.state_dict(),
             "env": job.env_state(),
             "loop": loop_state,
             "rng": rng_state(),
             **job.extra_state(ckpt.save_replay),
         }
         logger.flush()
-        seed_run.last_saved = save_checkpoint(state, directory / "checkpoints", step, keep=ckpt.keep)
+        # Each tensor saved as its own bytes only: the replay buffer's filled rows (not its capacity),
+        # a batched seed's parameters (not the stacks of all seeds they view).
+        seed_run.last_saved = save_checkpoint(own_storage(state), directory / "checkpoints", step, keep=ckpt.keep)
 
     seed_run.checkpoint = checkpoint
     return seed_run
@@ -689,34 +725,56 @@ def _build_ppo(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
                            "values": ("log_std",), "friction": bool(slippery)})
 
 
+# Run directories given on the command line that existed before this process (never removed).
+_EXISTING_RUN_DIRS: set[str] = set()
+_HYDRA_FILES = {".hydra", "train.log", ".rl_plasticity.lock"}
+
+
+def _discard_if_unused(run_dir: Path) -> bool:
+    """Remove a run directory this process created that holds nothing but Hydra's record and the
+    log (a config refused after Hydra made the directory); True if it was removed."""
+    import shutil
+
+    if str(run_dir.resolve()) in _EXISTING_RUN_DIRS or not run_dir.is_dir():
+        return False
+    if {p.name for p in run_dir.iterdir()} - _HYDRA_FILES:
+        return False
+    RunLock.release(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
+
+
 @hydra.main(version_base=None, config_path="pkg://rl_plasticity.configs", config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from rl_plasticity.checkpoint import CheckpointError
     from rl_plasticity.envs.dmc import UnknownEnvError
+    from rl_plasticity.logging import tee_console
     from rl_plasticity.loops import DivergenceError
 
     run_dir = HydraConfig.get().runtime.output_dir
+    log_file = Path(run_dir) / "train.log"
     try:
-        train(cfg, run_dir)
+        with tee_console(log_file):
+            train(cfg, run_dir)
     except (ConfigError, CheckpointError, UnknownEnvError) as e:
+        if not _discard_if_unused(Path(run_dir)):
+            with open(log_file, "a", encoding="utf-8") as f:
+                f.write(f"error: {e}\n")
         fail(str(e))
     except DivergenceError as e:
+        with open(log_file, "a", encoding="utf-8") as f:
+            f.write(f"error: {e}\n")
         fail(str(e), code=3)
 
 
 def preflight(args: list[str]) -> None:
-    """Before Hydra writes into a given run_dir: refuse a run_dir that holds a run when
-    resume=false, or whose checkpoint has a different config (nothing on disk is touched)."""
-    if any(a in ("-m", "--multirun") for a in args):
-        return
-    values = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
-    run_dir = values.get("run_dir")
-    if run_dir in (None, "", "null", "None"):
-        return
-    path = Path(run_dir)
-    if not run_in_progress(path) and not any(run_in_progress(d) for d in path.glob("seed_*") if d.is_dir()):
+    """Before Hydra creates or writes anything: check the whole config (`settings`); for a given
+    run_dir, refuse a non-empty directory that holds no run, a run_dir holding a run when
+    resume=false or whose checkpoint has a different config, and then take the directory's
+    writer lock (`RunLock`).  A refused command creates and changes nothing on disk."""
+    if any(a.startswith("-") for a in args):  # a multirun (its jobs check themselves), --help, --cfg, ...
         return
     from hydra import compose, initialize_config_module
 
@@ -725,9 +783,18 @@ def preflight(args: list[str]) -> None:
     with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
         cfg = compose("train", overrides=[a for a in args if not a.startswith("hydra")])
     container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    container["run_dir"] = run_dir
-    for _, directory, config in seed_runs(path, container):
-        resume_point(directory, bool(cfg.resume), config)
+    settings(container)
+    run_dir = container.get("run_dir")
+    if run_dir in (None, "", "null", "None"):
+        return
+    path = Path(str(run_dir))
+    check_trainable(path)
+    if run_in_progress(path) or any(run_in_progress(d) for d in path.glob("seed_*") if d.is_dir()):
+        for _, directory, config in seed_runs(path, container):
+            resume_point(directory, bool(cfg.resume), config)
+    if path.exists():
+        _EXISTING_RUN_DIRS.add(str(path.resolve()))
+    RunLock.acquire(path)  # after the read-only checks: a refused command leaves the directory as it was
 
 
 def main() -> None:

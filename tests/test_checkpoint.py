@@ -1,3 +1,4 @@
+import errno
 import os
 import pickle
 
@@ -31,10 +32,10 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     def broken_save(obj, f):
         f.write(b"partial")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="No space left on device.*step_000000001.pt is intact"):
         save_checkpoint(state(2), tmp_path, 2)
     assert list_checkpoints(tmp_path) == [good]
     assert load_checkpoint(good)["step"] == 1
