@@ -26,13 +26,15 @@ class Logger:
     and a one-line progress report on the console."""
 
     def __init__(self, run_dir: str, total_steps: int, stream=None, purge_step: int | None = None,
-                 label: str = "", progress_every_s: float = 30.0):
+                 label: str = "", progress_every_s: float = 30.0, start_step: int = 0, start_updates: int = 0,
+                 mirror: "WandbMirror | None" = None):
         self.writer = SummaryWriter(log_dir=run_dir, purge_step=purge_step)
+        self.mirror = mirror  # Weights & Biases, when log.wandb=true: the same tags, against the same steps
         self.total_steps = total_steps
         self.label = f"{label} | " if label else ""  # names the seed on the console in a multi-seed run
         self._stream = stream  # None: sys.stdout at the time of writing (tee_console's, in a run)
         self.last_return: float | None = None
-        self.console = ConsoleProgress(progress_every_s)
+        self.console = ConsoleProgress(progress_every_s, start_step, start_updates)
 
     def dashboard(self, networks: list[str], losses: tuple[str, ...] = ("critic", "actor", "alpha", "plasticity"),
                   values: tuple[str, ...] = ("q_mean", "alpha", "entropy"), friction: bool = False) -> None:
@@ -65,6 +67,8 @@ class Logger:
 
     def scalar(self, tag: str, value: float | torch.Tensor, step: int) -> None:
         self.writer.add_scalar(tag, float(value), step)
+        if self.mirror is not None:
+            self.mirror.log({tag: float(value)}, step)
 
     def scalars(self, values: Mapping[str, float | torch.Tensor], step: int) -> None:
         """Write many scalars; device tensors are moved to the host in one transfer."""
@@ -75,11 +79,15 @@ class Logger:
         host = torch.stack([t.to(tensors[0].device) for t in tensors]).cpu().tolist()
         for tag, v in zip(tags, host):
             self.writer.add_scalar(tag, v, step)
+        if self.mirror is not None:
+            self.mirror.log(dict(zip(tags, host)), step)
 
     def episode(self, episode_return: float, length: int, step: int) -> None:
         self.last_return = episode_return
         self.writer.add_scalar("charts/episode_return", episode_return, step)
         self.writer.add_scalar("charts/episode_length", length, step)
+        if self.mirror is not None:
+            self.mirror.log({"charts/episode_return": episode_return, "charts/episode_length": length}, step)
 
     def progress(self, step: int, updates: int, learning_starts: int = 0) -> None:
         """Console: one progress line (see `ConsoleProgress`)."""
@@ -98,6 +106,43 @@ class Logger:
 
     def close(self) -> None:
         self.writer.close()
+        if self.mirror is not None:
+            self.mirror.close()
+
+
+class WandbMirror:
+    """The run's scalars and resolved config, mirrored to Weights & Biases (`log.wandb=true`).
+
+    Every scalar goes under its TensorBoard tag against a `global_step` metric (env steps), so
+    the W&B charts have the TensorBoard curves' x axis.  The W&B run id is kept in
+    `<run_dir>/wandb_run_id`: a resumed run continues the same W&B run (`resume="allow"`); W&B
+    cannot drop points, so what a killed process logged after its last checkpoint stays there
+    (TensorBoard purges it).  W&B's own files go to `<run_dir>/wandb/`; `mode=offline` needs no
+    network (`wandb sync <run_dir>/wandb/offline-run-*` uploads later).
+    """
+
+    ID_FILE = "wandb_run_id"
+
+    def __init__(self, run_dir: str | Path, config: Mapping, project: str, entity: str | None, group: str | None,
+                 tags: tuple[str, ...], mode: str, name: str):
+        import uuid
+
+        import wandb
+
+        id_file = Path(run_dir) / self.ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        self.run = wandb.init(project=project, entity=entity, group=group, tags=list(tags), name=name, id=run_id,
+                              resume="allow", dir=str(run_dir), config=dict(config), mode=mode,
+                              settings=wandb.Settings(console="off", save_code=False))
+        id_file.write_text(run_id + "\n")
+        self.run.define_metric("global_step")
+        self.run.define_metric("*", step_metric="global_step")
+
+    def log(self, values: Mapping[str, float], step: int) -> None:
+        self.run.log({**values, "global_step": step})
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 class ConsoleProgress:
@@ -108,9 +153,10 @@ class ConsoleProgress:
     hundreds of times faster): during prefill it is unknown and the line says when learning starts.
     """
 
-    def __init__(self, every_s: float = 30.0):
+    def __init__(self, every_s: float = 30.0, start_step: int = 0, start_updates: int = 0):
         self.every_s = float(every_s)
         self._last: tuple[float, int, int] | None = None      # (time, step, updates) of the previous line
+        self._start = (start_step, start_updates)
         self._learning: tuple[float, int] | None = None       # (time, step) of the first line in the learning phase
         self._t0 = self._t_line = time.monotonic()
 
@@ -124,7 +170,7 @@ class ConsoleProgress:
 
     def line(self, step: int, updates: int, total: int, learning_starts: int, last_return: float | None) -> str:
         now = time.monotonic()
-        t_prev, step_prev, upd_prev = self._last if self._last is not None else (self._t0, step, updates)
+        t_prev, step_prev, upd_prev = self._last if self._last is not None else (self._t0, *self._start)
         dt = max(now - t_prev, 1e-9)
         sps, ups = (step - step_prev) / dt, (updates - upd_prev) / dt
         self._last, self._t_line = (now, step, updates), now

@@ -50,6 +50,15 @@ class EvalConfig:
 class LogConfig:
     every: int = 1_000
     progress_seconds: float = 30.0
+    wandb: bool = False
+    wandb_project: str = "rl_plasticity"
+    wandb_entity: Optional[str] = None
+    wandb_group: Optional[str] = None
+    wandb_tags: tuple[str, ...] = ()
+    wandb_mode: str = "online"
+
+
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 @dataclasses.dataclass
@@ -327,6 +336,13 @@ def settings(container: dict[str, Any]) -> Settings:
     require(evaluation.episodes >= 0, f"eval.episodes must be >= 0, got {evaluation.episodes}")
     require(log.every >= 1, f"log.every must be >= 1, got {log.every}")
     require(log.progress_seconds > 0, f"log.progress_seconds must be > 0, got {log.progress_seconds}")
+    require(log.wandb_mode in WANDB_MODES,
+            f"log.wandb_mode must be one of {', '.join(WANDB_MODES)}, got {log.wandb_mode!r}")
+    if log.wandb:
+        import importlib.util
+
+        require(importlib.util.find_spec("wandb") is not None,
+                "log.wandb=true needs the wandb package: pip install wandb (or log.wandb=false)")
     require(ckpt.every >= 1, f"checkpoint.every must be >= 1, got {ckpt.every}")
     require(ckpt.keep >= 1, f"checkpoint.keep must be >= 1, got {ckpt.keep}")
     require(run.threads is None or run.threads >= 1, f"threads must be >= 1 or null, got {run.threads}")
@@ -477,9 +493,19 @@ def _start_seed(seed: int, directory: Path, container: dict[str, Any], resume_pa
     start = resume_state["step"] if resume_state is not None else 0
     # purge_step drops what a crashed process logged after its last checkpoint, so the curves
     # continue without duplicated points.
+    multi = int(container.get("num_seeds", 1)) > 1
+    log = from_node(LogConfig, container["log"], "log")
+    mirror = None
+    if log.wandb:
+        from rl_plasticity.logging import WandbMirror
+
+        top = directory.parent.name if multi else directory.name
+        mirror = WandbMirror(directory, container, log.wandb_project, log.wandb_entity,
+                             log.wandb_group or (top if multi else None), log.wandb_tags, log.wandb_mode,
+                             name=f"{top}/{directory.name}" if multi else top)
     logger = Logger(str(directory), run.total_steps, purge_step=start + 1 if resume_state is not None else None,
-                    label=f"seed {seed}" if int(container.get("num_seeds", 1)) > 1 else "",
-                    progress_every_s=float(container["log"].get("progress_seconds", 30.0)))
+                    label=f"seed {seed}" if multi else "", progress_every_s=log.progress_seconds,
+                    start_step=start, start_updates=job.agent.update_count, mirror=mirror)
     if resume_state is None:
         logger.text("config", _yaml_block(container))
         logger.dashboard(list(job.agent.networks), **job.dashboard)
