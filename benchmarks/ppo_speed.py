@@ -61,7 +61,7 @@ def build_ours(args, timers: _Timers | None = None):
 
     from rl_plasticity.agents.ppo import PPOAgent, PPOConfig
     from rl_plasticity.envs import make_env
-    from rl_plasticity.envs.slippery_ant import find_slippery_ant
+    from rl_plasticity.envs.nonstationary import episode_metrics
     from rl_plasticity.logging import Logger
     from rl_plasticity.loops import OnPolicySchedule, run_on_policy
 
@@ -71,7 +71,6 @@ def build_ours(args, timers: _Timers | None = None):
     envs = gym.vector.SyncVectorEnv([lambda: make_env(ENV_CFG)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     agent = PPOAgent(obs_dim, act_dim, cfg, "cpu", seed=0)
-    slippery = [w for w in (find_slippery_ant(e) for e in envs.envs) if w is not None]
     schedule = OnPolicySchedule(total_steps=args.steps, rollout_steps=ROLLOUT, eval_every=NEVER, eval_episodes=0,
                                 log_every=NEVER, checkpoint_every=NEVER, seed=0, gamma=cfg.gamma,
                                 gae_lambda=cfg.gae_lambda)
@@ -87,7 +86,7 @@ def build_ours(args, timers: _Timers | None = None):
     def run() -> float:
         start = time.perf_counter()
         run_on_policy(agent, envs, None, logger, schedule, lambda step, state: None,
-                      frictions=lambda: [w.friction for w in slippery])
+                      env_metrics=lambda: [episode_metrics(e) for e in envs.envs])
         seconds = time.perf_counter() - start
         logger.close()
         envs.close()

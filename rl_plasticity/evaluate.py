@@ -285,6 +285,21 @@ def _training_friction(state: dict[str, Any]) -> Optional[float]:
     return None
 
 
+def _continual_tasks(env: Any, state: dict[str, Any]) -> Any:
+    """Continual DMC: hold the task the (first) training env was in when the checkpoint was
+    written; returns the env's ContinualTasks, or None for another env."""
+    from rl_plasticity.envs.continual_dmc import ContinualTasks
+
+    if not isinstance(env, ContinualTasks):
+        return None
+    for env_state in state.get("env") or []:
+        if isinstance(env_state, dict) and "continual" in env_state:
+            saved = env_state["continual"]
+            env.hold_task(saved["held"] if saved["held"] is not None else saved["period"] % len(env.envs))
+            break
+    return env
+
+
 _REQUIRED = ("config", "step", "agent_name", "obs_dim", "action_dim", "agent")
 
 
@@ -334,6 +349,7 @@ def evaluate_checkpoint(path: str | Path, cfg: EvaluateConfig, overrides: Option
         held = _training_friction(state) if overrides.get("env.friction") is None else None
         if slippery is not None and held is not None:
             slippery.hold_friction(held)  # training evaluates under the friction it trains on
+        continual = _continual_tasks(env, state)  # and on the task it trains on (continual DMC)
         videos: list[Path] = []
         if cfg.video:
             env, videos = _record(env, path, cfg, int(env_cfg.get("action_repeat", 1)))
@@ -361,6 +377,8 @@ def evaluate_checkpoint(path: str | Path, cfg: EvaluateConfig, overrides: Option
         result["max_episode_steps"] = cfg.max_episode_steps
     if slippery is not None:
         result["friction"] = slippery.friction
+    if continual is not None:
+        result["task"] = continual.task
     if videos:
         result["videos"] = [str(v) for v in videos if v.is_file()]
     if write_json:

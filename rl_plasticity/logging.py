@@ -37,11 +37,11 @@ class Logger:
         self.console = ConsoleProgress(progress_every_s, start_step, start_updates)
 
     def dashboard(self, networks: list[str], losses: tuple[str, ...] = ("critic", "actor", "alpha", "plasticity"),
-                  values: tuple[str, ...] = ("q_mean", "alpha", "entropy"), friction: bool = False) -> None:
+                  values: tuple[str, ...] = ("q_mean", "alpha", "entropy"), env_tags: tuple[str, ...] = ()) -> None:
         """Register a custom-scalars layout so the run opens as a dashboard (CUSTOM SCALARS tab).
 
-        `losses` and `values` name the agent's `losses/*` and `value/*` tags; `friction` adds
-        `env/friction` (Slippery Ant) beside the returns."""
+        `losses` and `values` name the agent's `losses/*` and `value/*` tags; `env_tags` (a
+        non-stationary env's `env/friction`, `env/task`) get a chart each beside the returns."""
         metrics = ["spectral_norm", "param_norm|grad_norm", "feature_effective_rank", "dormant_fraction|dead_fraction",
                    "distance_from_init"]
         layout = {
@@ -55,8 +55,8 @@ class Logger:
                 "agent": ["Multiline", [f"value/{v}" for v in values]],
             },
         }
-        if friction:
-            layout["Return"]["friction"] = ["Multiline", ["env/friction"]]
+        for tag in env_tags:
+            layout["Return"][tag.split("/", 1)[-1]] = ["Multiline", [tag]]
         for net in networks:
             layout[f"Plasticity: {net}"] = {m.replace("|", " / "): ["Multiline", [f"plasticity/{net}/({m})"]]
                                             for m in metrics}

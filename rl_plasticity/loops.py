@@ -158,18 +158,22 @@ def drive(steps: LoopSteps, update: Callable[[Any], dict[str, torch.Tensor]]) ->
 
 def run_off_policy(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, eval_env: gym.Env, logger: Logger,
                    schedule: OffPolicySchedule, save_checkpoint: Callable[[int, dict[str, Any]], None],
-                   control: LoopControl | None = None, before_eval: Callable[[], None] | None = None) -> LoopResult:
+                   control: LoopControl | None = None, before_eval: Callable[[], None] | None = None,
+                   env_metrics: Callable[[], dict[str, float]] | None = None) -> LoopResult:
     """Prefill with uniform random actions, then act and run `replay_ratio` updates per env step
     (see `off_policy_steps`)."""
     return drive(off_policy_steps(agent, buffer, env, eval_env, logger, schedule, save_checkpoint, control,
-                                  before_eval), agent.update)
+                                  before_eval, env_metrics), agent.update)
 
 
 def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, eval_env: gym.Env, logger: Logger,
                      schedule: OffPolicySchedule, save_checkpoint: Callable[[int, dict[str, Any]], None],
-                     control: LoopControl | None = None, before_eval: Callable[[], None] | None = None) -> LoopSteps:
+                     control: LoopControl | None = None, before_eval: Callable[[], None] | None = None,
+                     env_metrics: Callable[[], dict[str, float]] | None = None) -> LoopSteps:
     """Prefill with uniform random actions, then act and ask for `replay_ratio` updates per env
     step: yields the step's batches (leading dimension `replay_ratio`), is sent the metrics.
+    `env_metrics()` (a non-stationary env's `env/friction`, `env/task`) is logged at every episode
+    end; `before_eval()` runs before each evaluation (the evaluation env follows the training env's task).
 
     Checkpoints may fall in the middle of an episode: the caller saves and restores the env's
     state, and the loop state passed to `save_checkpoint` holds the rest (current observation,
@@ -214,6 +218,8 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
         episode_length += 1
         if terminated or truncated:
             logger.episode(episode_return, episode_length, step)
+            if env_metrics is not None:
+                logger.scalars(env_metrics(), step)
             obs, _ = env.reset()
             episode_return, episode_length = 0.0, 0
         else:
@@ -289,23 +295,23 @@ def _crossed(before: int, after: int, every: int) -> bool:
 
 def run_on_policy(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: gym.Env, logger: Logger,
                   schedule: OnPolicySchedule, save_checkpoint: Callable[[int, dict[str, Any]], None],
-                  frictions: Callable[[], list[float]] | None = None,
+                  env_metrics: Callable[[], list[dict[str, float]]] | None = None,
                   before_eval: Callable[[], None] | None = None, control: LoopControl | None = None) -> LoopResult:
     """Collect rollouts and update after each (see `on_policy_steps`)."""
-    return drive(on_policy_steps(agent, envs, eval_env, logger, schedule, save_checkpoint, frictions, before_eval,
+    return drive(on_policy_steps(agent, envs, eval_env, logger, schedule, save_checkpoint, env_metrics, before_eval,
                                  control), agent.update)
 
 
 def on_policy_steps(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: gym.Env, logger: Logger,
                     schedule: OnPolicySchedule, save_checkpoint: Callable[[int, dict[str, Any]], None],
-                    frictions: Callable[[], list[float]] | None = None,
+                    env_metrics: Callable[[], list[dict[str, float]]] | None = None,
                     before_eval: Callable[[], None] | None = None, control: LoopControl | None = None) -> LoopSteps:
     """Collect rollouts of `rollout_steps` vector steps, update after each, until `total_steps`.
 
     `envs` must auto-reset in the same step (gymnasium's SAME_STEP mode), so that a truncated
-    episode's final observation is at hand for bootstrapping.  `frictions()` (Slippery Ant) gives
-    each sub-env's current friction, logged as `env/friction` at every episode end; `before_eval()`
-    runs before each evaluation (it sets the evaluation env's friction to the current one).
+    episode's final observation is at hand for bootstrapping.  `env_metrics()` (a non-stationary env's `env/friction`,
+    `env/task`) gives each sub-env's scalars, logged at every episode end; `before_eval()` runs
+    before each evaluation (the evaluation env follows the training env's current task).
     A stop request checkpoints after the current vector step, partial rollout included.
     """
     from rl_plasticity.buffers import RolloutBuffer
@@ -326,8 +332,8 @@ def on_policy_steps(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: 
         last_diagnostics: int | None = None
         step = before = length = 0
         final_values: dict[tuple[int, int], float] = {}
-        if frictions is not None:
-            logger.scalar("env/friction", frictions()[0], 0)
+        if env_metrics is not None:
+            logger.scalars(env_metrics()[0], 0)
     else:
         obs = r["obs"].numpy().copy()
         episode_return, episode_length = r["episode_return"].numpy().copy(), r["episode_length"].numpy().copy()
@@ -363,11 +369,11 @@ def on_policy_steps(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: 
                     finals = np.stack([info["final_obs"][i] for i in cut])
                     for i, v in zip(cut, agent.values(finals)):
                         final_values[(t, int(i))] = float(v)
-                current = frictions() if frictions is not None else None
+                current = env_metrics() if env_metrics is not None else None
                 for i in np.flatnonzero(ended):
                     logger.episode(float(episode_return[i]), int(episode_length[i]), step)
                     if current is not None:
-                        logger.scalar("env/friction", current[i], step)
+                        logger.scalars(current[i], step)
                     episode_return[i], episode_length[i] = 0.0, 0
             obs = next_obs
             logger.tick(step, agent.update_count)

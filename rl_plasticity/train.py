@@ -650,7 +650,7 @@ def _build_sac(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
     from rl_plasticity.agents.sac import SACAgent
     from rl_plasticity.buffers import ReplayBuffer
     from rl_plasticity.envs import make_env
-    from rl_plasticity.envs.slippery_ant import find_slippery_ant
+    from rl_plasticity.envs.nonstationary import episode_metrics, find_nonstationary, follower
     from rl_plasticity.envs.state import capture_env, restore_env
     from rl_plasticity.loops import OffPolicySchedule, off_policy_steps
 
@@ -660,7 +660,7 @@ def _build_sac(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
     agent = SACAgent(obs_dim, action_dim, agent_cfg, device, plasticity=plasticity_cfg, seed=run.seed,
                      compile=run.compile, cudagraphs=run.cudagraphs)
     buffer = ReplayBuffer(obs_dim, action_dim, agent_cfg.buffer_size, device, seed=run.seed)
-    slippery = find_slippery_ant(env)
+    nonstationary = find_nonstationary(env) is not None
 
     def run_loop(logger, checkpoint, run, evaluation, log, ckpt, plasticity_cfg, control):
         schedule = OffPolicySchedule(
@@ -669,10 +669,10 @@ def _build_sac(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
             log_every=log.every, checkpoint_every=ckpt.every, seed=run.seed, gamma=agent_cfg.gamma,
             diagnostics_every=plasticity_cfg.log_every,
         )
-        # On Slippery Ant, evaluation runs under the friction the agent currently trains on.
-        eval_slippery = find_slippery_ant(eval_env)
-        follow = (lambda: eval_slippery.hold_friction(slippery.friction)) if eval_slippery and slippery else None
-        return off_policy_steps(agent, buffer, env, eval_env, logger, schedule, checkpoint, control, before_eval=follow)
+        # A non-stationary env: evaluation runs on the task (friction) the agent currently trains on.
+        return off_policy_steps(agent, buffer, env, eval_env, logger, schedule, checkpoint, control,
+                                before_eval=follower(eval_env, env),
+                                env_metrics=(lambda: episode_metrics(env)) if nonstationary else None)
 
     def close() -> None:
         env.close()
@@ -688,7 +688,7 @@ def _build_sac(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
 
     return _Job(agent, obs_dim, action_dim,
                 f"replay ratio {agent_cfg.replay_ratio} | replay buffer {buffer.nbytes / 2**20:.0f} MiB", run_loop,
-                lambda: [capture_env(env)], close, dashboard={"friction": slippery is not None}, restore=restore,
+                lambda: [capture_env(env)], close, dashboard={"env_tags": tuple(episode_metrics(env))}, restore=restore,
                 extra_state=lambda save_replay: {"replay": buffer.state_dict()} if save_replay else {})
 
 
@@ -698,16 +698,17 @@ def _build_ppo(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
 
     from rl_plasticity.agents.ppo import PPOAgent
     from rl_plasticity.envs import make_env
-    from rl_plasticity.envs.slippery_ant import find_slippery_ant
+    from rl_plasticity.envs.nonstationary import episode_metrics, find_nonstationary, follower
     from rl_plasticity.envs.state import capture_env, restore_env
     from rl_plasticity.loops import OnPolicySchedule, on_policy_steps
 
     env_cfg = dict(container["env"])
     n = agent_cfg.num_envs
-    if n > 1 and "change_every" in env_cfg:
-        # Each sub-env counts its own steps: split the period so that changes come every
-        # `change_every` env steps in total.
-        env_cfg["change_every"] = max(1, int(env_cfg["change_every"]) // n)
+    for key in ("change_every", "steps_per_task"):
+        if n > 1 and key in env_cfg:
+            # Each sub-env counts its own steps: split the period so that changes come every
+            # `change_every` (`steps_per_task`) env steps in total.
+            env_cfg[key] = max(1, int(env_cfg[key]) // n)
     make_env(env_cfg).close()  # surfaces a bad env config as one error before the vector env starts
     envs = gym.vector.SyncVectorEnv([lambda: make_env(env_cfg) for _ in range(n)],
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
@@ -719,10 +720,8 @@ def _build_ppo(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
         warnings.warn("compile/cudagraphs apply to SAC's fused update; PPO (env-bound at its settings) runs "
                       "eagerly", stacklevel=2)
     agent = PPOAgent(obs_dim, action_dim, agent_cfg, device, plasticity=plasticity_cfg, seed=run.seed)
-    wrappers = [find_slippery_ant(e) for e in envs.envs]
-    slippery = [w for w in wrappers if w is not None]
-    eval_slippery = find_slippery_ant(eval_env)
-    frictions = (lambda: [w.friction for w in slippery]) if slippery else None
+    nonstationary = find_nonstationary(envs.envs[0]) is not None
+    env_metrics = (lambda: [episode_metrics(e) for e in envs.envs]) if nonstationary else None
 
     def run_loop(logger, checkpoint, run, evaluation, log, ckpt, plasticity_cfg, control):
         schedule = OnPolicySchedule(
@@ -730,10 +729,9 @@ def _build_ppo(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
             eval_episodes=evaluation.episodes, log_every=log.every, checkpoint_every=ckpt.every, seed=run.seed,
             gamma=agent_cfg.gamma, gae_lambda=agent_cfg.gae_lambda, diagnostics_every=plasticity_cfg.log_every,
         )
-        # Evaluation runs under the friction the agent is currently trained on.
-        follow = (lambda: eval_slippery.hold_friction(slippery[0].friction)) if eval_slippery and slippery else None
-        return on_policy_steps(agent, envs, eval_env, logger, schedule, checkpoint, frictions, before_eval=follow,
-                             control=control)
+        # A non-stationary env: evaluation runs on the task (friction) the first sub-env is in.
+        return on_policy_steps(agent, envs, eval_env, logger, schedule, checkpoint, env_metrics,
+                               before_eval=follower(eval_env, envs.envs[0]), control=control)
 
     def close() -> None:
         envs.close()
@@ -748,7 +746,7 @@ def _build_ppo(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
                 f"{n} env(s) | rollout {batch} | {agent_cfg.epochs} epochs × {agent_cfg.num_minibatches} minibatches",
                 run_loop, lambda: [capture_env(e) for e in envs.envs], close, restore=restore,
                 dashboard={"losses": ("policy", "value", "entropy", "approx_kl", "clip_fraction", "plasticity"),
-                           "values": ("log_std",), "friction": bool(slippery)})
+                           "values": ("log_std",), "env_tags": tuple(episode_metrics(envs.envs[0]))})
 
 
 # Run directories given on the command line that existed before this process (never removed).

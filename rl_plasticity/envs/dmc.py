@@ -136,7 +136,8 @@ def make_env(cfg: Mapping[str, Any], *, render_mode: str | None = None, render_s
     """Build the env described by an `env` config node (`kind` picks the source).
 
     `kind: dmc` needs `domain` and `task`; `kind: gym` needs a gymnasium `id`; `kind:
-    slippery_ant` is MuJoCo Ant with a friction schedule (see `slippery_ant.py`).  `render_mode`
+    slippery_ant` is MuJoCo Ant with a friction schedule (see `slippery_ant.py`); `kind:
+    continual_dmc` cycles the DMC `tasks` of one domain (see `continual_dmc.py`).  `render_mode`
     (e.g. `rgb_array`) and `render_size` (width, height of the frames: DMC's `render_kwargs`,
     MuJoCo's `width`/`height`) set up rendering; other keyword arguments (e.g.
     `max_episode_steps`) go to `gym.make`.
@@ -163,4 +164,8 @@ def make_env(cfg: Mapping[str, Any], *, render_mode: str | None = None, render_s
         if render_size is not None:
             make_kwargs.update(width=render_size[0], height=render_size[1])
         return make_slippery_ant(cfg, **make_kwargs)
-    raise UnknownEnvError(f"unknown env.kind '{kind}'. Valid choices: dmc, gym, slippery_ant")
+    if kind == "continual_dmc":
+        from rl_plasticity.envs.continual_dmc import make_continual_dmc
+
+        return make_continual_dmc(cfg, render_size=render_size, **make_kwargs)
+    raise UnknownEnvError(f"unknown env.kind '{kind}'. Valid choices: dmc, gym, slippery_ant, continual_dmc")

@@ -149,6 +149,14 @@ class SlipperyAnt(gym.Wrapper):
         """Value `index` of this wrapper's friction schedule."""
         return self._schedule[index]
 
+    # What generic code asks of a non-stationary env (envs/nonstationary.py).
+    def episode_metrics(self) -> dict[str, float]:
+        return {"env/friction": self._friction}
+
+    def follow(self, other: "SlipperyAnt") -> None:
+        """Hold the friction `other` (the training env) has now."""
+        self.hold_friction(other.friction)
+
     def hold_friction(self, value: float) -> None:
         """Fix the friction at `value` from now on (the schedule stops): an evaluation env follows
         the training env's current friction this way."""

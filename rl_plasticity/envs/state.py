@@ -4,7 +4,7 @@ A resumed run must continue the same episode the interrupted run was in, bit for
 envs this package builds that means: the MuJoCo integration state (time, positions, velocities,
 actuator state, solver warm start, controls) whether it sits in a gymnasium MuJoCo env or a
 dm_control suite task; dm_control's step counter and task random state; the time limit's step
-count; the Slippery Ant schedule; the env's own random generator (reset noise); and, for classic
+count; the Slippery Ant schedule; the continual DMC schedule and each of its tasks' envs; the env's own random generator (reset noise); and, for classic
 gymnasium envs, their `state` array.  Everything is stored as tensors, numbers and strings so it
 travels inside a `weights_only` checkpoint.
 
@@ -50,8 +50,12 @@ def _mujoco_handles(unwrapped: Any) -> tuple[Any, Any, Any] | None:
 
 def capture_env(env: gym.Env) -> dict[str, Any]:
     """Everything needed to continue `env` from where it is (see the module docstring)."""
+    from rl_plasticity.envs.continual_dmc import ContinualTasks
     from rl_plasticity.envs.slippery_ant import SlipperyAnt
 
+    if isinstance(env, ContinualTasks):  # the schedule, and every task's env (each keeps its own state)
+        tasks = [capture_env(e) for e in env.envs]
+        return {"exact": all(t["exact"] for t in tasks), "continual": env.state_dict(), "tasks": tasks}
     state: dict[str, Any] = {"exact": False}
     for w in _chain(env):
         if isinstance(w, gym.wrappers.TimeLimit):
@@ -92,8 +96,15 @@ def restore_env(env: gym.Env, state: dict[str, Any]) -> bool:
     The env is reset first (wrappers that insist on a reset before the first step are then
     satisfied), and everything the reset touched is overwritten from `state`.
     """
+    from rl_plasticity.envs.continual_dmc import ContinualTasks
     from rl_plasticity.envs.slippery_ant import SlipperyAnt
 
+    if isinstance(env, ContinualTasks):
+        if "continual" not in state:
+            env.reset()
+            return False
+        env.load_state_dict(state["continual"])
+        return all([restore_env(e, s) for e, s in zip(env.envs, state["tasks"])])
     env.reset()
     for w in _chain(env):
         if isinstance(w, gym.wrappers.TimeLimit) and "time_limit" in state:

@@ -1,0 +1,45 @@
+"""What generic code (loops, train, evaluate) may ask of a non-stationary env, without naming it.
+
+A wrapper anywhere in an env's chain (`.env` links) that changes the task during training --
+`SlipperyAnt` (friction), `ContinualTasks` (continual DMC) -- defines:
+
+- `episode_metrics() -> dict[str, float]`: scalars logged at every episode end (`env/friction`,
+  `env/task`), so that task changes are visible as steps in TensorBoard;
+- `follow(other)`: make this env (an evaluation env) hold the task that `other`, its training
+  twin of the same class, is in now, so that evaluation measures the current task;
+- `state_dict()` / `load_state_dict()`: its schedule, saved in checkpoints (`envs/state.py`).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import gymnasium as gym
+
+
+def _chain(env: Any) -> Iterator[Any]:
+    while env is not None:
+        yield env
+        inner = getattr(env, "env", None)
+        env = None if inner is env else inner
+
+
+def find_nonstationary(env: gym.Env) -> Any | None:
+    """The first wrapper in `env`'s chain that has `episode_metrics` and `follow`, or None."""
+    for e in _chain(env):
+        if hasattr(e, "episode_metrics") and hasattr(e, "follow"):
+            return e
+    return None
+
+
+def episode_metrics(env: gym.Env) -> dict[str, float]:
+    """The scalars `env` reports at an episode end ({} for a stationary env)."""
+    w = find_nonstationary(env)
+    return dict(w.episode_metrics()) if w is not None else {}
+
+
+def follower(eval_env: gym.Env, train_env: gym.Env):
+    """A callable that makes `eval_env` hold `train_env`'s current task, or None if stationary."""
+    target, source = find_nonstationary(eval_env), find_nonstationary(train_env)
+    if target is None or source is None:
+        return None
+    return lambda: target.follow(source)
