@@ -147,7 +147,7 @@ def test_dashboard_layout_is_registered(short_run):
     titles = [c.title for c in layout.category]
     assert titles[:3] == ["Return", "Losses", "Value"] and "Plasticity: critic" in titles
     charts = {c.title: c for c in layout.category}["Plasticity: actor"].chart
-    assert any("plasticity/actor/(spectral_norm)" in tag for chart in charts for tag in chart.multiline.tag)
+    assert any("plasticity/actor/spectral_norm_max" in tag for chart in charts for tag in chart.multiline.tag)
 
 
 def test_multirun_over_the_paper_presets(tmp_path):
