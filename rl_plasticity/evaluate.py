@@ -560,8 +560,19 @@ seed, as training's evaluation), device=cpu|cuda|auto, threads=N, env.<key>=valu
 (e.g. env.friction=0.05: Slippery Ant under one fixed friction; default there: the friction the
 agent trained on when the checkpoint was written).
 
-Keys of the command (configs/evaluate.yaml):
+Keys of the command, KEY=DEFAULT and meaning (configs/evaluate.yaml):
 """
+
+
+def help_text() -> str:
+    """--help: the usage above, then every key of configs/evaluate.yaml with its default and the
+    comment after it there (one source for both)."""
+    from rl_plasticity.cli import format_value, two_columns, yaml_comments
+
+    _, meanings = yaml_comments(resources.files("rl_plasticity.configs").joinpath("evaluate.yaml").read_text())
+    lines = [line for key, value in _defaults().items()
+             for line in two_columns(f"  {key}={format_value(value)}", meanings.get(key, ""), column=28)]
+    return HELP + "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -570,8 +581,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
-        text = resources.files("rl_plasticity.configs").joinpath("evaluate.yaml").read_text()
-        print(HELP + "\n".join("  " + line for line in text.splitlines() if not line.startswith("#")))
+        print(help_text())
         return
     try:
         cfg, overrides = parse_args(args)

@@ -169,6 +169,20 @@ def test_bad_input_ends_with_one_clear_message(args, expected, sac_run, tmp_path
         assert "Valid keys: checkpoint, episodes" in err
 
 
+def test_help_gives_every_key_its_meaning(capsys):
+    from rl_plasticity.evaluate import _defaults
+
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    from tests.test_cli import key_meanings_in_help
+
+    meanings = key_meanings_in_help(out, _defaults())
+    assert set(meanings) == {"checkpoint", "episodes", "max_episode_steps", "video", "video_episodes", "video_dir",
+                             "video_width", "video_height"}
+    assert all(meanings.values()), meanings
+
+
 def test_command_line_error_has_no_traceback(sac_run, tmp_path):
     path = _damaged(tmp_path, sac_run, "truncated")
     result = evaluate_cli(f"checkpoint={path}")
