@@ -230,11 +230,9 @@ def two_columns(left: str, meaning: str, width: int = HELP_WIDTH, column: int = 
     """`left` then `meaning` wrapped into the column from `column` to `width` (on the next line when
     `left` reaches into it)."""
     wrapped = textwrap.wrap(meaning, width - column) or [""]
-    lines = [left] if len(left) > column - 2 else []
-    first = wrapped if lines else wrapped[1:]
-    if not lines:
-        lines.append((left.ljust(column) + wrapped[0]).rstrip())
-    return lines + [" " * column + w for w in first]
+    if len(left) > column - 2:
+        return [left] + [" " * column + w for w in wrapped if w]
+    return [(left.ljust(column) + wrapped[0]).rstrip()] + [" " * column + w for w in wrapped[1:]]
 
 
 def wrap_list(label: str, items: Sequence[str], width: int = HELP_WIDTH, column: int = 22) -> list[str]:
