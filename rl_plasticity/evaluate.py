@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import subprocess
@@ -240,15 +241,45 @@ def select_gl_backend() -> str:
                       f"{_install_hint()}")
 
 
-def _frame_rate(env: Any, action_repeat: int) -> float:
-    """Frames per second of real time: one frame per agent step."""
+# dm_control suite cameras that follow the agent, as DrQ-v2 films the suite: camera 0 (`side`,
+# `back`, `tracking_top`, ... mode trackcom) in every domain but quadruped, whose camera 0 tracks
+# the whole scene from afar; its camera 2 (`y`) follows the torso.  Domains that do not move
+# (cartpole, finger, reacher, manipulator, ...) have a fixed camera 0 that frames the whole task.
+DMC_TRACKING_CAMERA = {"quadruped": 2}
+MAX_VIDEO_FPS = 60.0
+
+
+def dmc_camera(domain: str) -> int:
+    """The camera a video of a dm_control suite `domain` is rendered from (see DMC_TRACKING_CAMERA)."""
+    return DMC_TRACKING_CAMERA.get(domain, 0)
+
+
+def render_options(env_cfg: dict[str, Any], width: int, height: int) -> dict[str, Any]:
+    """`make_env` keyword arguments for recording `env_cfg` at width x height from a camera that
+    follows the agent.  gymnasium's MuJoCo envs (Slippery Ant's Ant-v5) already render from the
+    model's `track` camera (trackcom on the torso) when none is named; dm_control renders from its
+    free camera, fixed at the origin, unless given one, so DMC tasks get `dmc_camera(domain)`."""
+    options: dict[str, Any] = {"render_mode": "rgb_array", "render_size": (width, height)}
+    if env_cfg.get("kind", "dmc") == "dmc":
+        options["render_kwargs"] = {"camera_id": dmc_camera(str(env_cfg["domain"]))}
+    return options
+
+
+def video_timing(env: Any, action_repeat: int) -> tuple[int, float]:
+    """(stride, fps): record every `stride`-th agent step and play the frames at `fps`, so that the
+    video runs in real time at no more than MAX_VIDEO_FPS frames per second.
+
+    An agent step lasts the env's control timestep times `action_repeat` (DMC cheetah-run: 10 ms,
+    100 steps/s, so every 2nd step at 50 fps; walker-run 25 ms: every step at 40 fps; Ant-v5 50 ms:
+    every step at 20 fps).  Without a timestep the env's `render_fps` metadata (else 30) is used."""
     unwrapped = env.unwrapped
     dt = getattr(unwrapped, "dt", None)
     if dt is None and hasattr(getattr(unwrapped, "_env", None), "control_timestep"):
         dt = unwrapped._env.control_timestep()
-    if not dt:
-        return float(env.metadata.get("render_fps", 30)) / action_repeat
-    return 1.0 / (float(dt) * action_repeat)
+    rate = float(env.metadata.get("render_fps") or 30) if not dt else 1.0 / float(dt)
+    rate /= action_repeat
+    stride = max(1, math.ceil(rate / MAX_VIDEO_FPS - 1e-9))
+    return stride, rate / stride
 
 
 # -- one checkpoint ---------------------------------------------------------------------------
@@ -328,9 +359,7 @@ def evaluate_checkpoint(path: str | Path, cfg: EvaluateConfig, overrides: Option
     if threads is not None:
         torch.set_num_threads(int(threads))  # same kernels as training: results match to the bit
     env_cfg = dict(config["env"])
-    render = {}
-    if cfg.video:
-        render = {"render_mode": "rgb_array", "render_size": (cfg.video_width, cfg.video_height)}
+    render = render_options(env_cfg, cfg.video_width, cfg.video_height) if cfg.video else {}
     limit = {"max_episode_steps": cfg.max_episode_steps} if cfg.max_episode_steps is not None else {}
     try:
         agent = _build_agent(state, config, device)
@@ -407,17 +436,20 @@ def _record(env: Any, path: Path, cfg: EvaluateConfig, action_repeat: int) -> tu
     folder = Path(cfg.video_dir) if cfg.video_dir else path.parent / "videos"
     prefix = path.name[:-3] if path.name.endswith(".pt") else path.name
     count = min(cfg.video_episodes, cfg.episodes)
+    stride, fps = video_timing(env, action_repeat)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Overwriting existing videos.*")
         wrapped = _exact_record_video()(env, str(folder), episode_trigger=lambda k: k < count, name_prefix=prefix,
-                                        fps=_frame_rate(env, action_repeat), disable_logger=True)
+                                        fps=fps, disable_logger=True)
+    wrapped.stride = stride
     return wrapped, [folder / f"{prefix}-episode-{k}.mp4" for k in range(count)]
 
 
 def _exact_record_video() -> type:
-    """gymnasium's RecordVideo, writing every captured frame.
+    """gymnasium's RecordVideo, keeping every `stride`-th frame and writing every kept frame.
 
-    RecordVideo encodes through moviepy's ImageSequenceClip, which sums n frame durations of 1/fps
+    The frame of the reset and then those after every `stride`-th step are rendered (the others
+    are not: rendering costs more than a step).  RecordVideo encodes through moviepy's ImageSequenceClip, which sums n frame durations of 1/fps
     in floating point and then takes int(duration * fps) frames: often n - 1, the last frame lost
     (moviepy 2.2).  Here the frames RecordVideo captured go to imageio-ffmpeg (which moviepy uses
     underneath) one by one; RecordVideo's triggers, naming and capture are unchanged.
@@ -428,6 +460,18 @@ def _exact_record_video() -> type:
     import numpy as np
 
     class ExactRecordVideo(gym.wrappers.RecordVideo):
+        stride = 1
+        _captures = 0  # frames offered since the recording started
+
+        def start_recording(self, video_name: str) -> None:
+            super().start_recording(video_name)
+            self._captures = 0
+
+        def _capture_frame(self) -> None:
+            self._captures += 1
+            if (self._captures - 1) % self.stride == 0:
+                super()._capture_frame()
+
         def stop_recording(self) -> None:
             assert self.recording, "stop_recording was called, but no recording was started"
             if self.recorded_frames:
@@ -534,8 +578,19 @@ seed, as training's evaluation), device=cpu|cuda|auto, threads=N, env.<key>=valu
 (e.g. env.friction=0.05: Slippery Ant under one fixed friction; default there: the friction the
 agent trained on when the checkpoint was written).
 
-Keys of the command (configs/evaluate.yaml):
+Keys of the command, KEY=DEFAULT and meaning (configs/evaluate.yaml):
 """
+
+
+def help_text() -> str:
+    """--help: the usage above, then every key of configs/evaluate.yaml with its default and the
+    comment after it there (one source for both)."""
+    from rl_plasticity.cli import format_value, two_columns, yaml_comments
+
+    _, meanings = yaml_comments(resources.files("rl_plasticity.configs").joinpath("evaluate.yaml").read_text())
+    lines = [line for key, value in _defaults().items()
+             for line in two_columns(f"  {key}={format_value(value)}", meanings.get(key, ""), column=28)]
+    return HELP + "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -544,8 +599,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
-        text = resources.files("rl_plasticity.configs").joinpath("evaluate.yaml").read_text()
-        print(HELP + "\n".join("  " + line for line in text.splitlines() if not line.startswith("#")))
+        print(help_text())
         return
     try:
         cfg, overrides = parse_args(args)

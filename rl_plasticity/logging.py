@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,26 +42,9 @@ class Logger:
         """Register a custom-scalars layout so the run opens as a dashboard (CUSTOM SCALARS tab).
 
         `losses` and `values` name the agent's `losses/*` and `value/*` tags; `env_tags` (a
-        non-stationary env's `env/friction`, `env/task`) get a chart each beside the returns."""
-        metrics = ["spectral_norm", "param_norm|grad_norm", "feature_effective_rank", "dormant_fraction|dead_fraction",
-                   "distance_from_init"]
-        layout = {
-            "Return": {
-                "episode and evaluation return": ["Multiline", ["charts/episode_return", "eval/return_mean"]],
-                "speed": ["Multiline", ["charts/sps", "charts/updates_per_s"]],
-            },
-            "Losses": {name: ["Multiline", [f"losses/{name}"]] for name in losses},
-            "Value": {
-                "overestimation": ["Multiline", ["value/overestimation"]],
-                "agent": ["Multiline", [f"value/{v}" for v in values]],
-            },
-        }
-        for tag in env_tags:
-            layout["Return"][tag.split("/", 1)[-1]] = ["Multiline", [tag]]
-        for net in networks:
-            layout[f"Plasticity: {net}"] = {m.replace("|", " / "): ["Multiline", [f"plasticity/{net}/({m})"]]
-                                            for m in metrics}
-        self.writer.add_custom_scalars(layout)
+        non-stationary env's `env/friction`, `env/task`) get a chart each beside the returns.
+        See `dashboard_layout`."""
+        self.writer.add_custom_scalars(dashboard_layout(networks, losses, values, env_tags))
 
     def text(self, tag: str, text: str) -> None:
         self.writer.add_text(tag, text, 0)
@@ -203,6 +187,51 @@ class RateMeter:
         sps, ups = (step - self.step_last) / dt, (updates - self.upd_last) / dt
         self.t_last, self.step_last, self.upd_last = now, step, updates
         return sps, ups
+
+# The custom-scalars dashboard: one unit per chart (steps/s and updates/s, or a parameter norm and a
+# gradient norm, differ by orders of magnitude and would flatten each other on a shared axis).
+# (chart title, tags under plasticity/<network>/): several tags only where they share a unit.
+NETWORK_CHARTS = (
+    ("spectral norm σ₁ (max and mean over layers)", ("spectral_norm_max", "spectral_norm_mean")),
+    ("parameter norm ‖θ‖", ("param_norm",)),
+    ("gradient norm ‖∇θ‖", ("grad_norm",)),
+    ("distance from initialisation ‖θ − θ₀‖", ("distance_from_init",)),
+    ("feature effective rank", ("feature_effective_rank",)),
+    ("dormant and dead fractions of hidden units", ("dormant_fraction", "dead_fraction")),
+    ("dead units (count)", ("dead_units",)),
+    ("units replaced by CBP (count)", ("cbp_replaced",)),
+)
+ENV_TITLES = {"env/friction": "ground friction (Slippery Ant)", "env/task": "task index (continual DMC)"}
+VALUE_TITLES = {"q_mean": "mean Q on the batch", "alpha": "temperature α", "entropy": "policy entropy −log π",
+                "log_std": "policy log σ (mean)"}
+
+
+def _chart(*tags: str) -> list:
+    """A multiline chart of exactly these tags (custom scalars reads each entry as a regex)."""
+    return ["Multiline", [f"^{re.escape(tag)}$" for tag in tags]]
+
+
+def dashboard_layout(networks: list[str], losses: tuple[str, ...] = ("critic", "actor", "alpha", "plasticity"),
+                     values: tuple[str, ...] = ("q_mean", "alpha", "entropy"),
+                     env_tags: tuple[str, ...] = ()) -> dict[str, dict[str, list]]:
+    """The custom-scalars layout {category: {chart title: ["Multiline", [tag regexes]]}}: returns,
+    speed, losses, values and per network its plasticity diagnostics, one unit per chart."""
+    returns = {"episode and evaluation return": _chart("charts/episode_return", "eval/return_mean"),
+               "env steps per second": _chart("charts/sps"),
+               "gradient updates per second": _chart("charts/updates_per_s")}
+    for tag in env_tags:
+        returns[ENV_TITLES.get(tag, tag)] = _chart(tag)
+    layout = {
+        "Return": returns,
+        "Losses": {name: _chart(f"losses/{name}") for name in losses},
+        "Value": {"Q overestimation (return units)": _chart("value/overestimation"),
+                  **{VALUE_TITLES.get(v, v): _chart(f"value/{v}") for v in values}},
+    }
+    for net in networks:
+        layout[f"Plasticity: {net}"] = {title: _chart(*(f"plasticity/{net}/{m}" for m in metrics))
+                                        for title, metrics in NETWORK_CHARTS}
+    return layout
+
 
 
 class _Tee:

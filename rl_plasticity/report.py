@@ -15,7 +15,9 @@ environment and method (both from the run's saved config; seeds pooled) and writ
 - `runs.csv` (one row per run) and `summary.md`, which embeds all of the above.
 
 The final performance of a run is its last `eval/return_mean` value (the mean of its last K
-evaluations with `--last-k K`). Figures are drawn on matplotlib Figure objects with the Agg
+evaluations with `--last-k K`). Curves are never cut to the shortest run: each step averages the
+runs that reach it (dashed where fewer than all), every line has markers, and groups of fewer than
+FEW_RUNS runs carry a caveat in the table and the legends. Figures are drawn on matplotlib Figure objects with the Agg
 canvas, so nothing needs a display and no global pyplot state is touched.
 """
 from __future__ import annotations
@@ -43,6 +45,8 @@ EVENT_PREFIX = "events.out.tfevents."
 RETURN_TAG = "eval/return_mean"
 CONFIG_TAG = "config/text_summary"  # SummaryWriter.add_text("config", ...) stores it under this tag
 DEFAULT_REPS = 10_000
+# Fewer runs than this in a group: its standard errors and IQM confidence intervals carry a caveat.
+FEW_RUNS = 3
 
 # Keys that never distinguish two methods: seeds, bookkeeping, and the keys naming the environment.
 IGNORED_PREFIXES = ("eval.", "log.", "checkpoint.", "hydra.")
@@ -315,19 +319,41 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
     return float(x.mean()), se
 
 
-def mean_curve(series: Sequence[Series]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and standard error over runs at every step logged by any of them, within the steps that
-    all of them cover (each run linearly interpolated there; exact where the steps agree)."""
-    lo = max(s[0] for s, _ in series)
-    hi = min(s[-1] for s, _ in series)
-    if lo > hi:
-        empty = np.zeros(0)
-        return empty, empty, empty
-    grid = np.unique(np.concatenate([s[(s >= lo) & (s <= hi)] for s, _ in series]))
-    ys = np.stack([np.interp(grid, s, v) for s, v in series])
-    mean = ys.mean(0)
-    se = ys.std(0, ddof=1) / math.sqrt(len(series)) if len(series) > 1 else np.full_like(mean, np.nan)
-    return grid, mean, se
+@dataclass
+class Curve:
+    """Mean over runs of a scalar against env steps: at every step logged by any run, the runs whose
+    logged range covers that step (each linearly interpolated there; exact where the steps agree)."""
+
+    steps: np.ndarray
+    mean: np.ndarray
+    se: np.ndarray                         # standard error; nan where one run covers the step
+    runs: np.ndarray                       # number of runs averaged at each step
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @property
+    def all_from(self) -> int | None:
+        """The last step up to which every run contributes (None if no step has all runs)."""
+        full = np.flatnonzero(self.runs == self.runs.max(initial=0))
+        return None if not len(full) else int(self.steps[full[-1]])
+
+
+def mean_curve(series: Sequence[Series]) -> Curve:
+    """Mean and standard error over the runs covering each step, never cut to nothing: runs of
+    different lengths give a curve to the longest one's end, over fewer runs past the shorter ones."""
+    grid = np.unique(np.concatenate([s for s, _ in series])) if series else np.zeros(0, dtype=np.int64)
+    ys = np.full((len(series), len(grid)), np.nan)
+    for i, (s, v) in enumerate(series):
+        inside = (grid >= s[0]) & (grid <= s[-1])
+        ys[i, inside] = np.interp(grid[inside], s, v)
+    runs = np.isfinite(ys).sum(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nan means and variances of one run
+        mean = np.nanmean(ys, 0) if len(series) else np.zeros(0)
+        var = np.nanvar(ys, 0, ddof=1) if len(series) else np.zeros(0)
+    se = np.where(runs > 1, np.sqrt(var) / np.sqrt(np.maximum(runs, 1)), np.nan)
+    return Curve(grid, mean, se, runs)
 
 
 def _rliable() -> tuple[Any, Any]:
@@ -407,6 +433,52 @@ def method_colors(methods: Sequence[str]) -> dict[str, Any]:
     return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
 
 
+def plot_curve(ax: Any, curve: Curve, color: Any, label: str, total_runs: int, lw: float = 1.5) -> Any:
+    """Draw a Curve with markers (so that a single point shows), solid where all `total_runs` runs
+    average and dashed where fewer do, with a ± s.e. band where two or more runs do; returns the
+    legend handle."""
+    n = len(curve)
+    if not n:
+        return None
+    style = dict(color=color, lw=lw, marker="o", markersize=4.0 if n <= 30 else 2.5,
+                 markevery=max(1, math.ceil(n / 60)))
+    partial = curve.runs < total_runs
+    handle = None
+    if not partial.all():
+        (handle,) = ax.plot(curve.steps, np.where(partial, np.nan, curve.mean), label=label, **style)
+    if partial.any():
+        edges = partial.copy()  # the dashed part joins the solid one at its ends
+        edges[1:] |= partial[:-1]
+        edges[:-1] |= partial[1:]
+        (dashed,) = ax.plot(curve.steps, np.where(edges, curve.mean, np.nan), ls="--", alpha=0.8,
+                            label=None if handle else label, **style)
+        handle = handle or dashed
+    if (curve.runs > 1).any():
+        ax.fill_between(curve.steps, curve.mean - curve.se, curve.mean + curve.se, color=color, alpha=0.2, lw=0)
+    return handle
+
+
+def few_runs_caveat(runs: int) -> str:
+    """The table's caveat for a group of `runs` runs ("" when there are enough)."""
+    if runs == 1:
+        return "1 run: no spread over seeds; the IQM interval is that run's return"
+    if runs < FEW_RUNS:
+        return f"{runs} runs: too few for a meaningful confidence interval"
+    return ""
+
+
+def curve_label(method: str, runs: int, curve: Curve) -> str:
+    """Legend entry: the method and its number of runs, with the caveats a reader needs."""
+    caveats = []
+    if runs == 1:
+        caveats.append("no s.e.")
+    elif runs < FEW_RUNS:
+        caveats.append("too few for a reliable s.e.")
+    if len(curve) == 1:
+        caveats.append("1 point")
+    return f"{method} (n={runs}{': ' + ', '.join(caveats) if caveats else ''})"
+
+
 # ----------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------
@@ -441,6 +513,28 @@ class Report:
         print(f"note: {text}")
 
 
+def _note_coverage(report: Report, what: str, curve: Curve, series: Sequence[Series]) -> bool:
+    """Note (in summary.md) where a curve averages fewer runs than its group has, or has one point;
+    returns whether it does anywhere."""
+    total = len(series)
+    if len(curve) == 1:
+        report.note(f"{what}: one logged point (step {int(curve.steps[0]):,}); drawn as a marker")
+    if not (curve.runs < total).any():
+        return False
+    ends = sorted({int(s[-1]) for s, _ in series})
+    starts = sorted({int(s[0]) for s, _ in series})
+    spans = []
+    if len(starts) > 1:
+        spans.append(f"start at steps {', '.join(f'{x:,}' for x in starts)}")
+    if len(ends) > 1:
+        spans.append(f"end at steps {', '.join(f'{x:,}' for x in ends)}")
+    last_all = curve.all_from
+    where = (f"after step {last_all:,}" if last_all is not None and len(starts) == 1 else "where dashed")
+    report.note(f"{what}: its {total} runs {' and '.join(spans)}; {where} the curve averages fewer runs "
+                f"(down to {int(curve.runs.min())}), dashed")
+    return True
+
+
 def table(report: Report) -> None:
     """final_performance.csv/.md: IQM + 95% CI, mean, median, runs; aggregate rows across envs."""
     rows: list[tuple] = []
@@ -450,7 +544,8 @@ def table(report: Report) -> None:
         estimates = iqm_intervals(scores, report.reps, report.seed)
         for m, s in scores.items():
             steps = [int(r.scalars[report.metric][0][-1]) for r in report.group(env, m)]
-            rows.append((env, m, len(s), *estimates[m], float(np.mean(s)), float(np.median(s)), min(steps), max(steps)))
+            rows.append((env, m, len(s), *estimates[m], float(np.mean(s)), float(np.median(s)), min(steps), max(steps),
+                         few_runs_caveat(len(s))))
             if min(steps) != max(steps):
                 report.note(f"{env} / {m}: runs end at different steps ({min(steps):,} to {max(steps):,}); "
                             "their final returns compare unequal budgets")
@@ -470,19 +565,20 @@ def table(report: Report) -> None:
         estimates = iqm_intervals(matrices, report.reps, report.seed)
         for m, s in matrices.items():
             aggregate_rows.append((f"aggregate ({len(report.envs)} envs)", m, s.shape[0], *estimates[m],
-                                   float(np.mean(s)), float(np.median(s)), "", ""))
+                                   float(np.mean(s)), float(np.median(s)), "", "", few_runs_caveat(s.shape[0])))
     header = ("env", "method", "runs", "iqm", "iqm_ci_low", "iqm_ci_high", "mean", "median",
-              "final_step_min", "final_step_max")
+              "final_step_min", "final_step_max", "caveat")
     csv_path = report.out / "final_performance.csv"
     write_csv(csv_path, header, rows + aggregate_rows)
     report.written.append(csv_path)
 
     def md_row(row: tuple) -> list[str]:
-        env, m, n, iqm, lo, hi, mean, median, s_min, s_max = row
+        env, m, n, iqm, lo, hi, mean, median, s_min, s_max, caveat = row
         steps = "" if s_min == "" else (f"{s_min:,}" if s_min == s_max else f"{s_min:,}–{s_max:,}")
         aggregate = env.startswith("aggregate")
+        interval = "none: 1 run †" if n == 1 else f"[{fmt(lo)}, {fmt(hi)}]" + (" †" if caveat else "")
         return [f"**{env}**" if aggregate else env, m, f"{n} × {len(report.envs)}" if aggregate else str(n), fmt(iqm),
-                f"[{fmt(lo)}, {fmt(hi)}]", fmt(mean), fmt(median), steps]
+                interval, fmt(mean), fmt(median), steps]
 
     md = markdown_table(("env", "method", "runs", "IQM", "95% CI (IQM)", "mean", "median", "final step"),
                         [md_row(r) for r in rows + aggregate_rows])
@@ -496,6 +592,11 @@ def table(report: Report) -> None:
                     "each environment), meaningful when the environments share a return scale (DMC: 0–1000).")
     elif len(report.envs) == 1:
         caption += " One environment: no aggregate row."
+    if any(row[-1] for row in rows + aggregate_rows):
+        caption += (f"\n\n† Fewer than {FEW_RUNS} runs (`caveat` column of `final_performance.csv`): from one run "
+                    "the IQM, mean and median are its return and the bootstrap interval collapses to that value; "
+                    "from two, the interval only spans their two returns. Neither says how another seed would "
+                    f"do: run at least {FEW_RUNS} seeds (5 or more for a dependable interval).")
     md_path = report.out / "final_performance.md"
     md_path.write_text(md + "\n\n" + caption + "\n")
     report.written.append(md_path)
@@ -509,33 +610,33 @@ def curves(report: Report, colors: Mapping[str, Any]) -> None:
     for env in report.envs:
         fig, axes = _figure()
         ax = axes[0, 0]
+        partial = False
         for m in report.methods:
             group = report.group(env, m)
             if not group:
                 continue
             series = [r.scalars[report.metric] for r in group]
-            steps, mean, se = mean_curve(series)
-            if not len(steps):
-                report.note(f"{env} / {m}: its runs share no step range; no curve drawn")
-                continue
-            longest = max(int(s[-1]) for s, _ in series)
-            if longest > steps[-1]:
-                report.note(f"{env} / {m}: curve drawn to step {int(steps[-1]):,}, the last reached by all "
-                            f"{len(group)} runs (longest: {longest:,})")
-            csv_rows += [(env, m, int(x), float(y), float(e), len(group)) for x, y, e in zip(steps, mean, se)]
-            ax.plot(steps, mean, color=colors[m], label=f"{m} (n={len(group)})", lw=1.8)
-            if len(group) > 1:
-                ax.fill_between(steps, mean - se, mean + se, color=colors[m], alpha=0.2, lw=0)
+            curve = mean_curve(series)
+            partial |= _note_coverage(report, f"{env} / {m}", curve, series)
+            csv_rows += [(env, m, int(x), float(y), float(e), int(n))
+                         for x, y, e, n in zip(curve.steps, curve.mean, curve.se, curve.runs)]
+            plot_curve(ax, curve, colors[m], curve_label(m, len(group), curve), len(group), lw=1.8)
         _steps_axis(ax)
         ax.set_ylabel(f"evaluation return ({report.metric})" if report.metric == RETURN_TAG else report.metric)
         ax.set_title(f"{env}: mean ± standard error over seeds")
+        if partial:
+            ax.text(0.01, 0.01, "dashed: fewer runs than the method has", transform=ax.transAxes, fontsize="small",
+                    color="0.35", va="bottom")
         ax.legend(fontsize="small", loc="best")
         figures.append((env, report.save(fig, f"curves_{slug(env)}.png")))
     path = report.out / "curves.csv"
     write_csv(path, ("env", "method", "step", "mean", "se", "runs"), csv_rows)
     report.written.append(path)
-    report.sections.append("## Learning curves\n\nMean ± standard error over seeds; each curve ends at the last "
-                           "step all its runs reached. Data: `curves.csv`.\n\n"
+    report.sections.append("## Learning curves\n\nMean ± standard error over seeds, at every step any run logged: "
+                           "runs of different lengths are averaged where they have data, and the curve is dashed "
+                           "where it averages fewer runs than the method has (`runs` column of `curves.csv`); "
+                           f"legends name methods with fewer than {FEW_RUNS} runs or one point. Data: "
+                           "`curves.csv`.\n\n"
                            + "\n\n".join(f"![{env}: learning curves]({p.name})" for env, p in figures))
 
 
@@ -567,6 +668,7 @@ def sensitivity(report: Report, key: str, stat: str, method_keys: Sequence[str] 
         ax = axes[0, 0]
         curve_xs: list[float] = []
         references = []
+        few: list[str] = []
         for m in order:
             if m not in cells:
                 continue
@@ -579,6 +681,8 @@ def sensitivity(report: Report, key: str, stat: str, method_keys: Sequence[str] 
                 rows.append((env, m, key, format_value(x), len(scores), mean, se, iqm_point, est[1], est[2]))
                 y, lo, hi = (iqm_point, est[1], est[2]) if stat == "iqm" else (mean, mean - se, mean + se)
                 points.append((x, y, lo, hi, len(scores)))
+                if len(scores) < FEW_RUNS:
+                    few.append(f"{m} at {key}={format_value(x)} ({len(scores)} run{'s' if len(scores) > 1 else ''})")
             numeric = [p for p in points if isinstance(p[0], (int, float)) and not isinstance(p[0], bool)]
             if len(points) == 1:
                 references.append((m, points[0]))
@@ -598,6 +702,9 @@ def sensitivity(report: Report, key: str, stat: str, method_keys: Sequence[str] 
             ax.axhline(y, color=sweep_colors[m], ls="--", lw=1.5, label=f"{m}, {key}={format_value(x)} (n={n})")
             if math.isfinite(lo) and math.isfinite(hi):
                 ax.axhspan(lo, hi, color=sweep_colors[m], alpha=0.12, lw=0)
+        if few:
+            report.note(f"sensitivity {env}: points from fewer than {FEW_RUNS} runs, without a meaningful "
+                        f"{'interval' if stat == 'iqm' else 'standard error'}: {'; '.join(few)}")
         ax.set_xlabel(key + (" (log scale)" if log_x else ""))
         what = "IQM, 95% bootstrap CI" if stat == "iqm" else "mean ± standard error"
         ax.set_ylabel(f"final return ({what})")
@@ -643,20 +750,21 @@ def diagnostics(report: Report, colors: Mapping[str, Any]) -> None:
         nrows = math.ceil(len(panels) / ncols)
         fig, axes = _figure(nrows, ncols, size=(4.2 * ncols, 3.0 * nrows + 0.6))
         handles = {}
+        counts: dict[str, int] = {}
+        partial = []
         for ax, (title, get) in zip(axes.flat, panels):
             values = []
             for m in report.methods:
                 series = [s for s in (get(r) for r in report.group(env, m)) if s is not None]
                 if not series:
                     continue
-                steps, mean, se = mean_curve(series)
-                if not len(steps):
-                    continue
-                (line,) = ax.plot(steps, mean, color=colors[m], lw=1.5)
-                if len(series) > 1:
-                    ax.fill_between(steps, mean - se, mean + se, color=colors[m], alpha=0.2, lw=0)
-                handles[m] = line
-                values.append(mean)
+                curve = mean_curve(series)
+                line = plot_curve(ax, curve, colors[m], m, len(series))
+                if (curve.runs < len(series)).any():
+                    partial.append(f"{m}: {title}")
+                handles.setdefault(m, line)
+                counts[m] = max(counts.get(m, 0), len(series))
+                values.append(curve.mean)
             allv = np.concatenate(values) if values else np.zeros(0)
             if len(allv) and allv.min() > 0 and allv.max() / allv.min() > 100:
                 ax.set_yscale("log")
@@ -665,9 +773,14 @@ def diagnostics(report: Report, colors: Mapping[str, Any]) -> None:
         for ax in list(axes.flat)[len(panels):]:
             ax.set_visible(False)
         ordered = [m for m in report.methods if m in handles]
-        fig.suptitle(f"{env}: plasticity diagnostics (mean ± s.e. over seeds)")
-        fig.legend([handles[m] for m in ordered], ordered, loc="outside lower center",
+        fig.suptitle(f"{env}: plasticity diagnostics (mean ± s.e. over seeds"
+                     + ("; dashed: fewer runs than the method has)" if partial else ")"))
+        labels = [f"{m} (n={counts[m]}{': no s.e.' if counts[m] == 1 else ''})" for m in ordered]
+        fig.legend([handles[m] for m in ordered], labels, loc="outside lower center",
                    ncols=min(len(ordered), 4), fontsize="small")
+        if partial:
+            report.note(f"{env} diagnostics: runs of different lengths; dashed where fewer runs average "
+                        f"({len(partial)} panel line(s), e.g. {partial[0]})")
         figures.append((env, report.save(fig, f"diagnostics_{slug(env)}.png")))
     if figures:
         report.sections.append("## Plasticity diagnostics\n\nMean ± standard error over seeds, on each run's probe "

@@ -169,6 +169,20 @@ def test_bad_input_ends_with_one_clear_message(args, expected, sac_run, tmp_path
         assert "Valid keys: checkpoint, episodes" in err
 
 
+def test_help_gives_every_key_its_meaning(capsys):
+    from rl_plasticity.evaluate import _defaults
+
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    from tests.test_cli import key_meanings_in_help
+
+    meanings = key_meanings_in_help(out, _defaults())
+    assert set(meanings) == {"checkpoint", "episodes", "max_episode_steps", "video", "video_episodes", "video_dir",
+                             "video_width", "video_height"}
+    assert all(meanings.values()), meanings
+
+
 def test_command_line_error_has_no_traceback(sac_run, tmp_path):
     path = _damaged(tmp_path, sac_run, "truncated")
     result = evaluate_cli(f"checkpoint={path}")
@@ -221,3 +235,61 @@ def test_no_working_renderer_is_one_error_naming_the_packages(monkeypatch):
     with pytest.raises(ConfigError, match=r"tried MUJOCO_GL=egl, osmesa.*apt-get install libegl1 libegl-mesa0"):
         evaluate.select_gl_backend()
     assert "MUJOCO_GL" not in os.environ
+
+
+def _video_frames(path):
+    import imageio
+
+    reader = imageio.get_reader(str(path), "ffmpeg")
+    try:
+        return np.stack([f for f in reader.iter_data()]), reader.get_meta_data()["fps"]
+    finally:
+        reader.close()
+
+
+def _agent_fraction(frame):
+    """Share of a frame's pixels showing the agent: both the cheetah and the ant are tan (red well
+    above blue), while the DMC floor and sky are blue-grey and gymnasium's floor and sky grey."""
+    rgb = frame.astype(np.int16)
+    return float(((rgb[..., 0] - rgb[..., 2]) > 40).mean())
+
+
+ANT = {"kind": "slippery_ant", "name": "slippery-ant", "id": "Ant-v5", "change_every": 2_000_000, "friction_seed": 0,
+       "friction": None, "action_repeat": 1}
+CHEETAH = {"kind": "dmc", "name": "cheetah-run", "domain": "cheetah", "task": "run", "action_repeat": 1}
+
+
+@pytest.mark.parametrize("env_cfg, seconds, stride, fps", [(CHEETAH, 3.0, 2, 50.0), (ANT, 3.0, 1, 20.0)],
+                         ids=["cheetah-run", "slippery-ant"])
+def test_video_follows_the_agent_in_real_time(env_cfg, seconds, stride, fps, tmp_path):
+    """The agent runs at 10 m/s (moved along x before every step, whatever its policy would do) for
+    3 s, 30 m: far out of a fixed camera's view.  Every frame must still show it, and the frames
+    after the first second must keep changing (a camera that lost it films a still floor)."""
+    from rl_plasticity.envs import make_env
+    from rl_plasticity.evaluate import _backend_works, _record, render_options
+
+    if not _backend_works(os.environ.get("MUJOCO_GL", "egl")):
+        pytest.skip(f"MUJOCO_GL={os.environ.get('MUJOCO_GL', 'egl')} cannot render here")
+    env = make_env(env_cfg, **render_options(env_cfg, 64, 64))
+    cfg = EvaluateConfig(episodes=1, video=True, video_dir=str(tmp_path))
+    recorded, (video,) = _record(env, tmp_path / "agent.pt", cfg, 1)
+    recorded.reset(seed=0)
+    unwrapped = env.unwrapped
+    if env_cfg["kind"] == "dmc":
+        physics = unwrapped._env.physics
+        dt, qpos = unwrapped._env.control_timestep(), physics.data.qpos  # qpos[0]: rootx
+    else:
+        dt, qpos = unwrapped.dt, unwrapped.data.qpos  # qpos[0]: the torso's x
+    steps = round(seconds / dt)
+    for _ in range(steps):
+        qpos[0] += 10.0 * dt
+        recorded.step(np.zeros(env.action_space.shape, dtype=np.float32))
+    assert qpos[0] >= 29.0
+    recorded.close()
+    frames, video_fps = _video_frames(video)
+    assert len(frames) == steps // stride + 1 and video_fps == pytest.approx(fps)  # real time
+    shown = [_agent_fraction(f) for f in frames]
+    assert min(shown) > 0.01, shown
+    later = frames[round(fps):].astype(np.float32)
+    changes = np.abs(np.diff(later, axis=0)).mean(axis=(1, 2, 3))
+    assert changes.min() > 0.05, changes  # a fixed camera that lost the agent: exactly 0

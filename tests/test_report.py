@@ -299,3 +299,57 @@ def test_errors(tmp_path, capsys, case):
         assert str(target) in err[0]
     if case == "bad_sweep":
         assert "plasticity.coef" in err[0]
+
+
+def test_runs_of_different_lengths_and_single_points_are_drawn_with_caveats(tmp_path, monkeypatch):
+    """Issue 15, item 5: two runs of different lengths used to cut every curve and diagnostics panel
+    at the shorter run's last step (here one point, drawn as an invisible line without markers)."""
+    from rl_plasticity import report as report_module
+
+    root = tmp_path / "runs"
+    short = {1000: 10.0}
+    long = {1000: 20.0, 2000: 40.0, 3000: 60.0}
+    write_run(root / "ln_0", config(seed=0), short, {t: {1000: v[0]} for t, v in _diag_points(1).items()})
+    write_run(root / "ln_1", config(seed=1), long, {t: dict(zip(STEPS[1:], v)) for t, v in _diag_points(3).items()})
+    write_run(root / "spectral_0", config(plasticity="spectral", coef=1e-4), {2000: 7.0},
+              {t: {2000: v[0]} for t, v in _diag_points(1).items()})
+    figures = {}
+    save = report_module.Report.save
+
+    def keep(self, fig, name):
+        figures[name] = fig
+        return save(self, fig, name)
+
+    monkeypatch.setattr(report_module.Report, "save", keep)
+    out = tmp_path / "out"
+    assert main([str(root), "--out", str(out), "--reps", REPS]) == 0
+
+    rows = [r for r in read_csv(out / "curves.csv") if r["method"] == "sac+LN"]
+    assert [int(r["step"]) for r in rows] == [1000, 2000, 3000]     # to the longest run's end
+    assert [int(r["runs"]) for r in rows] == [2, 1, 1]
+    assert [float(r["mean"]) for r in rows] == [15.0, 40.0, 60.0]
+    (single,) = [r for r in read_csv(out / "curves.csv") if r["method"] == "sac+LN+spectral"]
+    assert int(single["step"]) == 2000 and int(single["runs"]) == 1
+    # Every panel of both figures shows every method, with markers (a single point is visible).
+    for name in ("curves_cheetah-run.png", "diagnostics_cheetah-run.png"):
+        panels = [ax for ax in figures[name].axes if ax.get_visible()]
+        assert len(panels) == (1 if name.startswith("curves") else 11)
+        for ax in panels:
+            drawn = [line for line in ax.get_lines() if np.isfinite(np.asarray(line.get_ydata(), float)).any()]
+            assert len({line.get_color() for line in drawn}) == 2, (name, ax.get_title())
+            assert all(line.get_marker() == "o" for line in drawn)
+    legend = [t.get_text() for t in figures["curves_cheetah-run.png"].axes[0].get_legend().get_texts()]
+    assert legend == ["sac+LN (n=2: too few for a reliable s.e.)", "sac+LN+spectral (n=1: no s.e., 1 point)"]
+    # The table says that one or two runs give no meaningful interval.
+    table = {r["method"]: r for r in read_csv(out / "final_performance.csv")}
+    assert table["sac+LN"]["caveat"].startswith("2 runs: too few")
+    assert table["sac+LN+spectral"]["caveat"].startswith("1 run: no spread")
+    summary = (out / "summary.md").read_text()
+    assert "| cheetah-run | sac+LN+spectral | 1 | 7.0 | none: 1 run † |" in summary
+    assert "† Fewer than 3 runs" in summary
+    assert "cheetah-run / sac+LN: its 2 runs end at steps 1,000, 3,000; after step 1,000 the curve averages" in summary
+    assert "cheetah-run / sac+LN+spectral: one logged point (step 2,000)" in summary
+
+
+def _diag_points(n):
+    return {tag: [float(i + 1) for i in range(n)] for tag in diagnostics_of(1.0, 0)}
