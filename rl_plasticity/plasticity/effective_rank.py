@@ -20,7 +20,14 @@ Two routes to the same number:
   either route; there the objective is not differentiable (σ = 0 is a kink) and svdvals' gradient
   is g_i u_i v_iᵀ along whatever null-space basis LAPACK returns; this route leaves those
   components out (it only differs from the reference in directions orthogonal to the column and
-  row spaces of F, the tests check that too).
+  row spaces of F, the tests check that too).  On rank-deficient features (more dead units than
+  rows) that left-out component is large, since g_i grows like −log p_i: in the tests it is a
+  hundred times the well-defined part of svdvals' gradient.
+
+The ER step (`PlasticityMixin.effective_rank_step`) runs on a block of `er_batch` input rows at
+the current parameters, every `er_step` updates.  App. D.1 describes er_batch as a number of
+*steps* whose features are stacked (Algorithm 1's buffer of capacity U); the package's block of
+rows is an interpretation kept from before (issue 19 changed the speed, not the objective).
 """
 from __future__ import annotations
 
