@@ -1,16 +1,25 @@
-"""Cost of plasticity regularizers and diagnostics on the SAC update, measured in one run.
+"""Cost of plasticity regularizers, interventions and diagnostics on the SAC update, measured in one run.
 
-For each regularizer, times SAC updates (paper settings: 2x256, LayerNorm, one critic, batch
-256, 16 updates per call) against `plasticity=none` in alternating rounds, and prints the added
-time per update as a percentage (median of per-round ratios).  Also times one diagnostics call
-on a 256-sample probe batch and reports its share at the default frequency
-(`plasticity.log_every` = 16,000 updates).  Last line: `spectral_overhead <percent>`.
+For each method, times SAC updates (paper settings: 2x256, LayerNorm, one critic, batch 256, 16
+updates per call) against `plasticity=none` in alternating rounds, and prints the added time per
+update as a percentage (median of per-round ratios).  Methods are the regularizers at their
+defaults (coefficient 1e-4, `er` and `l2_er` with the presets' ER learning rates, er_batch 128,
+er_step 1), continual backprop (`cbp`: replacement rate 1e-4, maturity 10,000, utilities every
+update) and `reset` (a full reset every 2,560,000 updates, the `sac_reset` preset: its cost is
+the time of one `reset_networks()` spread over that many updates).  Also times one diagnostics
+call on a 256-sample probe batch and reports its share at the default frequency
+(`plasticity.log_every` = 16,000 updates).  Last line: `max_overhead <percent> <method>`.
 
-    python benchmarks/plasticity_overhead.py [--methods spectral,l2,...] [--rounds 7]
+    python benchmarks/plasticity_overhead.py [--methods spectral,l2,...] [--rounds 7] [--threads 1]
+
+On a machine shared with other processes use `--threads 1` (torch's intra-op threads slow down
+many-fold when another process holds the cores they wait on).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import statistics
 import time
 
@@ -22,10 +31,16 @@ from rl_plasticity.plasticity.mixin import PlasticityConfig
 
 OBS, ACT = 17, 6  # cheetah-run
 ER = {"er": 1e-7, "l2_er": 1e-6}
+RESET_INTERVAL = 2_560_000  # configs/experiment/sac_reset.yaml
 
 
 def make(name: str) -> SACAgent:
-    cfg = PlasticityConfig(name=name, coef=0.0 if name == "none" else 1e-4, er=name in ER, er_lr=ER.get(name, 0.01))
+    if name == "cbp":
+        cfg = PlasticityConfig(name="cbp", cbp=True)
+    else:
+        coef = 0.0 if name in ("none", "er", "reset") else 1e-4
+        reg = "none" if name == "reset" else name
+        cfg = PlasticityConfig(name=reg, coef=coef, er=name in ER, er_lr=ER.get(name, 0.01))
     torch.manual_seed(0)
     return SACAgent(OBS, ACT, SACConfig(), "cpu", plasticity=cfg)
 
@@ -45,21 +60,40 @@ def timed(agent: SACAgent, batch: Batch, calls: int) -> float:
     return (time.perf_counter() - start) / (calls * batch.obs.shape[0])
 
 
+def reset_seconds(agent: SACAgent, repeats: int = 5) -> float:
+    """Seconds of one full reset (`reset_networks`, what `agent.reset_interval` triggers)."""
+    start = time.perf_counter()
+    for _ in range(repeats):
+        agent.reset_networks()
+    return (time.perf_counter() - start) / repeats
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default="spectral,l2,l2_init,wasserstein,l2_er")
+    p.add_argument("--methods", default="spectral,l2,l2_init,wasserstein,er,l2_er,cbp,reset")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--calls", type=int, default=5, help="calls of 16 updates per round and side")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batch = batches(16)
     base = make("none")
     timed(base, batch, 2)
-    print(f"device cpu, torch {torch.__version__}, threads {torch.get_num_threads()}, SAC 2x256 LayerNorm, "
-          f"1 critic, batch 256")
+    print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}, device cpu, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "
+          f"SAC 2x256 LayerNorm, 1 critic, batch 256")
     results = {}
     for name in args.methods.split(","):
         agent = make(name)
         timed(agent, batch, 2)
+        if name == "reset":
+            per_update = statistics.median(timed(base, batch, args.calls) for _ in range(3))
+            seconds = statistics.median(reset_seconds(agent) for _ in range(args.rounds))
+            results[name] = 100 * seconds / (RESET_INTERVAL * per_update)
+            print(f"{name:12s} one reset {1e3 * seconds:.1f} ms every {RESET_INTERVAL} updates of "
+                  f"{1e3 * per_update:.2f} ms, overhead {results[name]:+.5f}%", flush=True)
+            continue
         ratios, t_base, t_reg = [], [], []
         for _ in range(args.rounds):
             a, b = timed(base, batch, args.calls), timed(agent, batch, args.calls)
@@ -68,7 +102,8 @@ def main() -> None:
             ratios.append(b / a)
         results[name] = 100 * (statistics.median(ratios) - 1)
         print(f"{name:12s} none {1e3 * statistics.median(t_base):.2f} ms/update, {name} "
-              f"{1e3 * statistics.median(t_reg):.2f} ms/update, overhead {results[name]:+.1f}%")
+              f"{1e3 * statistics.median(t_reg):.2f} ms/update, overhead {results[name]:+.1f}% "
+              f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x)", flush=True)
     probe = Batch(*(t[0] for t in batch))
     base.diagnostics(probe)
     start = time.perf_counter()
@@ -79,7 +114,8 @@ def main() -> None:
     share = 100 * diag / (16_000 * per_update)
     print(f"diagnostics: {1e3 * diag:.1f} ms per call; at plasticity.log_every=16000 updates that is "
           f"{share:.3f}% of training time")
-    print(f"spectral_overhead {results.get('spectral', float('nan')):.1f}")
+    worst = max(results, key=results.get)
+    print(f"max_overhead {results[worst]:.1f} {worst}")
 
 
 if __name__ == "__main__":

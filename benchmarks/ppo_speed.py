@@ -13,7 +13,14 @@ checkpoints) and SB3's `PPO.learn`; construction is not timed.  The two sides al
 per-round ratios.  An untimed warm-up run per side comes first and gives the breakdown of where
 the time goes.  The last line reads `speedup_vs_sb3 <ratio>`.
 
+With `--plasticity l2_er[,er,...]` the script times the arms of the paper's Slippery Ant comparison
+instead of SB3: our PPO with each arm's preset plasticity settings (configs/experiment/ppo_*.yaml:
+L2 1e-3, ER lr 1e-7 (er) or 1e-6 (l2_er), er_batch 128, er_step 1 (Table 8), CBP+L2 replacement
+rate 1e-7 with L2 1e-4) against the same PPO with `plasticity=none`, alternating rounds; it prints
+the wall-time ratio arm / none per arm, and last `max_arm_ratio <ratio> <arm>`.
+
     python benchmarks/ppo_speed.py [--steps 4096] [--rounds 3] [--threads 2] [--warmup-steps 2048]
+    python benchmarks/ppo_speed.py --plasticity l2_er,er [--threads 1]
 """
 from __future__ import annotations
 
@@ -34,6 +41,10 @@ ENV_CFG = {"kind": "slippery_ant", "id": "Ant-v5", "change_every": 2_000_000, "f
            "friction": None, "action_repeat": 1}
 ROLLOUT = 2048
 NEVER = 10**12  # log / checkpoint interval that is never crossed
+# The plasticity settings of the Slippery Ant presets (configs/experiment/ppo_*.yaml, Table 7).
+ARMS = {"none": {}, "l2": dict(name="l2", coef=1e-3), "er": dict(name="er", er=True, er_lr=1e-7),
+        "l2_er": dict(name="l2_er", coef=1e-3, er=True, er_lr=1e-6),
+        "cbp_l2": dict(name="cbp_l2", coef=1e-4, cbp=True, cbp_replacement_rate=1e-7)}
 
 
 class _Timers:
@@ -55,8 +66,9 @@ class _Timers:
         setattr(obj, method, timed)
 
 
-def build_ours(args, timers: _Timers | None = None):
-    """This package's PPO as `train.py` builds it; returns a function that trains and returns seconds."""
+def build_ours(args, timers: _Timers | None = None, arm: str = "none"):
+    """This package's PPO as `train.py` builds it, with the plasticity settings of `arm` (`ARMS`);
+    returns a function that trains and returns seconds."""
     import gymnasium as gym
 
     from rl_plasticity.agents.ppo import PPOAgent, PPOConfig
@@ -64,13 +76,14 @@ def build_ours(args, timers: _Timers | None = None):
     from rl_plasticity.envs.nonstationary import episode_metrics
     from rl_plasticity.logging import Logger
     from rl_plasticity.loops import OnPolicySchedule, run_on_policy
+    from rl_plasticity.plasticity.mixin import PlasticityConfig
 
     cfg = PPOConfig(num_envs=1, rollout_steps=ROLLOUT, epochs=10, num_minibatches=128, hidden_sizes=(256, 256),
                     lr=2.5e-4, adam_eps=1e-5, gamma=0.99, gae_lambda=0.95, clip=0.2, vf_coef=1.0, ent_coef=0.01,
                     max_grad_norm=None, normalize_obs=True, init_log_std=0.0)
     envs = gym.vector.SyncVectorEnv([lambda: make_env(ENV_CFG)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
-    agent = PPOAgent(obs_dim, act_dim, cfg, "cpu", seed=0)
+    agent = PPOAgent(obs_dim, act_dim, cfg, "cpu", plasticity=PlasticityConfig(**ARMS[arm]), seed=0)
     schedule = OnPolicySchedule(total_steps=args.steps, rollout_steps=ROLLOUT, eval_every=NEVER, eval_episodes=0,
                                 log_every=NEVER, checkpoint_every=NEVER, seed=0, gamma=cfg.gamma,
                                 gae_lambda=cfg.gae_lambda)
@@ -151,6 +164,30 @@ def breakdown(build, args, name: str) -> None:
           f"({total:.1f} s): {parts}", flush=True)
 
 
+def compare_arms(args) -> None:
+    """Whole training with each arm of `--plasticity` against `plasticity=none`, alternating rounds."""
+    arms = args.plasticity.split(",")
+    unknown = [a for a in arms if a not in ARMS or a == "none"]
+    if unknown:
+        raise SystemExit(f"error: unknown arm(s) {', '.join(unknown)}; valid: {', '.join(a for a in ARMS if a != 'none')}")
+    if args.warmup_steps:  # untimed: imports, MuJoCo and the first allocations
+        timed_round(lambda a: build_ours(a, arm=arms[0]), args)
+    ratios: dict[str, list[float]] = {a: [] for a in arms}
+    for r in range(args.rounds):
+        for arm in arms:
+            sides = [("none", None), (arm, None)] if r % 2 == 0 else [(arm, None), ("none", None)]
+            seconds = {}
+            for name, _ in sides:
+                seconds[name] = args.steps / timed_round(lambda a, n=name: build_ours(a, arm=n), args)
+            ratios[arm].append(seconds[arm] / seconds["none"])
+            print(f"round {r + 1}: none {seconds['none']:.1f} s, {arm} {seconds[arm]:.1f} s, ratio "
+                  f"{ratios[arm][-1]:.2f}, load average {os.getloadavg()[0]:.2f}", flush=True)
+    for arm in arms:
+        print(f"arm_ratio {arm} {statistics.median(ratios[arm]):.2f} (rounds {', '.join(f'{x:.2f}' for x in ratios[arm])})")
+    worst = max(arms, key=lambda a: statistics.median(ratios[a]))
+    print(f"max_arm_ratio {statistics.median(ratios[worst]):.2f} {worst}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=2 * ROLLOUT, help=f"env steps per round and side (multiple of {ROLLOUT})")
@@ -158,6 +195,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
     p.add_argument("--warmup-steps", type=int, default=ROLLOUT,
                    help="untimed instrumented run per side before the rounds (0: none, no breakdown)")
+    p.add_argument("--plasticity", default=None,
+                   help=f"comma-separated arms ({', '.join(a for a in ARMS if a != 'none')}): time them against "
+                        f"plasticity=none instead of SB3")
     args = p.parse_args()
     if args.steps < ROLLOUT or args.steps % ROLLOUT or args.warmup_steps % ROLLOUT:
         p.error(f"--steps and --warmup-steps must be multiples of the rollout ({ROLLOUT}); SB3 only stops between rollouts")
@@ -176,6 +216,9 @@ def main() -> None:
           flush=True)
     # Torch's intra-op threads slow down many times over when other processes hold the cores
     # they wait on: keep the machine otherwise idle (see the load average above).
+    if args.plasticity:
+        compare_arms(args)
+        return
     if args.warmup_steps:
         breakdown(build_ours, args, "ours")
         breakdown(build_sb3, args, "sb3")

@@ -7,7 +7,7 @@ from rl_plasticity.agents.sac import SACAgent, SACConfig
 from rl_plasticity.buffers import Batch
 from rl_plasticity.config import ConfigError
 from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
-from rl_plasticity.plasticity.regularizers import REGULARIZERS, Spectral, effective_rank
+from rl_plasticity.plasticity.regularizers import REGULARIZERS, Spectral, Wasserstein, effective_rank, sort_order
 
 
 def linear_with_singular_values(values, rows=6, cols=5, seed=0):
@@ -168,6 +168,46 @@ def test_l2_init_and_wasserstein_are_zero_at_init_and_differ_under_permutation()
     with torch.no_grad():
         net[0].weight.mul_(1.5)
     assert was.penalty().item() > 0
+
+
+def test_sort_order_sorts_like_torch_sort():
+    """The int32-key radix route (≥ 8192 float32 entries) and the float route: the values they put in
+    order are torch.sort's, negatives, zeros and ties included."""
+    g = torch.Generator().manual_seed(0)
+    for n in (100, 9000, 65536):
+        x = torch.randn(n, generator=g) * torch.logspace(-30, 30, n)[torch.randperm(n, generator=g)]
+        x[:50] = 0.0
+        x[50:60] = -0.0
+        x[60:80] = 1.5
+        order = sort_order(x)
+        assert torch.equal(torch.sort(order).values, torch.arange(n))  # a permutation
+        assert torch.equal(x[order], torch.sort(x).values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_wasserstein_direct_gradient_equals_autograd_through_the_sort(dtype):
+    """The gradient added in place equals autograd through `penalty()` (float sort), on networks
+    with large weights (the radix route), LayerNorm, ensemble members and conv kernels, moved
+    from init; zero-initialised biases (ties) included."""
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Linear(40, 256), nn.LayerNorm(256), nn.ReLU(), nn.Linear(256, 3)),
+            EnsembleMLP(2, 5, [96], 1, layer_norm=True), nn.Conv2d(2, 3, 3)]
+    for net in nets:
+        net.to(dtype)
+        reg = Wasserstein(net)
+        with torch.no_grad():
+            for p in net.parameters():
+                if p.dim() > 1:
+                    p.add_(0.3 * torch.randn_like(p))
+        params = list(net.parameters())
+        expected = torch.autograd.grad(0.5 * reg.penalty(), params)
+        task = [torch.randn_like(p) for p in params]
+        for p, t in zip(params, task):
+            p.grad = t.clone()
+        reg.add_penalty_gradient(coef=0.5)
+        for p, t, e in zip(params, task, expected):
+            torch.testing.assert_close(p.grad, t + e, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(reg.last_value(), 0.5 * reg.penalty().detach())
 
 
 # -- effective rank ---------------------------------------------------------------------------

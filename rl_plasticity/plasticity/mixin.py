@@ -25,10 +25,12 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from rl_plasticity.agents.fused import adam_step_many
 from rl_plasticity.config import ConfigError, from_node, require
 from rl_plasticity.plasticity.cbp import ContinualBackprop
+from rl_plasticity.plasticity.effective_rank import effective_rank, layer_effective_ranks
 from rl_plasticity.plasticity.layers import FeatureRecorder, weights_and_vectors
-from rl_plasticity.plasticity.regularizers import REGULARIZERS, Regularizer, effective_rank
+from rl_plasticity.plasticity.regularizers import REGULARIZERS, Regularizer
 
 DORMANT_THRESHOLD = 0.025  # ReDo (Sokar et al. 2023): a unit is dormant when its score ≤ τ
 
@@ -74,6 +76,12 @@ class PlasticityConfig:
         return self.coef if override is None else override
 
 
+def _fused_ok(net: nn.Module) -> Optional[bool]:
+    """Adam's fused kernel where torch has one (CPU and CUDA), else torch's default."""
+    devices = {p.device.type for p in net.parameters()}
+    return True if devices and devices <= {"cpu", "cuda"} else None
+
+
 class PlasticityMixin:
     """See the module docstring."""
 
@@ -98,7 +106,7 @@ class PlasticityMixin:
             name: REGULARIZERS[cfg.name](net, k=cfg.k) for name, net in networks.items()}
         self._initial_params = {name: [p.detach().clone() for p in net.parameters()] for name, net in networks.items()}
         self._layers = {name: weights_and_vectors(net) for name, net in networks.items()}
-        self._er_optimizers = {name: torch.optim.Adam(net.parameters(), lr=cfg.er_lr)
+        self._er_optimizers = {name: torch.optim.Adam(net.parameters(), lr=cfg.er_lr, fused=_fused_ok(net))
                                for name, net in networks.items()} if cfg.er else {}
         self._cbp = {name: ContinualBackprop(net, cfg.cbp_replacement_rate, cfg.cbp_maturity, cfg.cbp_decay)
                      for name, net in networks.items()} if cfg.cbp else {}
@@ -166,24 +174,35 @@ class PlasticityMixin:
             self.reset_count += 1
 
     def effective_rank_step(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One step of each network's own optimizer on −mean over hidden layers of ER(features)
-        of a block of `er_batch` inputs (Algorithm 1 of spectral-collapse-l2-er.md)."""
-        ranks = {}
-        for name, net in self._plasticity_networks.items():
+        """One step of the networks' own optimizers on −mean over hidden layers of ER(features)
+        of a block of `er_batch` inputs per network (Algorithm 1 of spectral-collapse-l2-er.md,
+        App. D.2); returns each network's mean effective rank before the step.
+
+        Same objective and gradient as autograd through `effective_rank` (torch.linalg.svdvals),
+        network by network; computed faster: every layer of every network in one batched
+        float64 Gram eigendecomposition (`layer_effective_ranks`, see plasticity/effective_rank.py
+        for its accuracy), one backward over all networks (their parameters are disjoint, so
+        each gets its own objective's gradient), and one fused Adam call over every network's
+        ER optimizer (each keeps its own moments).  The task gradients in `.grad` are kept.
+        """
+        nets = self._plasticity_networks
+        features: dict[str, list[torch.Tensor]] = {}
+        for name, net in nets.items():
             x = inputs[name][: self.plasticity_cfg.er_batch].detach()
             with FeatureRecorder(net, detach=False) as rec:
                 net(x)
-            rank = torch.stack([effective_rank(f).mean() for f in rec.features]).mean()
-            opt = self._er_optimizers[name]
-            params = list(net.parameters())
-            task_grads = [p.grad for p in params]  # keep the task update's gradients for diagnostics
-            opt.zero_grad(set_to_none=True)
-            (-rank).backward()
-            opt.step()
-            for p, g in zip(params, task_grads):
-                p.grad = g
-            ranks[name] = rank.detach()
-        return ranks
+            features[name] = rec.features
+        layer_ranks = iter(layer_effective_ranks([f for fs in features.values() for f in fs]))
+        ranks = {name: torch.stack([next(layer_ranks).mean() for _ in fs]).mean() for name, fs in features.items()}
+        params = [p for net in nets.values() for p in net.parameters()]
+        grads = torch.autograd.grad(-torch.stack(list(ranks.values())).sum(), params, allow_unused=True)
+        task_grads = [p.grad for p in params]  # keep the task update's gradients for diagnostics
+        for p, g in zip(params, grads):
+            p.grad = g
+        adam_step_many(list(self._er_optimizers.values()))
+        for p, g in zip(params, task_grads):
+            p.grad = g
+        return {name: rank.detach() for name, rank in ranks.items()}
 
     @torch.no_grad()
     def continual_backprop_step(self, inputs: Mapping[str, torch.Tensor]) -> int:
@@ -264,7 +283,12 @@ class PlasticityMixin:
             for dst, src in zip(self._initial_params[n], ts):
                 dst.copy_(src)
         for n, s in state["er_optimizers"].items():
-            self._er_optimizers[n].load_state_dict(copy.deepcopy(s))
+            opt = self._er_optimizers[n]
+            s = copy.deepcopy(s)
+            for group, saved in zip(opt.param_groups, s["param_groups"]):
+                # Checkpoints from before the ER optimizers were fused: same state, fused kernel.
+                saved["fused"], saved["foreach"] = group["fused"], group["foreach"]
+            opt.load_state_dict(s)
         for n, s in state.get("cbp", {}).items():
             self._cbp[n].load_state_dict(s)
 
