@@ -203,13 +203,20 @@ def main() -> None:
         p.error(f"--steps and --warmup-steps must be multiples of the rollout ({ROLLOUT}); SB3 only stops between rollouts")
     torch.set_num_threads(args.threads)
 
+    import importlib.metadata
+
     import gymnasium
     import mujoco
-    import stable_baselines3
 
+    try:  # --plasticity compares our arms only: SB3 (the bench extra) is not needed then
+        sb3 = importlib.metadata.version("stable-baselines3")
+    except importlib.metadata.PackageNotFoundError:
+        if not args.plasticity:
+            p.error("stable-baselines3 is not installed: pip install -c constraints-cpu.txt -e '.[bench]'")
+        sb3 = "not installed"
     print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}, device cpu "
           f"({platform.processor() or platform.machine()}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"sb3 {stable_baselines3.__version__}, gymnasium {gymnasium.__version__}, mujoco {mujoco.__version__}, "
+          f"sb3 {sb3}, gymnasium {gymnasium.__version__}, mujoco {mujoco.__version__}, "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     print(f"env slippery-ant (Ant-v5), rollout {ROLLOUT} x 1 env, 10 epochs x 128 minibatches of {ROLLOUT // 128}, "
           f"2x256 ReLU pi/vf, obs normalisation, {args.steps} env steps per round and side, {args.rounds} rounds",
