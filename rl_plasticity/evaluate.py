@@ -260,8 +260,11 @@ def render_options(env_cfg: dict[str, Any], width: int, height: int) -> dict[str
     model's `track` camera (trackcom on the torso) when none is named; dm_control renders from its
     free camera, fixed at the origin, unless given one, so DMC tasks get `dmc_camera(domain)`."""
     options: dict[str, Any] = {"render_mode": "rgb_array", "render_size": (width, height)}
-    if env_cfg.get("kind", "dmc") == "dmc":
+    kind = env_cfg.get("kind", "dmc")
+    if kind == "dmc":
         options["render_kwargs"] = {"camera_id": dmc_camera(str(env_cfg["domain"]))}
+    elif kind == "continual_dmc" and env_cfg.get("tasks"):  # one domain: its camera for every task
+        options["render_kwargs"] = {"camera_id": dmc_camera(str(env_cfg["tasks"][0]).split("-", 1)[0])}
     return options
 
 
