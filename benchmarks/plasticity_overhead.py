@@ -4,7 +4,9 @@ For each regularizer, times SAC updates (paper settings: 2x256, LayerNorm, one c
 256, 16 updates per call) against `plasticity=none` in alternating rounds, and prints the added
 time per update as a percentage (median of per-round ratios).  Also times one diagnostics call
 on a 256-sample probe batch and reports its share at the default frequency
-(`plasticity.log_every` = 16,000 updates).  Last line: `spectral_overhead <percent>`.
+(`plasticity.log_every` = 16,000 updates), and one curvature measurement (plasticity/curvature.py
+at the default curvature_* keys, on both networks) with the smallest `plasticity.curvature_every`
+that keeps it at or under 2 % of training time.  Last line: `spectral_overhead <percent>`.
 
     python benchmarks/plasticity_overhead.py [--methods spectral,l2,...] [--rounds 7]
 """
@@ -79,6 +81,16 @@ def main() -> None:
     share = 100 * diag / (16_000 * per_update)
     print(f"diagnostics: {1e3 * diag:.1f} ms per call; at plasticity.log_every=16000 updates that is "
           f"{share:.3f}% of training time")
+    base.plasticity_curvature(probe, 0)
+    start = time.perf_counter()
+    for i in range(3):
+        base.plasticity_curvature(probe, i)
+    curv = (time.perf_counter() - start) / 3
+    every = curv / (0.02 * per_update)
+    cfg = base.plasticity_cfg
+    print(f"curvature: {1e3 * curv:.0f} ms per measurement (samples {cfg.curvature_samples}, Lanczos "
+          f"{cfg.curvature_lanczos_steps} steps x {cfg.curvature_lanczos_vectors} vector(s) + the overlap run) = "
+          f"{curv / per_update:.0f} updates; <= 2% of training time needs plasticity.curvature_every >= {every:,.0f}")
     print(f"spectral_overhead {results.get('spectral', float('nan')):.1f}")
 
 
