@@ -8,7 +8,9 @@ er_step 1), continual backprop (`cbp`: replacement rate 1e-4, maturity 10,000, u
 update) and `reset` (a full reset every 2,560,000 updates, the `sac_reset` preset: its cost is
 the time of one `reset_networks()` spread over that many updates).  Also times one diagnostics
 call on a 256-sample probe batch and reports its share at the default frequency
-(`plasticity.log_every` = 16,000 updates).  Last line: `max_overhead <percent> <method>`.
+(`plasticity.log_every` = 16,000 updates), and one curvature measurement (plasticity/curvature.py
+at the default curvature_* keys, on both networks) with the smallest `plasticity.curvature_every`
+that keeps it at or under 2 % of training time.  Last line: `max_overhead <percent> <method>`.
 
     python benchmarks/plasticity_overhead.py [--methods spectral,l2,...] [--rounds 7] [--threads 1]
 
@@ -114,6 +116,16 @@ def main() -> None:
     share = 100 * diag / (16_000 * per_update)
     print(f"diagnostics: {1e3 * diag:.1f} ms per call; at plasticity.log_every=16000 updates that is "
           f"{share:.3f}% of training time")
+    base.plasticity_curvature(probe, 0)
+    start = time.perf_counter()
+    for i in range(3):
+        base.plasticity_curvature(probe, i)
+    curv = (time.perf_counter() - start) / 3
+    every = curv / (0.02 * per_update)
+    cfg = base.plasticity_cfg
+    print(f"curvature: {1e3 * curv:.0f} ms per measurement (samples {cfg.curvature_samples}, Lanczos "
+          f"{cfg.curvature_lanczos_steps} steps x {cfg.curvature_lanczos_vectors} vector(s) + the overlap run) = "
+          f"{curv / per_update:.0f} updates; <= 2% of training time needs plasticity.curvature_every >= {every:,.0f}")
     worst = max(results, key=results.get)
     print(f"max_overhead {results[worst]:.1f} {worst}")
 

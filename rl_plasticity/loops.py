@@ -14,6 +14,73 @@ import torch
 
 from rl_plasticity.buffers import Batch, ReplayBuffer
 from rl_plasticity.logging import Logger, RateMeter
+from rl_plasticity.plasticity.mixin import DATA_METRICS
+
+PROBE_SIZE = 256  # rows of each diagnostic's probe batch (at most the batch size for SAC)
+
+
+def probe_seed(seed: int, updates: int) -> int:
+    """The seed of the generator that draws a diagnostic's probe rows: a pure function of the run's
+    seed and the agent's update count, so drawing never touches a training generator and a resumed
+    run draws the same rows (nothing to save)."""
+    return (int(seed) * 1_000_003 + int(updates) * 7_919 + 17) % (2**62)
+
+
+def curvature_config(agent: Any, probe_rows: int) -> Any:
+    """The agent's PlasticityConfig when it asks for curvature diagnostics, else None (then the
+    loop measures nothing and pays nothing).  More per-sample gradients than a probe holds is a
+    ConfigError naming the key, raised before the first step."""
+    from rl_plasticity.config import ConfigError
+
+    cfg = getattr(agent, "plasticity_cfg", None)
+    if cfg is None or not getattr(cfg, "curvature_enabled", False):
+        return None
+    if cfg.curvature_samples > probe_rows:
+        raise ConfigError(f"plasticity.curvature_samples ({cfg.curvature_samples}) must not exceed the rows of a "
+                          f"diagnostic's batch ({probe_rows})")
+    return cfg
+
+
+def log_curvature(agent: Any, logger: Logger, probe: Any, seed: int, step: int, task_start: bool) -> None:
+    """Measure `curvature/<network>/<metric>` on `probe` and write it (at a task start also as
+    `curvature_task/<network>/<metric>`), with each network's Hessian eigenvalue density as the
+    histogram `curvature/<network>/hessian_density` (SLQ, spectral-collapse-l2-er.md App. F.1)."""
+    values, spectra = agent.plasticity_curvature(probe, seed)
+    if task_start:
+        values.update({"curvature_task/" + k[len("curvature/"):]: v for k, v in list(values.items())})
+        values["curvature_task/change"] = torch.tensor(1.0)
+    logger.scalars(values, step)
+    add_histogram = getattr(getattr(logger, "writer", None), "add_histogram_raw", None)
+    if add_histogram is None:
+        return
+    from rl_plasticity.plasticity.curvature import density_histogram
+
+    for name, spectrum in spectra.items():
+        limits, counts = density_histogram(spectrum)
+        tag = f"curvature{'_task' if task_start else ''}/{name}/hessian_density"
+        add_histogram(tag, min=float(limits[0]), max=float(limits[-1]), num=float(counts.sum()),
+                      sum=float((limits * counts).sum()), sum_squares=float((limits.square() * counts).sum()),
+                      bucket_limits=limits.tolist(), bucket_counts=counts.tolist(), global_step=step)
+
+
+def task_of(env_metrics: Callable[[], list[dict[str, float]]] | None) -> list[list] | None:
+    """The task the first (sub-)env is in, as its episode metrics ([[tag, value], ...], e.g.
+    `env/friction` or `env/task`): a change of this value is a task change.  None when stationary."""
+    if env_metrics is None:
+        return None
+    return [[tag, float(value)] for tag, value in sorted(env_metrics()[0].items())]
+
+
+def probe_diagnostics(agent: Any, current: Any, reference: Any = None) -> dict[str, torch.Tensor]:
+    """`agent.diagnostics` on `current` (the data the networks train on now: `plasticity/...`)
+    and, when given, the data-dependent metrics (`DATA_METRICS`) on the fixed `reference` batch as
+    `plasticity_ref/<network>/<metric>` (a curve comparable over the whole run)."""
+    values = dict(agent.diagnostics(current))
+    if reference is not None:
+        for key, value in agent.diagnostics(reference).items():
+            if key.startswith("plasticity/") and key.rsplit("/", 1)[-1] in DATA_METRICS:
+                values["plasticity_ref/" + key[len("plasticity/"):]] = value
+    return values
 
 
 class OffPolicyAgent(Protocol):
@@ -177,8 +244,14 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
 
     Checkpoints may fall in the middle of an episode: the caller saves and restores the env's
     state, and the loop state passed to `save_checkpoint` holds the rest (current observation,
-    episode counters, probe batch, the prefill action generator), so a resumed run continues
-    exactly.  Non-finite losses or parameters raise DivergenceError at log and checkpoint times.
+    episode counters, reference probe batch, the prefill action generator), so a resumed run
+    continues exactly.  Non-finite losses or parameters raise DivergenceError at log and checkpoint
+    times.
+
+    Diagnostics (`plasticity/...`) are measured on a fresh batch drawn uniformly from the whole
+    replay buffer, i.e. from the distribution the updates sample from at that moment, by a
+    generator seeded from (seed, update count) (`probe_seed`); the fixed reference batch drawn at
+    the first diagnostic (after prefill: random-policy data) gives `plasticity_ref/...`.
     """
     s = schedule
     control = control or LoopControl()
@@ -188,21 +261,26 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
         env.action_space.seed(s.seed)
         obs, _ = env.reset(seed=s.seed)
         episode_return, episode_length, first = 0.0, 0, 1
-        probe: Batch | None = None  # fixed probe batch for plasticity diagnostics, drawn once
+        probe: Batch | None = None  # fixed reference batch (plasticity_ref/ tags), drawn once
         last_diagnostics: int | None = None
+        last_curvature: int | None = None
         last_eval: dict[str, float] = {}
     else:
         env.action_space.np_random.bit_generator.state = r["action_rng"]
+        last_curvature = r.get("last_curvature")
         obs = r["obs"].numpy()
         episode_return, episode_length, first = r["episode_return"], r["episode_length"], r["step"] + 1
         probe = Batch(*r["probe"]) if r["probe"] is not None else None
         last_diagnostics, last_eval = r["last_diagnostics"], dict(r["last_eval"])
     meter = RateMeter(first - 1, agent.update_count)
+    probe_rows = min(s.batch_size, PROBE_SIZE)
+    curvature = curvature_config(agent, probe_rows)
+    resets_seen = getattr(agent, "reset_count", 0)
 
     def loop_state(step: int) -> dict[str, Any]:
         return {"step": step, "obs": _np_state(obs), "episode_return": episode_return,
                 "episode_length": episode_length, "probe": tuple(probe) if probe is not None else None,
-                "last_diagnostics": last_diagnostics, "last_eval": dict(last_eval),
+                "last_diagnostics": last_diagnostics, "last_curvature": last_curvature, "last_eval": dict(last_eval),
                 "action_rng": env.action_space.np_random.bit_generator.state}
 
     for step in range(first, s.total_steps + 1):
@@ -227,6 +305,11 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
 
         if step >= s.prefill_steps and len(buffer) >= min(max(s.prefill_steps, 1), s.batch_size):
             metrics = yield buffer.sample(s.replay_ratio, s.batch_size)
+            if curvature is not None and agent.reset_count != resets_seen:
+                resets_seen = agent.reset_count  # a reset starts a new task: measure at its start
+                if curvature.curvature_task_start:
+                    seed = probe_seed(s.seed, agent.update_count) + 1
+                    log_curvature(agent, logger, buffer.probe(probe_rows, seed), seed, step, task_start=True)
 
         stop = control.should_stop()
         if step % s.log_every == 0 or step == s.total_steps:
@@ -235,10 +318,17 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
             values = dict(metrics)
             if agent.update_count > 0 and (last_diagnostics is None
                                            or agent.update_count - last_diagnostics >= s.diagnostics_every):
+                size = min(s.batch_size, PROBE_SIZE)
                 if probe is None:
-                    probe = buffer.probe(min(s.batch_size, 256), s.seed)
-                values.update(agent.diagnostics(probe))
+                    probe = buffer.probe(size, s.seed)
+                current = buffer.probe(size, probe_seed(s.seed, agent.update_count))
+                values.update(probe_diagnostics(agent, current, probe))
                 last_diagnostics = agent.update_count
+            if (curvature is not None and curvature.curvature_every is not None and agent.update_count > 0
+                    and (last_curvature is None or agent.update_count - last_curvature >= curvature.curvature_every)):
+                seed = probe_seed(s.seed, agent.update_count) + 1
+                log_curvature(agent, logger, buffer.probe(probe_rows, seed), seed, step, task_start=False)
+                last_curvature = agent.update_count
             logger.scalars(values, step)  # the only host sync of the update metrics
             logger.scalar("charts/sps", sps, step)
             logger.scalar("charts/updates_per_s", ups, step)
@@ -313,6 +403,11 @@ def on_policy_steps(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: 
     `env/task`) gives each sub-env's scalars, logged at every episode end; `before_eval()` runs
     before each evaluation (the evaluation env follows the training env's current task).
     A stop request checkpoints after the current vector step, partial rollout included.
+    Diagnostics (`plasticity/...`) are measured on `PROBE_SIZE` rows drawn (`probe_seed`) from the
+    rollout just trained on, its raw observations normalised with the current statistics; the
+    first rollout's raw observations, normalised likewise, are the fixed reference
+    (`plasticity_ref/...`).  Checkpoints written before this kept the first rollout's normalised
+    observations (`probe`); a run resumed from one uses those as its reference.
     """
     from rl_plasticity.buffers import RolloutBuffer
 
@@ -322,40 +417,62 @@ def on_policy_steps(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: 
     n_envs = envs.num_envs
     obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     rollout = RolloutBuffer(s.rollout_steps, n_envs, obs_dim, action_dim)
+    raw_obs = np.zeros((s.rollout_steps, n_envs, obs_dim), dtype=np.float32)  # the rollout's raw observations
     usable = (s.total_steps // n_envs) * n_envs
+    normalize = getattr(agent, "normalize", None)
     if r is None:
         obs, _ = envs.reset(seed=s.seed)
         episode_return = np.zeros(n_envs)
         episode_length = np.zeros(n_envs, dtype=np.int64)
         last_eval: dict[str, float] = {}
-        probe: torch.Tensor | None = None
+        reference: torch.Tensor | None = None  # the first rollout's raw observations
+        reference_normalised = False  # True: `reference` is an old checkpoint's normalised probe
         last_diagnostics: int | None = None
+        last_curvature: int | None = None
+        rollout_task = task_of(env_metrics)  # the task (friction, task index) the rollout began in
         step = before = length = 0
+        stale_raw = False
         final_values: dict[tuple[int, int], float] = {}
         if env_metrics is not None:
             logger.scalars(env_metrics()[0], 0)
     else:
         obs = r["obs"].numpy().copy()
         episode_return, episode_length = r["episode_return"].numpy().copy(), r["episode_length"].numpy().copy()
-        last_eval, probe, last_diagnostics = dict(r["last_eval"]), r["probe"], r["last_diagnostics"]
+        last_eval, last_diagnostics = dict(r["last_eval"]), r["last_diagnostics"]
+        last_curvature, rollout_task = r.get("last_curvature"), r.get("rollout_task")
+        reference = r.get("reference_raw", r.get("probe"))
+        reference_normalised = "reference_raw" not in r and reference is not None
+        if "raw_obs" in r:
+            raw_obs[: r["raw_obs"].shape[0]] = r["raw_obs"].numpy()
+        stale_raw = "raw_obs" not in r and rollout.pos > 0  # older checkpoint: only normalised rows kept
         step, before, length = r["step"], r["before"], r["length"]
         final_values = {(int(t), int(i)): float(v) for t, i, v in r["final_values"]}
         rollout.load_state_dict(r["rollout"])
     meter = RateMeter(step, agent.update_count)
+    curvature = curvature_config(agent, min(s.rollout_steps * n_envs, PROBE_SIZE))
+    resets_seen = getattr(agent, "reset_count", 0)
+
+    def curvature_rows(data: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+        idx = torch.randperm(data["obs"].shape[0], generator=torch.Generator().manual_seed(seed))[:PROBE_SIZE]
+        idx = idx.sort().values.numpy()
+        return {k: v[idx] for k, v in data.items()}
 
     def loop_state() -> dict[str, Any]:
         return {"step": step, "before": before, "length": length, "obs": _np_state(obs),
                 "episode_return": _np_state(episode_return), "episode_length": _np_state(episode_length),
-                "last_eval": dict(last_eval), "probe": probe, "last_diagnostics": last_diagnostics,
+                "last_eval": dict(last_eval), "reference_raw": reference, "last_diagnostics": last_diagnostics,
+                "raw_obs": _np_state(raw_obs[: rollout.pos]), "last_curvature": last_curvature,
+                "rollout_task": rollout_task,
                 "final_values": [[t, i, v] for (t, i), v in final_values.items()], "rollout": rollout.state_dict()}
 
     metrics: dict[str, torch.Tensor] = {}
     while step < usable:
         if rollout.pos == 0:
-            before, final_values = step, {}
+            before, final_values, stale_raw = step, {}, False
             length = min(s.rollout_steps, (usable - step) // n_envs)
         while rollout.pos < length:
             t = rollout.pos
+            raw_obs[t] = obs
             norm_obs, action, log_prob, value = agent.explore(obs)
             next_obs, reward, terminated, truncated, info = envs.step(np.clip(action, -1.0, 1.0))
             rollout.add(norm_obs, action, log_prob, value, reward, terminated, truncated)
@@ -381,18 +498,45 @@ def on_policy_steps(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: 
                 check_finite(agent, metrics, step)
                 save_checkpoint(step, loop_state())  # which flushes the logger first
                 return LoopResult(last_eval, step, preempted=True)
-        if probe is None:
-            probe = torch.from_numpy(rollout.obs[: rollout.pos].reshape(-1, obs_dim)[:256].copy())
+        if reference is None:
+            reference = torch.from_numpy(raw_obs[: rollout.pos].reshape(-1, obs_dim)[:PROBE_SIZE].copy())
         data = rollout.finish(agent.values(obs), final_values, s.gamma, s.gae_lambda)
+        if curvature is not None and env_metrics is not None:
+            task = task_of(env_metrics)
+            if rollout_task is not None and task != rollout_task and curvature.curvature_task_start:
+                # the task (friction) switched during this rollout: the new task's curvature at
+                # the parameters that ended the previous one, before any update on it
+                seed = probe_seed(s.seed, agent.update_count) + 1
+                log_curvature(agent, logger, curvature_rows(data, seed), seed, step, task_start=True)
+            rollout_task = task
         metrics = yield data  # the agent's update on the finished rollout
+        if curvature is not None and agent.reset_count != resets_seen:
+            resets_seen = agent.reset_count
+            if curvature.curvature_task_start:
+                seed = probe_seed(s.seed, agent.update_count) + 1
+                log_curvature(agent, logger, curvature_rows(data, seed), seed, step, task_start=True)
 
         if _crossed(before, step, s.log_every) or step == usable:
             check_finite(agent, metrics, step)
             sps, ups = meter.rates(step, agent.update_count)
             values = dict(metrics)
             if last_diagnostics is None or agent.update_count - last_diagnostics >= s.diagnostics_every:
-                values.update(agent.diagnostics(probe))
+                rows = length * n_envs
+                g = torch.Generator().manual_seed(probe_seed(s.seed, agent.update_count))
+                idx = torch.randperm(rows, generator=g)[:PROBE_SIZE].sort().values.numpy()
+                current = (rollout.obs if stale_raw else raw_obs)[:length].reshape(rows, obs_dim)[idx]
+                ref = reference.numpy()
+                if normalize is not None:
+                    current = current if stale_raw else normalize(current)
+                    ref = ref if reference_normalised else normalize(ref)
+                values.update(probe_diagnostics(agent, torch.from_numpy(np.asarray(current, dtype=np.float32)),
+                                                torch.from_numpy(np.asarray(ref, dtype=np.float32))))
                 last_diagnostics = agent.update_count
+            if (curvature is not None and curvature.curvature_every is not None
+                    and (last_curvature is None or agent.update_count - last_curvature >= curvature.curvature_every)):
+                seed = probe_seed(s.seed, agent.update_count) + 1
+                log_curvature(agent, logger, curvature_rows(data, seed), seed, step, task_start=False)
+                last_curvature = agent.update_count
             logger.scalars(values, step)
             logger.scalar("charts/sps", sps, step)
             logger.scalar("charts/updates_per_s", ups, step)

@@ -190,8 +190,28 @@ class PPOAgent(PlasticityMixin):
         return [self.optimizer]
 
     def diagnostics(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Plasticity diagnostics on a fixed probe of (normalised) observations."""
+        """Plasticity diagnostics on a probe of (normalised) observations."""
         return self.plasticity_diagnostics(obs.to(self.device))
+
+    def curvature_losses(self, rows: Mapping[str, Any], seed: int) -> dict[str, Any]:
+        """The unregularized clipped surrogate (actor) and value loss (critic) on rollout `rows`
+        for plasticity/curvature.py; advantages normalised over the rows as over a minibatch."""
+        d = {k: torch.as_tensor(v).to(self.device) for k, v in rows.items()}
+        adv = d["advantage"]
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        log_std, clip = self.log_std.detach(), self.cfg.clip
+
+        def actor_loss(forward, b):
+            z = (b["action"] - forward(b["obs"])) * torch.exp(-log_std)
+            ratio = ((-0.5 * z.square() - log_std - _LOG_SQRT_2PI).sum(-1) - b["log_prob"]).exp()
+            return torch.max(-b["advantage"] * ratio, -b["advantage"] * ratio.clamp(1.0 - clip, 1.0 + clip))
+
+        def critic_loss(forward, b):
+            return 0.5 * (forward(b["obs"]).squeeze(-1) - b["return"]).square()
+
+        return {"actor": (self.actor, actor_loss, {"obs": d["obs"], "action": d["action"],
+                                                   "log_prob": d["log_prob"], "advantage": adv}),
+                "critic": (self.critic, critic_loss, {"obs": d["obs"], "return": d["return"]})}
 
     @property
     def networks(self) -> dict[str, nn.Module]:

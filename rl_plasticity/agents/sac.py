@@ -152,6 +152,32 @@ class SACAgent(PlasticityMixin):
         """Plasticity diagnostics on a probe batch of shape (B, ...) (see PlasticityMixin)."""
         return self.plasticity_diagnostics((batch.obs, batch.action))
 
+    def curvature_losses(self, batch: Batch, seed: int) -> dict[str, Any]:
+        """The unregularized critic TD loss and actor loss on `batch` for plasticity/curvature.py:
+        the TD target, α and the actor's Gaussian noise fixed (noise from a generator seeded with
+        `seed`), so each loss is a function of its own network only, as in the update."""
+        g = torch.Generator(device=self.device).manual_seed(int(seed))
+        noise = torch.randn((2, batch.obs.shape[0], self.action_dim), device=self.device, generator=g)
+        alpha = self.alpha
+        target = self.td_target(batch.reward, batch.next_obs, batch.terminated, alpha, noise[0])
+        actor, critic = self.actor, self.critic
+
+        def critic_loss(forward, d):  # Σ over critics of (Q − target)², per sample
+            return (forward(d["x"]).squeeze(-1) - d["target"]).square().sum(0)
+
+        def actor_loss(forward, d):  # α log π(ã|s) − min Q(s, ã), ã = tanh(mean + std·noise)
+            mean, raw = forward(d["obs"]).chunk(2, dim=-1)
+            log_std = actor.log_std_min + 0.5 * (actor.log_std_max - actor.log_std_min) * (torch.tanh(raw) + 1.0)
+            u = mean + log_std.exp() * d["noise"]
+            log_prob = (-0.5 * d["noise"].square() - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+            log_prob = log_prob - (2.0 * (np.log(2.0) - u - torch.nn.functional.softplus(-2.0 * u))).sum(-1)
+            q = _min_over_critics(critic(d["obs"], torch.tanh(u), detached=True))
+            return alpha * log_prob - q
+
+        return {"critic": (self.critic.net, critic_loss,
+                           {"x": torch.cat([batch.obs, batch.action], -1), "target": target}),
+                "actor": (self.actor.net, actor_loss, {"obs": batch.obs, "noise": noise[1]})}
+
     @property
     def networks(self) -> dict[str, torch.nn.Module]:
         """The trained networks by name (what plasticity code and checkpoints iterate over)."""

@@ -33,6 +33,42 @@ from rl_plasticity.plasticity.layers import FeatureRecorder, weights_and_vectors
 from rl_plasticity.plasticity.regularizers import REGULARIZERS, Regularizer
 
 DORMANT_THRESHOLD = 0.025  # ReDo (Sokar et al. 2023): a unit is dormant when its score ≤ τ
+# The diagnostics that depend on the probe data (the rest read only the parameters): the loops
+# also report these on a fixed reference batch, as plasticity_ref/<network>/<metric>.
+DATA_METRICS = frozenset({"feature_effective_rank", "dormant_fraction", "dead_fraction", "dead_units",
+                          "feature_srank", "active_fraction", "feature_norm"})
+
+
+def _srank(s: torch.Tensor, threshold: float = 0.99) -> torch.Tensor:
+    """srank₉₉ of singular values `s` (..., k): the fewest of the largest whose sum exceeds 99 %
+    of the total (Kumar et al. 2021; directions-of-curvature.md §4)."""
+    cum = s.cumsum(-1) / s.sum(-1, keepdim=True).clamp_min(1e-30)
+    return ((cum <= threshold).sum(-1) + 1).clamp(max=s.shape[-1]).float()
+
+
+@torch.no_grad()
+def _last_update_norm(params: list[torch.Tensor], optimizers: list[torch.optim.Optimizer]) -> Optional[torch.Tensor]:
+    """‖Δθ‖ of the optimizers' last Adam step on `params` (directions-of-curvature.md Fig. 1/5):
+    lr · m̂ / (√v̂ + ε) rebuilt from the moment estimates (no copy of θ kept between updates);
+    None when the optimizer is not Adam or has not stepped."""
+    ids = {id(p) for p in params}
+    total, found = None, False
+    for opt in optimizers:
+        if not isinstance(opt, torch.optim.Adam):
+            return None
+        for group in opt.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if id(p) not in ids or p not in opt.state or "exp_avg" not in opt.state[p]:
+                    continue
+                st = opt.state[p]
+                step = float(st["step"])
+                m_hat = st["exp_avg"] / (1 - beta1 ** step)
+                v_hat = st["exp_avg_sq"] / (1 - beta2 ** step)
+                d = (float(group["lr"]) * m_hat / (v_hat.sqrt() + group["eps"])).square().sum()
+                total = d if total is None else total + d
+                found = True
+    return total.sqrt() if found else None
 
 
 @dataclasses.dataclass
@@ -51,6 +87,15 @@ class PlasticityConfig:
     cbp_replacement_rate: float = 1e-4  # fraction of mature units replaced per update
     cbp_maturity: int = 10_000         # updates a unit is protected after (re)initialisation
     cbp_decay: float = 0.99            # running-average decay of the contribution utility
+    # Curvature diagnostics (plasticity/curvature.py): every `curvature_every` updates (null: never
+    # periodically) and, with `curvature_task_start`, right after each task change (a reset, a
+    # Slippery Ant friction switch).  Both off: nothing is measured or paid for.
+    curvature_every: Optional[int] = None
+    curvature_task_start: bool = False
+    curvature_samples: int = 32        # per-sample gradients m (empirical Fisher, gradient diversity)
+    curvature_lanczos_steps: int = 24  # Lanczos steps per probe vector (and for the overlap run)
+    curvature_lanczos_vectors: int = 1  # SLQ probe vectors
+    curvature_epsilon: float = 0.1     # ε of the ε-Hessian rank (spectral-collapse-l2-er.md Fig. 2)
 
     @classmethod
     def from_node(cls, node: Mapping[str, Any]) -> "PlasticityConfig":
@@ -69,7 +114,19 @@ class PlasticityConfig:
                 f"plasticity.cbp_replacement_rate must be in [0, 1], got {cfg.cbp_replacement_rate}")
         require(cfg.cbp_maturity >= 0, f"plasticity.cbp_maturity must be >= 0, got {cfg.cbp_maturity}")
         require(0.0 <= cfg.cbp_decay < 1.0, f"plasticity.cbp_decay must be in [0, 1), got {cfg.cbp_decay}")
+        require(cfg.curvature_every is None or cfg.curvature_every >= 1,
+                f"plasticity.curvature_every must be >= 1 (updates) or null, got {cfg.curvature_every}")
+        require(cfg.curvature_samples >= 2, f"plasticity.curvature_samples must be >= 2, got {cfg.curvature_samples}")
+        require(cfg.curvature_lanczos_steps >= 2,
+                f"plasticity.curvature_lanczos_steps must be >= 2, got {cfg.curvature_lanczos_steps}")
+        require(cfg.curvature_lanczos_vectors >= 1,
+                f"plasticity.curvature_lanczos_vectors must be >= 1, got {cfg.curvature_lanczos_vectors}")
+        require(cfg.curvature_epsilon > 0, f"plasticity.curvature_epsilon must be > 0, got {cfg.curvature_epsilon}")
         return cfg
+
+    @property
+    def curvature_enabled(self) -> bool:
+        return self.curvature_every is not None or self.curvature_task_start
 
     def coef_for(self, network: str) -> float:
         override = getattr(self, f"coef_{network}", None)
@@ -226,6 +283,12 @@ class PlasticityMixin:
         parameters, and on the probe's hidden features: effective rank of the last hidden layer,
         dormant fraction (ReDo score ≤ 0.025), dead units (never active on the probe; count and
         fraction) over all hidden units, and with continual backprop the units replaced so far.
+
+        Per weight matrix i (`layer<i>/`): stable rank ‖W‖²_F/‖W‖²₂ (mean over ensemble members),
+        largest and smallest singular values (spectral-regularization.md App. C.6).  Per hidden
+        layer i (`layer<i>/`): srank₉₉ and entropy effective rank of the features, fraction of
+        active (> 0) unit activations, mean feature norm ‖h‖₂.  `update_norm`: ‖Δθ‖ of the last
+        optimizer step (directions-of-curvature.md Fig. 1/5).
         """
         out: dict[str, torch.Tensor] = {}
         inputs = self.plasticity_inputs(probe)
@@ -242,8 +305,22 @@ class PlasticityMixin:
                 out[prefix + "grad_norm"] = torch.stack(grads).sum().sqrt()
             out[prefix + "distance_from_init"] = torch.stack(
                 [(p - p0).square().sum() for p, p0 in zip(params, self._initial_params[name])]).sum().sqrt()
+            for i, w in enumerate(weights):  # spectral-regularization.md App. C.6
+                s = torch.linalg.svdvals(w.matrices().detach().float())  # (members, k)
+                out[prefix + f"layer{i}/stable_rank"] = (s.square().sum(-1) / s[:, 0].square().clamp_min(1e-30)).mean()
+                out[prefix + f"layer{i}/sigma_max"] = s[:, 0].max()
+                out[prefix + f"layer{i}/sigma_min"] = s[:, -1].min()
+            update = _last_update_norm(params, self.plasticity_optimizers())
+            if update is not None:
+                out[prefix + "update_norm"] = update
             with FeatureRecorder(net) as rec:
                 net(inputs[name])
+            for i, f in enumerate(rec.features):  # (members, batch, width)
+                s = torch.linalg.svdvals(f.float())
+                out[prefix + f"layer{i}/feature_srank"] = _srank(s).mean()
+                out[prefix + f"layer{i}/feature_effective_rank"] = effective_rank(f).mean()
+                out[prefix + f"layer{i}/active_fraction"] = (f > 0).float().mean()
+                out[prefix + f"layer{i}/feature_norm"] = f.norm(dim=-1).mean()
             if rec.features:
                 out[prefix + "feature_effective_rank"] = effective_rank(rec.features[-1]).mean()
                 dormant, dead, total = 0, 0, 0
@@ -262,6 +339,25 @@ class PlasticityMixin:
         if penalties:
             out["losses/plasticity"] = torch.stack(penalties).sum()
         return out
+
+    def plasticity_curvature(self, probe: Any, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """`curvature/<network>/<metric>` of each registered network's unregularized loss on
+        `probe` (plasticity/curvature.py), and each network's SLQ spectrum (for the density).
+
+        The randomness (SLQ probe vectors, the losses' sampled actions) comes from a generator
+        seeded with `seed`, never from a training generator."""
+        from rl_plasticity.plasticity.curvature import CurvatureSettings, curvature_diagnostics
+
+        cfg = self.plasticity_cfg
+        settings = CurvatureSettings(cfg.curvature_samples, cfg.curvature_lanczos_steps,
+                                     cfg.curvature_lanczos_vectors, cfg.curvature_epsilon)
+        out: dict[str, torch.Tensor] = {}
+        spectra: dict[str, Any] = {}
+        for name, (module, loss, data) in self.curvature_losses(probe, seed).items():
+            g = torch.Generator().manual_seed(int(seed))
+            values, spectra[name] = curvature_diagnostics(module, loss, data, settings, g)
+            out.update({f"curvature/{name}/{k}": torch.tensor(v) for k, v in values.items()})
+        return out, spectra
 
     # -- checkpointing ------------------------------------------------------------------------
     def plasticity_state_dict(self) -> dict[str, Any]:
@@ -299,6 +395,12 @@ class PlasticityMixin:
     def plasticity_optimizers(self) -> list[torch.optim.Optimizer]:
         """The optimizers holding per-parameter state of the registered networks."""
         return []
+
+    def curvature_losses(self, probe: Any, seed: int) -> dict[str, tuple[nn.Module, Any, dict[str, torch.Tensor]]]:
+        """{network: (module, loss(forward, data) -> per-sample losses, data)}: each registered
+        network's unregularized loss on `probe` as plasticity/curvature.py takes it (targets and
+        everything not differentiated precomputed into `data`); randomness seeded with `seed`."""
+        raise NotImplementedError
 
     def reset_networks(self) -> None:
         raise NotImplementedError
