@@ -355,5 +355,5 @@ def test_ppo_loop_measures_curvature_at_a_friction_switch_before_updating(monkey
     schedule = OnPolicySchedule(total_steps=80, rollout_steps=20, eval_every=10**9, eval_episodes=0, log_every=20,
                                 checkpoint_every=10**9, seed=0)
     run_on_policy(agent, envs, make_env(cfg), NullLogger(), schedule, lambda step, state: None,
-                  frictions=lambda: [friction["value"]])
+                  env_metrics=lambda: [{"env/friction": friction["value"]}])
     assert measured == [(2, 20)]  # once, on the second rollout, before its update (2 updates so far)

@@ -334,3 +334,25 @@ def test_reset_keeps_the_replay_buffer():
     run_off_policy(agent, buffer, env, env, NullLogger(), sched, lambda step, state: None)
     assert agent.reset_count == agent.update_count // 20 >= 4
     assert len(buffer) == 60
+
+
+def test_a_regularizer_chosen_by_name_takes_its_presets_defaults():
+    """Issue 17 part 4: PlasticityConfig(name=...) alone used coef 0 (and no ER step or CBP) and
+    silently did nothing; unset keys now take configs/plasticity/<name>.yaml's values."""
+    from rl_plasticity.config import ConfigError
+
+    assert PlasticityConfig(name="spectral").coef == 1e-4
+    assert PlasticityConfig(name="l2_er").coef == 1e-3
+    er = PlasticityConfig(name="er")
+    assert er.er is True and er.er_lr == 1e-7 and er.coef == 0.0
+    l2_er = PlasticityConfig(name="l2_er")
+    assert l2_er.er is True and l2_er.er_lr == 1e-6
+    assert PlasticityConfig(name="cbp").cbp is True and PlasticityConfig(name="cbp_l2").cbp is True
+    assert PlasticityConfig(name="spectral", coef=0.5).coef == 0.5  # given values win
+    assert PlasticityConfig().coef == 0.0 and PlasticityConfig().er is False
+    with pytest.raises(ConfigError, match="unknown plasticity 'spectrl'. Valid choices: .*spectral"):
+        PlasticityConfig(name="spectrl")
+    with pytest.raises(ConfigError, match="plasticity.coef must be >= 0"):
+        PlasticityConfig(name="l2", coef=-1.0)
+    with pytest.raises(ConfigError, match="plasticity.er_batch must be >= 2"):
+        PlasticityConfig(name="er", er_batch=1)

@@ -71,19 +71,44 @@ def _last_update_norm(params: list[torch.Tensor], optimizers: list[torch.optim.O
     return total.sqrt() if found else None
 
 
+# The keys a regularizer's preset sets (configs/plasticity/<name>.yaml): unset, they take its values.
+PRESET_KEYS = ("coef", "er", "er_lr", "cbp")
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """The values of `PRESET_KEYS` in the preset `configs/plasticity/<name>.yaml` (over none.yaml,
+    as Hydra composes it): one source of the papers' defaults for the command line and the API."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    folder = resources.files("rl_plasticity.configs").joinpath("plasticity")
+    values = OmegaConf.to_container(OmegaConf.load(str(folder.joinpath("none.yaml"))))
+    if name != "none":
+        preset = OmegaConf.to_container(OmegaConf.load(str(folder.joinpath(f"{name}.yaml"))))
+        values.update({k: v for k, v in preset.items() if k != "defaults"})
+    return {key: values[key] for key in PRESET_KEYS}
+
+
 @dataclasses.dataclass
 class PlasticityConfig:
+    """What `plasticity=<name>` configures.  `coef`, `er`, `er_lr` and `cbp` left as None take the
+    values of the preset `configs/plasticity/<name>.yaml` (the papers' defaults, as the command line
+    uses them), so `PlasticityConfig(name="spectral")` regularizes with coef 1e-4 rather than 0.
+    Every value is checked at construction: an unknown name or an impossible value is one
+    ConfigError naming the key (and, for the name, the valid choices)."""
+
     name: str = "none"
-    coef: float = 0.0                  # penalty coefficient for every network ...
+    coef: Optional[float] = None       # penalty coefficient for every network ...
     coef_actor: Optional[float] = None  # ... unless overridden per network
     coef_critic: Optional[float] = None
     k: float = 2.0                     # spectral exponent
-    er: bool = False                   # run the effective-rank step (er, l2_er)
-    er_lr: float = 0.01
+    er: Optional[bool] = None          # run the effective-rank step (er, l2_er)
+    er_lr: Optional[float] = None
     er_batch: int = 128
     er_step: int = 1                   # updates between effective-rank steps
     log_every: int = 16_000            # updates between diagnostics
-    cbp: bool = False                  # continual backprop (Dohare et al. 2024) on every hidden layer
+    cbp: Optional[bool] = None         # continual backprop (Dohare et al. 2024) on every hidden layer
     cbp_replacement_rate: float = 1e-4  # fraction of mature units replaced per update
     cbp_maturity: int = 10_000         # updates a unit is protected after (re)initialisation
     cbp_decay: float = 0.99            # running-average decay of the contribution utility
@@ -97,32 +122,38 @@ class PlasticityConfig:
     curvature_lanczos_vectors: int = 1  # SLQ probe vectors
     curvature_epsilon: float = 0.1     # ε of the ε-Hessian rank (spectral-collapse-l2-er.md Fig. 2)
 
+    def __post_init__(self) -> None:
+        if self.name not in REGULARIZERS:
+            raise ConfigError(f"unknown plasticity '{self.name}'. Valid choices: {', '.join(sorted(REGULARIZERS))}")
+        unset = [key for key in PRESET_KEYS if getattr(self, key) is None]
+        if unset:
+            preset = preset_values(self.name)
+            for key in unset:
+                setattr(self, key, preset[key])
+        for key in ("coef", "coef_actor", "coef_critic"):
+            value = getattr(self, key)
+            require(value is None or value >= 0, f"plasticity.{key} must be >= 0, got {value}")
+        require(self.k > 0, f"plasticity.k must be > 0, got {self.k}")
+        require(self.er_lr > 0, f"plasticity.er_lr must be > 0, got {self.er_lr}")
+        require(self.er_batch >= 2, f"plasticity.er_batch must be >= 2, got {self.er_batch}")
+        require(self.er_step >= 1, f"plasticity.er_step must be >= 1, got {self.er_step}")
+        require(self.log_every >= 1, f"plasticity.log_every must be >= 1, got {self.log_every}")
+        require(0.0 <= self.cbp_replacement_rate <= 1.0,
+                f"plasticity.cbp_replacement_rate must be in [0, 1], got {self.cbp_replacement_rate}")
+        require(self.cbp_maturity >= 0, f"plasticity.cbp_maturity must be >= 0, got {self.cbp_maturity}")
+        require(0.0 <= self.cbp_decay < 1.0, f"plasticity.cbp_decay must be in [0, 1), got {self.cbp_decay}")
+        require(self.curvature_every is None or self.curvature_every >= 1,
+                f"plasticity.curvature_every must be >= 1 (updates) or null, got {self.curvature_every}")
+        require(self.curvature_samples >= 2, f"plasticity.curvature_samples must be >= 2, got {self.curvature_samples}")
+        require(self.curvature_lanczos_steps >= 2,
+                f"plasticity.curvature_lanczos_steps must be >= 2, got {self.curvature_lanczos_steps}")
+        require(self.curvature_lanczos_vectors >= 1,
+                f"plasticity.curvature_lanczos_vectors must be >= 1, got {self.curvature_lanczos_vectors}")
+        require(self.curvature_epsilon > 0, f"plasticity.curvature_epsilon must be > 0, got {self.curvature_epsilon}")
+
     @classmethod
     def from_node(cls, node: Mapping[str, Any]) -> "PlasticityConfig":
-        cfg = from_node(cls, node, "plasticity")
-        if cfg.name not in REGULARIZERS:
-            raise ConfigError(f"unknown plasticity '{cfg.name}'. Valid choices: {', '.join(sorted(REGULARIZERS))}")
-        for key in ("coef", "coef_actor", "coef_critic"):
-            value = getattr(cfg, key)
-            require(value is None or value >= 0, f"plasticity.{key} must be >= 0, got {value}")
-        require(cfg.k > 0, f"plasticity.k must be > 0, got {cfg.k}")
-        require(cfg.er_lr > 0, f"plasticity.er_lr must be > 0, got {cfg.er_lr}")
-        require(cfg.er_batch >= 2, f"plasticity.er_batch must be >= 2, got {cfg.er_batch}")
-        require(cfg.er_step >= 1, f"plasticity.er_step must be >= 1, got {cfg.er_step}")
-        require(cfg.log_every >= 1, f"plasticity.log_every must be >= 1, got {cfg.log_every}")
-        require(0.0 <= cfg.cbp_replacement_rate <= 1.0,
-                f"plasticity.cbp_replacement_rate must be in [0, 1], got {cfg.cbp_replacement_rate}")
-        require(cfg.cbp_maturity >= 0, f"plasticity.cbp_maturity must be >= 0, got {cfg.cbp_maturity}")
-        require(0.0 <= cfg.cbp_decay < 1.0, f"plasticity.cbp_decay must be in [0, 1), got {cfg.cbp_decay}")
-        require(cfg.curvature_every is None or cfg.curvature_every >= 1,
-                f"plasticity.curvature_every must be >= 1 (updates) or null, got {cfg.curvature_every}")
-        require(cfg.curvature_samples >= 2, f"plasticity.curvature_samples must be >= 2, got {cfg.curvature_samples}")
-        require(cfg.curvature_lanczos_steps >= 2,
-                f"plasticity.curvature_lanczos_steps must be >= 2, got {cfg.curvature_lanczos_steps}")
-        require(cfg.curvature_lanczos_vectors >= 1,
-                f"plasticity.curvature_lanczos_vectors must be >= 1, got {cfg.curvature_lanczos_vectors}")
-        require(cfg.curvature_epsilon > 0, f"plasticity.curvature_epsilon must be > 0, got {cfg.curvature_epsilon}")
-        return cfg
+        return from_node(cls, node, "plasticity")
 
     @property
     def curvature_enabled(self) -> bool:
