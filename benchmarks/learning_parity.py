@@ -191,7 +191,7 @@ def run_ours(task: str, arm: str, seed: int, args: argparse.Namespace) -> dict[s
     if not args.keep_tb:
         shutil.rmtree(run_dir)
         for parent in run_dir.parents:  # and the folders left empty, up to <out>/tb
-            if parent == Path(args.out).parent:
+            if parent == Path(args.out):
                 break
             try:
                 parent.rmdir()
@@ -245,6 +245,7 @@ def sb3_train(task: str, arm: str, seed: int, steps: int, replay_ratio: int, pre
     def evaluate_now(step: int) -> None:
         returns = evaluate(policy, eval_env, eval_episodes, seed + EVAL_SEED_OFFSET)["returns"]
         curve.append([step, float(returns.mean())])
+        print(f"step {step:,}: eval return {returns.mean():.1f}", flush=True)  # progress, in the run's .log
 
     class EvalCallback(BaseCallback):
         # SB3 calls on_step after each env step, before that step's gradient updates; the last
@@ -366,7 +367,7 @@ def summarise(out: Path, reps: int = 10_000, seed: int = 0) -> str:
               "minutes_per_run"]
     write_csv(out / "final_returns.csv", header, rows)
     table = markdown_table(
-        ["task", "arm", "runs", "final return, mean ± SE", "IQM [95% CI]", "per seed", "min/run"],
+        ["task", "arm", "runs", "final return, mean ± SE", "IQM [95% CI]", "per seed", "wall min/run"],
         [[t, a, n, f"{fmt(m)} ± {fmt(s)}", f"{fmt(i)} [{fmt(lo)}, {fmt(hi)}]", finals,
           fmt(w) if math.isfinite(w) else "–"] for t, a, n, _, m, s, i, lo, hi, finals, w in rows])
 
