@@ -381,7 +381,8 @@ def summarise(out: Path, reps: int = 10_000, seed: int = 0) -> str:
             if not runs:
                 continue
             series = [(np.array([p[0] for p in r["curve"]]), np.array([p[1] for p in r["curve"]])) for r in runs]
-            grid, mean, se = mean_curve(series)
+            curve = mean_curve(series)
+            grid, mean, se = curve.steps, curve.mean, np.nan_to_num(curve.se)  # se: nan where one run covers a step
             ax.plot(grid, mean, color=colors[a], label=f"{a} ({len(runs)} seeds)", marker="o", ms=3)
             if len(runs) > 1:
                 ax.fill_between(grid, mean - se, mean + se, color=colors[a], alpha=0.2)
