@@ -179,13 +179,7 @@ def run_ours(task: str, arm: str, seed: int, args: argparse.Namespace) -> dict[s
         shutil.rmtree(run_dir)
     command = ours_command(task, arm, seed, args, run_dir)
     log = run_path(Path(args.out), task, arm, seed).with_suffix(".log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=_child_env())
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{task} {arm} seed {seed}: rl_plasticity.train exited {proc.returncode}; see {log}")
+    wall = _run_logged(command, log, f"{task} {arm} seed {seed}: rl_plasticity.train")
     scalars, _, _ = read_events(run_dir)
     steps, values = scalars["eval/return_mean"]
     if not args.keep_tb:
@@ -268,18 +262,23 @@ def run_sb3(task: str, arm: str, seed: int, args: argparse.Namespace) -> dict[st
                str(args.prefill), "--eval-every", str(args.eval_every), "--eval-episodes", str(args.eval_episodes),
                "--result", str(partial)]
     log = path.with_suffix(".log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=_child_env())
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{task} {arm} seed {seed}: SB3 run exited {proc.returncode}; see {log}")
+    wall = _run_logged(command, log, f"{task} {arm} seed {seed}: SB3 run")
     result = json.loads(partial.read_text())
     partial.unlink()
     log.unlink()
     shown = ["python", "benchmarks/learning_parity.py"] + command[2:-2]
     return {**result, "wall_s": wall, "command": " ".join(shlex.quote(c) for c in shown)}
+
+
+def _run_logged(command: list[str], log: Path, what: str) -> float:
+    """Run `command` with its output in `log`; returns the wall time, raises naming `what` on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=_child_env())
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} exited {proc.returncode}; see {log}")
+    return time.perf_counter() - start
 
 
 def _child_env() -> dict[str, str]:
