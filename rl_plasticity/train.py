@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rl_plasticity.cli import check_overrides, fail, register_configs
 from rl_plasticity.config import ConfigError, from_node, require
-from rl_plasticity.rundir import RunLock, check_trainable, run_dir_override, shell_command
+from rl_plasticity.rundir import LOCK_NAME, RunLock, check_trainable, run_dir_override, shell_command
 
 register_configs()
 
@@ -307,7 +307,6 @@ AGENTS = ("sac", "ppo")
 class Settings:
     """A composed config, checked and typed (`settings`); building it has no side effects."""
 
-    container: dict[str, Any]
     run: RunConfig
     evaluation: EvalConfig
     log: LogConfig
@@ -353,7 +352,7 @@ def settings(container: dict[str, Any]) -> Settings:
     plasticity_cfg = PlasticityConfig.from_node(container["plasticity"])
     agent_cfg = (SACConfig if agent_name == "sac" else PPOConfig).from_node(container["agent"])
     device = resolve_device(run.device)
-    return Settings(container, run, evaluation, log, ckpt, agent_name, agent_cfg, plasticity_cfg, device)
+    return Settings(run, evaluation, log, ckpt, agent_name, agent_cfg, plasticity_cfg, device)
 
 
 def train(cfg: DictConfig, run_dir: str) -> dict[str, float]:
@@ -751,7 +750,7 @@ def _build_ppo(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
 
 # Run directories given on the command line that existed before this process (never removed).
 _EXISTING_RUN_DIRS: set[str] = set()
-_HYDRA_FILES = {".hydra", "train.log", ".rl_plasticity.lock"}
+_HYDRA_FILES = {".hydra", "train.log", LOCK_NAME}
 
 
 def _discard_if_unused(run_dir: Path) -> bool:
