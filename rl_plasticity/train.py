@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from rl_plasticity.cli import check_overrides, fail, register_configs
 from rl_plasticity.config import ConfigError, from_node, require
 from rl_plasticity.rundir import LOCK_NAME, RunLock, check_trainable, run_dir_override, shell_command
-
-register_configs()
+from rl_plasticity.run.device import resolve_device
+from rl_plasticity.video import default_gl_backend
 
 
 @dataclasses.dataclass
@@ -66,21 +66,6 @@ class CheckpointConfig:
     every: int = 100_000
     keep: int = 3
     save_replay: bool = True
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present; an unusable device is a ConfigError naming `device`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"device '{name}' is not a device. Valid choices: auto, cpu, cuda, cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' asked for CUDA but this machine has none. Valid choices: auto, cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device '{name}' is not supported. Valid choices: auto, cpu, cuda, cuda:N")
-    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -772,7 +757,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from rl_plasticity.checkpoint import CheckpointError
-    from rl_plasticity.envs.dmc import UnknownEnvError
+    from rl_plasticity.envs import UnknownEnvError
     from rl_plasticity.logging import tee_console
     from rl_plasticity.loops import DivergenceError
 
@@ -830,6 +815,8 @@ def main() -> None:
 
         importlib.import_module("rl_plasticity.train").main()
         return
+    default_gl_backend()  # before anything imports dm_control (register_configs lists its tasks)
+    register_configs()
     try:
         check_overrides(sys.argv[1:])
         preflight(sys.argv[1:])

@@ -225,15 +225,15 @@ def test_video_writes_a_playable_mp4_with_one_frame_per_step(sac_run, ppo_run, t
 
 
 def test_no_working_renderer_is_one_error_naming_the_packages(monkeypatch):
-    import rl_plasticity.evaluate as evaluate
+    import rl_plasticity.video as video
 
     monkeypatch.delenv("MUJOCO_GL", raising=False)
     monkeypatch.delenv("DISPLAY", raising=False)
     for name in ("mujoco", "dm_control"):  # as before anything loaded MuJoCo (restored afterwards)
         monkeypatch.delitem(sys.modules, name, raising=False)
-    monkeypatch.setattr(evaluate, "_backend_works", lambda backend: False)
+    monkeypatch.setattr(video, "_backend_works", lambda backend: False)
     with pytest.raises(ConfigError, match=r"tried MUJOCO_GL=egl, osmesa.*apt-get install libegl1 libegl-mesa0"):
-        evaluate.select_gl_backend()
+        video.select_gl_backend()
     assert "MUJOCO_GL" not in os.environ
 
 
@@ -266,7 +266,7 @@ def test_video_follows_the_agent_in_real_time(env_cfg, seconds, stride, fps, tmp
     3 s, 30 m: far out of a fixed camera's view.  Every frame must still show it, and the frames
     after the first second must keep changing (a camera that lost it films a still floor)."""
     from rl_plasticity.envs import make_env
-    from rl_plasticity.evaluate import _backend_works, _record, render_options
+    from rl_plasticity.video import _backend_works, record_episodes as _record, render_options
 
     if not _backend_works(os.environ.get("MUJOCO_GL", "egl")):
         pytest.skip(f"MUJOCO_GL={os.environ.get('MUJOCO_GL', 'egl')} cannot render here")

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from rl_plasticity.agents.fused import adam_step
 from rl_plasticity.agents.networks import orthogonal_init_
 from rl_plasticity.config import from_node, require
+from rl_plasticity.optim import adam_step
 from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)

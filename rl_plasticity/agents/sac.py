@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from rl_plasticity.agents.accelerate import accelerate
-from rl_plasticity.agents.fused import FusedSAC, adam_step
+from rl_plasticity.agents.fused import FusedSAC
 from rl_plasticity.agents.networks import Critic, TanhGaussianActor
 from rl_plasticity.buffers import Batch
 from rl_plasticity.config import from_node, require
+from rl_plasticity.optim import adam_step
 from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
 
 

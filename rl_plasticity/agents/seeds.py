@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from rl_plasticity.agents.accelerate import accelerate
-from rl_plasticity.agents.fused import FusedSAC, MLPPlan, adam_step_many
+from rl_plasticity.agents.fused import FusedSAC, MLPPlan
 from rl_plasticity.agents.ppo import STAT_NAMES, explained_variance, ppo_loss
 from rl_plasticity.buffers import Batch
+from rl_plasticity.optim import adam_step_many
 
 
 class SeedRNG:

@@ -113,9 +113,12 @@ class ContinualTasks(gym.Env):
         self._total_steps, self._period, self._held = int(state["total_steps"]), int(state["period"]), state["held"]
 
 
-def make_continual_dmc(cfg: Mapping[str, Any], render_size: tuple[int, int] | None = None,
+def make_continual_dmc(cfg: Mapping[str, Any], render_size: tuple[int, int] | None = None, num_envs: int = 1,
                        **make_kwargs: Any) -> ContinualTasks:
-    """Continual DMC from an `env` config node (`tasks`, `steps_per_task`, `action_repeat`)."""
+    """Continual DMC from an `env` config node (`tasks`, `steps_per_task`, `action_repeat`).
+
+    One of `num_envs` sub-envs counts only its own steps: its period is `steps_per_task //
+    num_envs`, so that the task switches every `steps_per_task` agent steps in total."""
     from rl_plasticity.envs.dmc import DMC_TASKS, UnknownEnvError, make_dmc, unknown_env_message
 
     tasks = cfg.get("tasks")
@@ -126,6 +129,8 @@ def make_continual_dmc(cfg: Mapping[str, Any], render_size: tuple[int, int] | No
             raise UnknownEnvError(unknown_env_message(str(name), DMC_TASKS).replace("env", "env.tasks entry", 1))
     repeat = int(cfg.get("action_repeat", 1))
     steps = cfg.get("steps_per_task", DEFAULT_STEPS_PER_TASK)
+    if num_envs > 1 and "steps_per_task" in cfg:
+        steps = max(1, int(steps) // num_envs)
     episode = -(-1000 // repeat)  # agent steps of a DMC episode (1000 physics-control steps)
     if isinstance(steps, int) and 1 <= steps < episode:
         warnings.warn(f"env.steps_per_task={steps} is shorter than an episode ({episode} agent steps): a switch "

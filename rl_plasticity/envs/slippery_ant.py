@@ -23,7 +23,7 @@ import gymnasium as gym
 import numpy as np
 
 from rl_plasticity.config import ConfigError
-from rl_plasticity.envs.dmc import _standardise
+from rl_plasticity.envs.standard import standardize
 
 FRICTION_LOW = 0.02
 FRICTION_HIGH = 2.0
@@ -217,13 +217,19 @@ def find_slippery_ant(env: gym.Env) -> SlipperyAnt | None:
     return None
 
 
-def make_slippery_ant(cfg: Mapping[str, Any], **make_kwargs: Any) -> gym.Env:
+def make_slippery_ant(cfg: Mapping[str, Any], num_envs: int = 1, **make_kwargs: Any) -> gym.Env:
     """Slippery Ant from an `env` config node (`id`, `change_every`, `friction_seed`, `friction`,
-    `action_repeat`), standardised like every other env.  Extra keyword arguments go to `gym.make`."""
+    `action_repeat`), standardised like every other env.  Extra keyword arguments go to `gym.make`.
+
+    One of `num_envs` sub-envs counts only its own steps: its period is `change_every // num_envs`,
+    so that the friction changes every `change_every` env steps in total."""
+    change_every = cfg.get("change_every", DEFAULT_CHANGE_EVERY)
+    if num_envs > 1 and "change_every" in cfg:
+        change_every = max(1, int(change_every) // num_envs)
     env = SlipperyAnt(
         gym.make(cfg.get("id", "Ant-v5"), **make_kwargs),
-        change_every=cfg.get("change_every", DEFAULT_CHANGE_EVERY),
+        change_every=change_every,
         friction_seed=cfg.get("friction_seed", 0),
         friction=cfg.get("friction", None),
     )
-    return _standardise(env, int(cfg.get("action_repeat", 1)))
+    return standardize(env, int(cfg.get("action_repeat", 1)))

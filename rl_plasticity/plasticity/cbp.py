@@ -23,7 +23,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from rl_plasticity.agents.networks import EnsembleLayerNorm, EnsembleLinear, fresh_weight
+from rl_plasticity.ensemble import EnsembleLayerNorm, EnsembleLinear, fresh_weight
 
 _LINEAR = (nn.Linear, EnsembleLinear)
 _NORM = (nn.LayerNorm, EnsembleLayerNorm)

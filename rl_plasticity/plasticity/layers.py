@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rl_plasticity.agents.networks import EnsembleLayerNorm, EnsembleLinear
+from rl_plasticity.ensemble import EnsembleLayerNorm, EnsembleLinear
 
 
 @dataclass

@@ -25,8 +25,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from rl_plasticity.agents.fused import adam_step_many
 from rl_plasticity.config import ConfigError, from_node, require
+from rl_plasticity.optim import adam_step_many
 from rl_plasticity.plasticity.cbp import ContinualBackprop
 from rl_plasticity.plasticity.effective_rank import effective_rank, layer_effective_ranks
 from rl_plasticity.plasticity.layers import FeatureRecorder, weights_and_vectors
