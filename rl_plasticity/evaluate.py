@@ -219,29 +219,6 @@ def _build_agent(state: dict[str, Any], config: dict[str, Any], device: Any) -> 
     return agent
 
 
-def _training_friction(state: dict[str, Any]) -> Optional[float]:
-    """Slippery Ant: the friction the (first) training env had when the checkpoint was written."""
-    for env_state in state.get("env") or []:
-        if isinstance(env_state, dict) and "slippery_ant" in env_state:
-            return float(env_state["slippery_ant"]["friction"])
-    return None
-
-
-def _continual_tasks(env: Any, state: dict[str, Any]) -> Any:
-    """Continual DMC: hold the task the (first) training env was in when the checkpoint was
-    written; returns the env's ContinualTasks, or None for another env."""
-    from rl_plasticity.envs.continual_dmc import ContinualTasks
-
-    if not isinstance(env, ContinualTasks):
-        return None
-    for env_state in state.get("env") or []:
-        if isinstance(env_state, dict) and "continual" in env_state:
-            saved = env_state["continual"]
-            env.hold_task(saved["held"] if saved["held"] is not None else saved["period"] % len(env.envs))
-            break
-    return env
-
-
 _REQUIRED = ("config", "step", "agent_name", "obs_dim", "action_dim", "agent")
 
 
@@ -253,7 +230,7 @@ def evaluate_checkpoint(path: str | Path, cfg: EvaluateConfig, overrides: Option
 
     from rl_plasticity.checkpoint import load_checkpoint
     from rl_plasticity.envs import make_env
-    from rl_plasticity.envs.slippery_ant import find_slippery_ant
+    from rl_plasticity.envs.nonstationary import hold_saved_task
     from rl_plasticity.loops import EVAL_SEED_OFFSET, evaluate
     from rl_plasticity.run.device import resolve_device
 
@@ -285,11 +262,9 @@ def evaluate_checkpoint(path: str | Path, cfg: EvaluateConfig, overrides: Option
             env.close()
             raise ConfigError(f"env {env_cfg.get('name')} has {obs_dim} observations and {action_dim} actions, but "
                               f"the checkpoint's agent was trained with {state['obs_dim']} and {state['action_dim']}")
-        slippery = find_slippery_ant(env)
-        held = _training_friction(state) if overrides.get("env.friction") is None else None
-        if slippery is not None and held is not None:
-            slippery.hold_friction(held)  # training evaluates under the friction it trains on
-        continual = _continual_tasks(env, state)  # and on the task it trains on (continual DMC)
+        # A non-stationary env: training evaluates on the task it trains on (Slippery Ant's friction,
+        # continual DMC's task), so the checkpoint is evaluated on the one it was training on.
+        nonstationary = hold_saved_task(env, state.get("env"))
         videos: list[Path] = []
         if cfg.video:
             env, videos = record_episodes(env, path, cfg, int(env_cfg.get("action_repeat", 1)))
@@ -315,10 +290,8 @@ def evaluate_checkpoint(path: str | Path, cfg: EvaluateConfig, overrides: Option
     }
     if cfg.max_episode_steps is not None:
         result["max_episode_steps"] = cfg.max_episode_steps
-    if slippery is not None:
-        result["friction"] = slippery.friction
-    if continual is not None:
-        result["task"] = continual.task
+    if nonstationary is not None:
+        result.update(nonstationary.describe())  # e.g. friction, task
     if videos:
         result["videos"] = [str(v) for v in videos if v.is_file()]
     if write_json:
@@ -375,8 +348,14 @@ def evaluate_run(run_dir: Path, checkpoints: list[Path], cfg: EvaluateConfig,
     return results
 
 
+# The keys of an evaluation summary that evaluate writes itself; any other is an env's `describe()`.
+_SUMMARY_KEYS = {"checkpoint", "step", "agent", "env", "episodes", "seeds", "return_mean", "return_std", "return_min",
+                 "return_max", "returns", "overrides", "max_episode_steps", "videos", "json"}
+
+
 def _print_result(r: dict[str, Any]) -> None:
-    extra = f", friction {r['friction']:.4g}" if "friction" in r else ""
+    extra = "".join(f", {k} {v:.4g}" if isinstance(v, float) else f", {k} {v}"
+                    for k, v in r.items() if k not in _SUMMARY_KEYS)
     print(f"{Path(r['checkpoint']).name} (step {r['step']:,}, {r['agent']} on {r['env']}{extra}): return mean "
           f"{r['return_mean']:.2f}  std {r['return_std']:.2f}  min {r['return_min']:.2f}  max {r['return_max']:.2f}  "
           f"over {r['episodes']} episode(s)", flush=True)

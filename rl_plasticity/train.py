@@ -678,25 +678,16 @@ def _build_sac(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, r
 
 def _build_ppo(container: dict[str, Any], agent_cfg: Any, plasticity_cfg: Any, run: RunConfig,
                device: torch.device) -> _Job:
-    import gymnasium as gym
-
     from rl_plasticity.agents.ppo import PPOAgent
-    from rl_plasticity.envs import make_env
+    from rl_plasticity.envs import make_env, make_vector_env
     from rl_plasticity.envs.nonstationary import episode_metrics, find_nonstationary, follower
     from rl_plasticity.envs.state import capture_env, restore_env
     from rl_plasticity.loops import OnPolicySchedule, on_policy_steps
 
     env_cfg = dict(container["env"])
     n = agent_cfg.num_envs
-    for key in ("change_every", "steps_per_task"):
-        if n > 1 and key in env_cfg:
-            # Each sub-env counts its own steps: split the period so that changes come every
-            # `change_every` (`steps_per_task`) env steps in total.
-            env_cfg[key] = max(1, int(env_cfg[key]) // n)
-    make_env(env_cfg).close()  # surfaces a bad env config as one error before the vector env starts
-    envs = gym.vector.SyncVectorEnv([lambda: make_env(env_cfg) for _ in range(n)],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    eval_env = make_env(env_cfg)
+    envs = make_vector_env(env_cfg, n)  # each sub-env's schedule period split by n (envs/registry.py)
+    eval_env = make_env(env_cfg, num_envs=n)
     obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     if run.compile or run.cudagraphs:
         import warnings

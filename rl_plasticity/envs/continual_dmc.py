@@ -88,12 +88,21 @@ class ContinualTasks(gym.Env):
             env.close()
 
     # What generic code asks of a non-stationary env (envs/nonstationary.py).
+    state_key = "continual"  # where envs/state.py saves `state_dict()`, beside each task's env state
+
     def episode_metrics(self) -> dict[str, float]:
         return {"env/task": float(self.task_index)}
 
     def follow(self, other: "ContinualTasks") -> None:
         """Hold the task `other` (the training env) is in now."""
         self.hold_task(other.task_index)
+
+    def hold_saved(self, state: Mapping[str, Any]) -> None:
+        """Hold the task of a saved `state_dict` (the training env's when a checkpoint was written)."""
+        self.hold_task(state["held"] if state["held"] is not None else state["period"] % len(self.envs))
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": self.task}
 
     def hold_task(self, index: int) -> None:
         if not 0 <= int(index) < len(self.envs):

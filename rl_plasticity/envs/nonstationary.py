@@ -1,4 +1,5 @@
-"""What generic code (loops, train, evaluate) may ask of a non-stationary env, without naming it.
+"""What generic code (loops, train, evaluate, envs/state.py) may ask of a non-stationary env,
+without naming it.
 
 A wrapper anywhere in an env's chain (`.env` links) that changes the task during training --
 `SlipperyAnt` (friction), `ContinualTasks` (continual DMC) -- defines:
@@ -7,11 +8,16 @@ A wrapper anywhere in an env's chain (`.env` links) that changes the task during
   `env/task`), so that task changes are visible as steps in TensorBoard;
 - `follow(other)`: make this env (an evaluation env) hold the task that `other`, its training
   twin of the same class, is in now, so that evaluation measures the current task;
-- `state_dict()` / `load_state_dict()`: its schedule, saved in checkpoints (`envs/state.py`).
+- `hold_saved(state)`: hold the task of a saved `state_dict()` (evaluating a checkpoint on the
+  task training was in when it was written);
+- `describe() -> dict`: what an evaluation records about the task it ran on (`friction`, `task`);
+- `state_dict()` / `load_state_dict()` and `state_key`: its schedule, saved under `state_key` in
+  a checkpoint's env state (`envs/state.py`).  An env made of one env per task (`ContinualTasks`)
+  lists them in `envs`; envs/state.py saves each of them too, under `tasks`.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import gymnasium as gym
 
@@ -43,3 +49,21 @@ def follower(eval_env: gym.Env, train_env: gym.Env):
     if target is None or source is None:
         return None
     return lambda: target.follow(source)
+
+
+def hold_saved_task(env: gym.Env, saved_envs: Optional[Sequence[Any]]) -> Any | None:
+    """Make `env` hold the task of the first saved training env state (a checkpoint's `env`) that
+    holds its schedule; returns its non-stationary wrapper (None for a stationary env)."""
+    w = find_nonstationary(env)
+    if w is None:
+        return None
+    for saved in saved_envs or []:
+        if isinstance(saved, Mapping) and w.state_key in saved:
+            w.hold_saved(saved[w.state_key])
+            break
+    return w
+
+
+def is_task_collection(env: gym.Env) -> bool:
+    """Whether `env` is a non-stationary env made of one env per task (each saved on its own)."""
+    return find_nonstationary(env) is env and isinstance(getattr(env, "envs", None), list)

@@ -150,12 +150,23 @@ class SlipperyAnt(gym.Wrapper):
         return self._schedule[index]
 
     # What generic code asks of a non-stationary env (envs/nonstationary.py).
+    state_key = "slippery_ant"  # where envs/state.py saves `state_dict()` in a checkpoint's env state
+
     def episode_metrics(self) -> dict[str, float]:
         return {"env/friction": self._friction}
 
     def follow(self, other: "SlipperyAnt") -> None:
         """Hold the friction `other` (the training env) has now."""
         self.hold_friction(other.friction)
+
+    def hold_saved(self, state: Mapping[str, Any]) -> None:
+        """Hold the friction of a saved `state_dict` (the training env's when a checkpoint was
+        written), unless this env's config fixes its own friction (`env.friction`)."""
+        if self._fixed is None:
+            self.hold_friction(float(state["friction"]))
+
+    def describe(self) -> dict[str, Any]:
+        return {"friction": self._friction}
 
     def hold_friction(self, value: float) -> None:
         """Fix the friction at `value` from now on (the schedule stops): an evaluation env follows

@@ -4,8 +4,9 @@ A resumed run must continue the same episode the interrupted run was in, bit for
 envs this package builds that means: the MuJoCo integration state (time, positions, velocities,
 actuator state, solver warm start, controls) whether it sits in a gymnasium MuJoCo env or a
 dm_control suite task; dm_control's step counter and task random state; the time limit's step
-count; the Slippery Ant schedule; the continual DMC schedule and each of its tasks' envs; the env's own random generator (reset noise); and, for classic
-gymnasium envs, their `state` array.  Everything is stored as tensors, numbers and strings so it
+count; a non-stationary env's schedule (envs/nonstationary.py: Slippery Ant's frictions, continual
+DMC's tasks, each of whose envs is saved too); the env's own random generator (reset noise); and,
+for classic gymnasium envs, their `state` array.  Everything is stored as tensors, numbers and strings so it
 travels inside a `weights_only` checkpoint.
 
 `capture_env` reports `exact: False` for an env it does not know how to restore; such an env is
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from rl_plasticity.checkpoint import numpy_rng_from_torch, numpy_rng_to_torch
+from rl_plasticity.envs.nonstationary import find_nonstationary, is_task_collection
 
 
 _DERIVED = ("xpos", "xquat", "xmat", "xipos", "ximat", "cfrc_ext", "cinert", "cvel", "subtree_com", "qfrc_actuator",
@@ -50,18 +52,16 @@ def _mujoco_handles(unwrapped: Any) -> tuple[Any, Any, Any] | None:
 
 def capture_env(env: gym.Env) -> dict[str, Any]:
     """Everything needed to continue `env` from where it is (see the module docstring)."""
-    from rl_plasticity.envs.continual_dmc import ContinualTasks
-    from rl_plasticity.envs.slippery_ant import SlipperyAnt
-
-    if isinstance(env, ContinualTasks):  # the schedule, and every task's env (each keeps its own state)
-        tasks = [capture_env(e) for e in env.envs]
-        return {"exact": all(t["exact"] for t in tasks), "continual": env.state_dict(), "tasks": tasks}
+    schedule = find_nonstationary(env)
+    if is_task_collection(env):  # the schedule, and every task's env (each keeps its own state)
+        tasks = [capture_env(e) for e in env.envs]  # type: ignore[attr-defined]
+        return {"exact": all(t["exact"] for t in tasks), schedule.state_key: schedule.state_dict(), "tasks": tasks}
     state: dict[str, Any] = {"exact": False}
     for w in _chain(env):
         if isinstance(w, gym.wrappers.TimeLimit):
             state["time_limit"] = int(w._elapsed_steps) if w._elapsed_steps is not None else None
-        if isinstance(w, SlipperyAnt):
-            state["slippery_ant"] = w.state_dict()
+    if schedule is not None:
+        state[schedule.state_key] = schedule.state_dict()
     unwrapped = env.unwrapped
     rng = getattr(unwrapped, "_np_random", None)
     if rng is not None:
@@ -96,21 +96,19 @@ def restore_env(env: gym.Env, state: dict[str, Any]) -> bool:
     The env is reset first (wrappers that insist on a reset before the first step are then
     satisfied), and everything the reset touched is overwritten from `state`.
     """
-    from rl_plasticity.envs.continual_dmc import ContinualTasks
-    from rl_plasticity.envs.slippery_ant import SlipperyAnt
-
-    if isinstance(env, ContinualTasks):
-        if "continual" not in state:
+    schedule = find_nonstationary(env)
+    if is_task_collection(env):
+        if schedule.state_key not in state:
             env.reset()
             return False
-        env.load_state_dict(state["continual"])
-        return all([restore_env(e, s) for e, s in zip(env.envs, state["tasks"])])
+        schedule.load_state_dict(state[schedule.state_key])
+        return all([restore_env(e, s) for e, s in zip(env.envs, state["tasks"])])  # type: ignore[attr-defined]
     env.reset()
     for w in _chain(env):
         if isinstance(w, gym.wrappers.TimeLimit) and "time_limit" in state:
             w._elapsed_steps = state["time_limit"]
-        if isinstance(w, SlipperyAnt) and "slippery_ant" in state:
-            w.load_state_dict(state["slippery_ant"])
+    if schedule is not None and schedule.state_key in state:
+        schedule.load_state_dict(state[schedule.state_key])
     unwrapped = env.unwrapped
     if "np_random" in state and getattr(unwrapped, "_np_random", None) is not None:
         unwrapped._np_random.bit_generator.state = state["np_random"]
