@@ -276,7 +276,9 @@ def dashboard_layout(networks: list[str], losses: tuple[str, ...] = ("critic", "
             title: _chart(*(f"{prefix}/{net}/{m}" for m in metrics for prefix in ("curvature", "curvature_task")))
             for title, metrics in CURVATURE_CHARTS}
     if networks:
-        layout["Curvature: task starts"] = {"task starts measured (1 at each)": _chart("curvature_task/change")}
+        layout["Curvature: task starts"] = {
+            "task starts measured (1 at each)": _chart("curvature_task/change"),
+            "gradient updates between the task change and its measurement": _chart("curvature_task/updates_since_change")}
     return layout
 
 

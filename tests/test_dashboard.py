@@ -90,7 +90,7 @@ def test_layout_names_every_diagnostic_the_mixin_writes(written_tags, tmp_path):
         head, rest = tag.split("/", 1)
         metric = rest.rsplit("/", 1)[-1]
         if head.startswith("curvature"):
-            return "task start" if metric == "change" else CURVATURE_UNITS[metric]
+            return {"change": "task start", "updates_since_change": "updates"}.get(metric) or CURVATURE_UNITS[metric]
         return LAYER_UNITS[metric] if "/layer" in rest else NETWORK_UNITS[metric]
 
     placed = {}
@@ -129,6 +129,7 @@ def units(networks, losses=("critic", "actor", "alpha", "plasticity"), values=("
     out |= {f"{prefix}/{net}/{m}": unit for net in networks for m, unit in CURVATURE_UNITS.items()
             for prefix in ("curvature", "curvature_task")}
     out["curvature_task/change"] = "task start"
+    out["curvature_task/updates_since_change"] = "updates"
     out |= {tag: tag for tag in env_tags}  # each its own unit
     return out
 
