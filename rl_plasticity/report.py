@@ -868,7 +868,7 @@ def curvature(report: Report, colors: Mapping[str, Any]) -> None:
         starts = {}
         for m in report.methods:
             xs = sorted({int(x) for r in report.group(env, m) if TASK_CHANGE_TAG in r.scalars
-                         for x in r.scalars[TASK_CHANGE_TAG][0]} - set(env_changes))
+                         for x in r.scalars[TASK_CHANGE_TAG][0]})
             if xs:
                 starts[m] = xs
         for prefix, what in (("curvature", "every measurement"), ("curvature_task", "at task starts")):
@@ -918,11 +918,11 @@ def curvature(report: Report, colors: Mapping[str, Any]) -> None:
                 extra_labels.append("env task change")
             if starts:
                 extra.append(Line2D([], [], color="0.3", lw=0.8, ls=":"))
-                extra_labels.append("other task start (reset), method's colour")
+                extra_labels.append("curvature measured at a task start (method's colour)")
             fig.legend([handles[m] for m in ordered] + extra, labels + extra_labels, loc="outside lower center",
                        ncols=min(len(ordered) + len(extra), 4), fontsize="small")
             fig.suptitle(textwrap.fill(f"{env}: curvature of each network's unregularized loss, {what} "
-                                       "(mean ± s.e. over seeds)", max(45, 50 * ncols)))
+                                       "(mean ± s.e. over seeds)", max(40, int(11 * 3.9 * ncols))))
             name = f"{prefix}_{slug(env)}.png"
             figures.append((env, what, report.save(fig, name)))
     if not figures:
@@ -934,8 +934,10 @@ def curvature(report: Report, colors: Mapping[str, Any]) -> None:
         "## Curvature\n\nThe curvature diagnostics of each network's unregularized loss "
         "(`rl_plasticity/plasticity/curvature.py`): empirical-Fisher rank, normalised ε-Hessian rank, sharpness, "
         "gradient–Hessian overlap and gradient diversity, mean ± standard error over seeds; grey lines: the env "
-        "changed task (an `env/` value changed), dotted lines in a method's colour: its other measured task starts "
-        "(resets). Data: `curvature.csv`.\n\n"
+        "changed task (an `env/` value differs from the one logged at the episode end before; a change before the "
+        "first logged episode end is not seen), dotted lines in a method's colour: its curvature measurements at "
+        "task starts (resets, and env changes; SAC measures an env change on the first batch of the new task's "
+        "transitions, so a little after it). Data: `curvature.csv`.\n\n"
         + "\n\n".join(f"![{env}: curvature, {what}]({p.name})" for env, what, p in figures))
 
 
@@ -1034,7 +1036,7 @@ def hessian_density(report: Report, colors: Mapping[str, Any], choices: Sequence
                     ax.set_ylim(top * 1e-7, top * 3)
                     ax.legend(fontsize="x-small", loc="upper right")
         fig.suptitle(textwrap.fill(f"{env}: Hessian eigenvalue density (SLQ, Gaussian-smoothed) at chosen task starts, "
-                                   "mean over seeds", max(45, 50 * len(methods))))
+                                   "mean over seeds", max(40, int(11 * 3.8 * len(methods)))))
         if drawn:
             figures.append((env, report.save(fig, f"hessian_density_{slug(env)}.png")))
     if not figures:

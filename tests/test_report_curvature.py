@@ -91,16 +91,17 @@ def test_curvature_curves_are_the_mean_over_seeds_of_what_was_logged(report):
     first = panels[0]
     means = {tuple(np.round(line.get_ydata(), 6)) for line in first.get_lines() if line.get_marker() == "o"}
     assert means == {tuple(np.round([np.mean([fisher(m, 0, s), fisher(m, 1, s)]) for s in STEPS], 6)) for m in LABELS}
-    # Task changes: the env's switch at 3000 in grey (once); each method's other task starts dotted in its
-    # colour: 1000 for both, the reset arm's reset at 2000.
+    # Task changes: the env's switch at 3000 in grey (once); each method's measured task starts dotted in
+    # its colour: 1000 and 3000 for both, the reset arm's reset at 2000.
     colors = {line.get_label(): line.get_color() for line in first.get_lines() if line.get_marker() == "o"}
     vertical = sorted((line.get_xdata()[0], line.get_linestyle(), line.get_color())
                       for line in first.get_lines() if line.get_marker() != "o")
-    assert vertical == sorted([(1000, ":", colors["sac+LN"]), (1000, ":", colors["sac+LN+reset"]),
-                               (2000, ":", colors["sac+LN+reset"]), (3000, "-", "0.5")])
+    assert vertical == sorted([(x, ":", colors[label]) for label, starts in
+                               (("sac+LN", (1000, 3000)), ("sac+LN+reset", (1000, 2000, 3000))) for x in starts]
+                              + [(3000, "-", "0.5")])
     legend = [t.get_text() for t in figures["curvature_cheetah-run.png"].legends[0].get_texts()]
     assert legend == ["sac+LN (n=2)", "sac+LN+reset (n=2)", "env task change",
-                      "other task start (reset), method's colour"]
+                      "curvature measured at a task start (method's colour)"]
     summary = (out / "summary.md").read_text()
     assert "![cheetah-run: curvature, at task starts](curvature_task_cheetah-run.png)" in summary
     assert "![cheetah-run: Hessian density](hessian_density_cheetah-run.png)" in summary
