@@ -156,6 +156,14 @@ class ReplayBuffer:
         idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=g)
         return self._gather(idx)
 
+    def recent(self, n: int) -> Batch:
+        """The `n` newest transitions, oldest first (e.g. the first `n` transitions of a new task,
+        for the curvature diagnostics at a task start)."""
+        if not 1 <= n <= self.size:
+            raise ValueError(f"cannot take the {n} newest transitions of a buffer holding {self.size}")
+        idx = (torch.arange(self.pos - n, self.pos, device=self.device) % self.capacity)
+        return self._gather(idx)
+
     def state_dict(self) -> dict:
         """The filled part of the storage, as *views* (no copy): saving a checkpoint does not need
         a second buffer's worth of memory.  The views must be saved before the buffer changes

@@ -190,16 +190,44 @@ class RateMeter:
 
 # The custom-scalars dashboard: one unit per chart (steps/s and updates/s, or a parameter norm and a
 # gradient norm, differ by orders of magnitude and would flatten each other on a shared axis).
-# (chart title, tags under plasticity/<network>/): several tags only where they share a unit.
+# (chart title, tags under plasticity/<network>/): several tags only where they share a unit.  The
+# data-dependent ones (mixin.DATA_METRICS) are drawn beside their value on the fixed reference batch
+# (plasticity_ref/<network>/...), the same quantity in the same unit.
 NETWORK_CHARTS = (
     ("spectral norm σ₁ (max and mean over layers)", ("spectral_norm_max", "spectral_norm_mean")),
     ("parameter norm ‖θ‖", ("param_norm",)),
     ("gradient norm ‖∇θ‖", ("grad_norm",)),
+    ("update norm ‖Δθ‖ of the last step", ("update_norm",)),
     ("distance from initialisation ‖θ − θ₀‖", ("distance_from_init",)),
-    ("feature effective rank", ("feature_effective_rank",)),
+    ("feature effective rank (last hidden layer)", ("feature_effective_rank",)),
     ("dormant and dead fractions of hidden units", ("dormant_fraction", "dead_fraction")),
     ("dead units (count)", ("dead_units",)),
     ("units replaced by CBP (count)", ("cbp_replaced",)),
+)
+# Per-layer diagnostics (plasticity/<network>/layer<i>/<metric>): one chart per metric, every layer
+# (and, for the feature metrics, the reference batch) as its own line.
+LAYER_CHARTS = (
+    ("stable rank ‖W‖²_F / ‖W‖²₂ per layer", "stable_rank"),
+    ("largest singular value σ_max per layer", "sigma_max"),
+    ("smallest singular value σ_min per layer", "sigma_min"),
+    ("feature srank₉₉ per hidden layer", "feature_srank"),
+    ("feature effective rank per hidden layer", "feature_effective_rank"),
+    ("fraction of active (> 0) unit activations per hidden layer", "active_fraction"),
+    ("mean feature norm ‖h‖ per hidden layer", "feature_norm"),
+)
+LAYER_DATA_METRICS = frozenset({"feature_srank", "feature_effective_rank", "active_fraction", "feature_norm"})
+REFERENCE_METRICS = frozenset({"feature_effective_rank", "dormant_fraction", "dead_fraction", "dead_units"})
+# Curvature (plasticity/curvature.py, curvature/<network>/<metric>): each chart shows the periodic
+# measurement and the one at task starts (curvature_task/<network>/<metric>), the same unit.
+CURVATURE_CHARTS = (
+    ("empirical-Fisher rank (srank₉₉ / max)", ("fisher_rank",)),
+    ("empirical-Fisher rank (count)", ("fisher_rank_count",)),
+    ("ε-Hessian rank (fraction of parameters)", ("epsilon_rank",)),
+    ("Hessian extreme eigenvalues: sharpness λ_max and λ_min", ("sharpness", "lambda_min")),
+    ("gradient–Hessian overlap gᵀHg/(‖g‖‖Hg‖): full and top subspace", ("overlap", "overlap_top")),
+    ("gradient diversity: effective rank of per-sample gradients", ("grad_erank",)),
+    ("gradient diversity: condition number of per-sample gradients", ("grad_condition",)),
+    ("gradient norm ‖∇θ‖ of the unregularized loss", ("grad_norm",)),
 )
 ENV_TITLES = {"env/friction": "ground friction (Slippery Ant)", "env/task": "task index (continual DMC)"}
 VALUE_TITLES = {"q_mean": "mean Q on the batch", "alpha": "temperature α", "entropy": "policy entropy −log π",
@@ -211,11 +239,20 @@ def _chart(*tags: str) -> list:
     return ["Multiline", [f"^{re.escape(tag)}$" for tag in tags]]
 
 
+def _layer_chart(net: str, metric: str) -> list:
+    """A multiline chart of `metric` of every layer of `net` (and on the reference batch, for the
+    features), as one regex: the number of layers is not known before the first diagnostic."""
+    prefix = "plasticity(_ref)?" if metric in LAYER_DATA_METRICS else "plasticity"
+    return ["Multiline", [f"^{prefix}/{re.escape(net)}/layer[0-9]+/{re.escape(metric)}$"]]
+
+
 def dashboard_layout(networks: list[str], losses: tuple[str, ...] = ("critic", "actor", "alpha", "plasticity"),
                      values: tuple[str, ...] = ("q_mean", "alpha", "entropy"),
                      env_tags: tuple[str, ...] = ()) -> dict[str, dict[str, list]]:
     """The custom-scalars layout {category: {chart title: ["Multiline", [tag regexes]]}}: returns,
-    speed, losses, values and per network its plasticity diagnostics, one unit per chart."""
+    speed, losses, values and per network its plasticity diagnostics (network-wide, per layer) and
+    its curvature diagnostics, one unit per chart.  Charts of what a run does not measure (CBP's
+    replaced units without CBP, curvature with `plasticity.curvature_every` null) stay empty."""
     returns = {"episode and evaluation return": _chart("charts/episode_return", "eval/return_mean"),
                "env steps per second": _chart("charts/sps"),
                "gradient updates per second": _chart("charts/updates_per_s")}
@@ -228,10 +265,21 @@ def dashboard_layout(networks: list[str], losses: tuple[str, ...] = ("critic", "
                   **{VALUE_TITLES.get(v, v): _chart(f"value/{v}") for v in values}},
     }
     for net in networks:
-        layout[f"Plasticity: {net}"] = {title: _chart(*(f"plasticity/{net}/{m}" for m in metrics))
-                                        for title, metrics in NETWORK_CHARTS}
+        charts = {}
+        for title, metrics in NETWORK_CHARTS:
+            tags = [f"plasticity/{net}/{m}" for m in metrics]
+            tags += [f"plasticity_ref/{net}/{m}" for m in metrics if m in REFERENCE_METRICS]
+            charts[title] = _chart(*tags)
+        layout[f"Plasticity: {net}"] = charts
+        layout[f"Plasticity per layer: {net}"] = {title: _layer_chart(net, metric) for title, metric in LAYER_CHARTS}
+        layout[f"Curvature: {net}"] = {
+            title: _chart(*(f"{prefix}/{net}/{m}" for m in metrics for prefix in ("curvature", "curvature_task")))
+            for title, metrics in CURVATURE_CHARTS}
+    if networks:
+        layout["Curvature: task starts"] = {
+            "task starts measured (1 at each)": _chart("curvature_task/change"),
+            "gradient updates between the task change and its measurement": _chart("curvature_task/updates_since_change")}
     return layout
-
 
 
 class _Tee:

@@ -41,14 +41,18 @@ def curvature_config(agent: Any, probe_rows: int) -> Any:
     return cfg
 
 
-def log_curvature(agent: Any, logger: Logger, probe: Any, seed: int, step: int, task_start: bool) -> None:
+def log_curvature(agent: Any, logger: Logger, probe: Any, seed: int, step: int, task_start: bool,
+                  updates_since_change: int = 0) -> None:
     """Measure `curvature/<network>/<metric>` on `probe` and write it (at a task start also as
-    `curvature_task/<network>/<metric>`), with each network's Hessian eigenvalue density as the
-    histogram `curvature/<network>/hessian_density` (SLQ, spectral-collapse-l2-er.md App. F.1)."""
+    `curvature_task/<network>/<metric>`, with `curvature_task/updates_since_change`: the gradient
+    updates between the task change and this measurement), with each network's Hessian eigenvalue
+    density as the histogram `curvature/<network>/hessian_density` (SLQ, spectral-collapse-l2-er.md
+    App. F.1)."""
     values, spectra = agent.plasticity_curvature(probe, seed)
     if task_start:
         values.update({"curvature_task/" + k[len("curvature/"):]: v for k, v in list(values.items())})
         values["curvature_task/change"] = torch.tensor(1.0)
+        values["curvature_task/updates_since_change"] = torch.tensor(float(updates_since_change))
     logger.scalars(values, step)
     add_histogram = getattr(getattr(logger, "writer", None), "add_histogram_raw", None)
     if add_histogram is None:
@@ -63,12 +67,14 @@ def log_curvature(agent: Any, logger: Logger, probe: Any, seed: int, step: int, 
                       bucket_limits=limits.tolist(), bucket_counts=counts.tolist(), global_step=step)
 
 
-def task_of(env_metrics: Callable[[], list[dict[str, float]]] | None) -> list[list] | None:
+def task_of(env_metrics: Callable[[], list[dict[str, float]] | dict[str, float]] | None) -> list[list] | None:
     """The task the first (sub-)env is in, as its episode metrics ([[tag, value], ...], e.g.
     `env/friction` or `env/task`): a change of this value is a task change.  None when stationary."""
     if env_metrics is None:
         return None
-    return [[tag, float(value)] for tag, value in sorted(env_metrics()[0].items())]
+    metrics = env_metrics()
+    first = metrics[0] if isinstance(metrics, (list, tuple)) else metrics  # a vector env's, or one env's
+    return [[tag, float(value)] for tag, value in sorted(first.items())]
 
 
 def probe_diagnostics(agent: Any, current: Any, reference: Any = None) -> dict[str, torch.Tensor]:
@@ -252,6 +258,20 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
     replay buffer, i.e. from the distribution the updates sample from at that moment, by a
     generator seeded from (seed, update count) (`probe_seed`); the fixed reference batch drawn at
     the first diagnostic (after prefill: random-policy data) gives `plasticity_ref/...`.
+
+    Curvature at a task start (`plasticity.curvature_task_start`): after a reset, on a fresh
+    buffer batch, before the next update (the buffer holds the data the new networks will train
+    on).  At a task change of a non-stationary env (its `env_metrics()` value changes at an episode
+    end), the buffer holds no data of the new task yet, and the Hessian of the new task's loss is
+    what the papers measure at a task start; so the loop waits for the first `probe_rows` (the
+    rows of every other curvature measurement, min(batch size, PROBE_SIZE)) transitions of the new
+    task and measures on exactly those (`ReplayBuffer.recent`), before the updates of the step that
+    completes them.  The networks have then made probe_rows · replay_ratio updates since the change
+    (those of the step that ended the old task's episode included), logged as
+    `curvature_task/updates_since_change`; with uniform replay from a buffer of
+    ≥ 10⁵ transitions almost none of their samples were new-task data, so the parameters are
+    still essentially those the old task left.  Another change before the rows are complete
+    restarts the wait; the wait survives a checkpoint.
     """
     s = schedule
     control = control or LoopControl()
@@ -265,9 +285,13 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
         last_diagnostics: int | None = None
         last_curvature: int | None = None
         last_eval: dict[str, float] = {}
+        task = task_of(env_metrics)  # the env's task (None: stationary)
+        task_wait: dict[str, int] | None = None  # a task change waiting for its first probe_rows transitions
     else:
         env.action_space.np_random.bit_generator.state = r["action_rng"]
         last_curvature = r.get("last_curvature")
+        task = r["task"] if "task" in r else task_of(env_metrics)
+        task_wait = dict(r["task_wait"]) if r.get("task_wait") is not None else None
         obs = r["obs"].numpy()
         episode_return, episode_length, first = r["episode_return"], r["episode_length"], r["step"] + 1
         probe = Batch(*r["probe"]) if r["probe"] is not None else None
@@ -281,7 +305,8 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
         return {"step": step, "obs": _np_state(obs), "episode_return": episode_return,
                 "episode_length": episode_length, "probe": tuple(probe) if probe is not None else None,
                 "last_diagnostics": last_diagnostics, "last_curvature": last_curvature, "last_eval": dict(last_eval),
-                "action_rng": env.action_space.np_random.bit_generator.state}
+                "action_rng": env.action_space.np_random.bit_generator.state, "task": task,
+                "task_wait": dict(task_wait) if task_wait is not None else None}
 
     for step in range(first, s.total_steps + 1):
         if step <= s.prefill_steps or len(buffer) < min(s.prefill_steps, s.batch_size):
@@ -294,10 +319,21 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
         buffer.add(obs, action, reward, next_obs, terminated)
         episode_return += float(reward)
         episode_length += 1
+        if task_wait is not None:
+            task_wait["rows"] += 1
+            if task_wait["rows"] >= probe_rows:  # the first probe_rows transitions of the new task
+                seed = probe_seed(s.seed, agent.update_count) + 1
+                log_curvature(agent, logger, buffer.recent(min(probe_rows, len(buffer))), seed, step, task_start=True,
+                              updates_since_change=agent.update_count - task_wait["updates"])
+                task_wait = None
         if terminated or truncated:
             logger.episode(episode_return, episode_length, step)
             if env_metrics is not None:
                 logger.scalars(env_metrics(), step)
+                new_task = task_of(env_metrics)
+                if new_task != task and curvature is not None and curvature.curvature_task_start:
+                    task_wait = {"rows": 0, "updates": agent.update_count}  # the next transition is the new task's
+                task = new_task
             obs, _ = env.reset()
             episode_return, episode_length = 0.0, 0
         else:

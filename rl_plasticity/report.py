@@ -12,6 +12,14 @@ environment and method (both from the run's saved config; seeds pooled) and writ
   against the swept hyper-parameter;
 - `diagnostics_<env>.png`: plasticity diagnostics over time (spectral, parameter and gradient
   norms, effective rank, dormant fraction, Q overestimation), mean over seeds;
+- where runs measured curvature (`plasticity.curvature_every`, `plasticity.curvature_task_start`):
+  `curvature_<env>.png` (every measurement, `curvature/<network>/...`) and
+  `curvature_task_<env>.png` (the measurements at task starts, `curvature_task/<network>/...`):
+  empirical-Fisher rank, ε-Hessian rank, sharpness, gradient–Hessian overlap and gradient diversity
+  against env steps, mean ± s.e. over seeds, task changes marked, data in `curvature.csv`; and
+  `hessian_density_<env>.png` + `hessian_density.csv`: the SLQ Hessian eigenvalue density (the
+  `.../hessian_density` histograms the loops write) at chosen task starts (`--density-tasks`,
+  default first, middle and last), mean over seeds, as in App. F of spectral-collapse-l2-er.md;
 - `runs.csv` (one row per run) and `summary.md`, which embeds all of the above.
 
 The final performance of a run is its last `eval/return_mean` value (the mean of its last K
@@ -63,6 +71,17 @@ NETWORK_METRICS = (
     ("dormant fraction", ("dormant_fraction",)),
 )
 VALUE_METRICS = (("Q overestimation", "value/overestimation"),)
+# Curvature panels (title, metric under curvature/<network>/ and curvature_task/<network>/), the
+# diagnostics of plasticity/curvature.py the papers plot.
+CURVATURE_METRICS = (
+    ("empirical-Fisher rank (srank₉₉ / max)", "fisher_rank"),
+    ("ε-Hessian rank (fraction of P)", "epsilon_rank"),
+    ("sharpness λ_max", "sharpness"),
+    ("gradient–Hessian overlap (top subspace)", "overlap_top"),
+    ("gradient diversity (effective rank)", "grad_erank"),
+)
+TASK_CHANGE_TAG = "curvature_task/change"  # written at every task start the loops measure
+DENSITY_SUFFIX = "/hessian_density"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,6 +99,8 @@ class Run:
     env: str = ""
     method: str = ""
     dropped_points: int = 0                # non-finite values left out of `scalars`
+    # TensorBoard histograms by tag: (step, right bucket limits, bucket counts), step increasing
+    histograms: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = field(default_factory=dict)
 
     @property
     def seed(self) -> Any:
@@ -145,6 +166,14 @@ def read_events(run_dir: Path) -> tuple[dict[str, Series], str | None, int]:
     (`purge_step`); of the points left, the last written value of each (tag, step) wins.
     Non-finite values are dropped; their number is returned.
     """
+    scalars, text, dropped, _ = read_run_events(run_dir)
+    return scalars, text, dropped
+
+
+def read_run_events(run_dir: Path) -> tuple[dict[str, Series], str | None, int,
+                                            dict[str, list[tuple[int, np.ndarray, np.ndarray]]]]:
+    """`read_events` plus the run's histograms {tag: [(step, right bucket limits, counts)]}
+    (the last written one of each step; the Hessian densities of the curvature diagnostics)."""
     from tensorboard.backend.event_processing import event_accumulator as ea
     from tensorboard.util import tensor_util
 
@@ -152,11 +181,19 @@ def read_events(run_dir: Path) -> tuple[dict[str, Series], str | None, int]:
     level = tb_logger.level
     tb_logger.setLevel(logging.ERROR)  # "Detected out of order event.step ..." on every resumed run
     try:
-        acc = ea.EventAccumulator(str(run_dir), size_guidance={ea.SCALARS: 0, ea.TENSORS: 0})
+        acc = ea.EventAccumulator(str(run_dir), size_guidance={ea.SCALARS: 0, ea.TENSORS: 0, ea.HISTOGRAMS: 0})
         acc.Reload()
     finally:
         tb_logger.setLevel(level)
     tags = acc.Tags()
+    histograms: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    for tag in tags.get("histograms", []):
+        last_hist: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for event in acc.Histograms(tag):
+            h = event.histogram_value
+            last_hist[event.step] = (np.asarray(h.bucket_limit, dtype=np.float64),
+                                     np.asarray(h.bucket, dtype=np.float64))
+        histograms[tag] = [(step, *last_hist[step]) for step in sorted(last_hist)]
     scalars: dict[str, Series] = {}
     dropped = 0
     for tag in tags.get("scalars", []):
@@ -175,7 +212,7 @@ def read_events(run_dir: Path) -> tuple[dict[str, Series], str | None, int]:
         if events:
             array = tensor_util.make_ndarray(events[-1].tensor_proto)
             text = "".join(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.ravel())
-    return scalars, text, dropped
+    return scalars, text, dropped, histograms
 
 
 def env_label(config: Mapping[str, Any]) -> str | None:
@@ -188,7 +225,7 @@ def env_label(config: Mapping[str, Any]) -> str | None:
 
 def load_run(run_dir: Path, metric: str) -> Run | str:
     """A Run, or the reason (one line) it is skipped."""
-    scalars, text, dropped = read_events(run_dir)
+    scalars, text, dropped, histograms = read_run_events(run_dir)
     config = parse_config_text(text) if text else None
     source = "event file"
     if config is None:
@@ -206,7 +243,7 @@ def load_run(run_dir: Path, metric: str) -> Run | str:
         return "its config has no env.name"
     if metric not in scalars:
         return f"no {metric}"
-    return Run(run_dir, flat, source, scalars, env=env, dropped_points=dropped)
+    return Run(run_dir, flat, source, scalars, env=env, dropped_points=dropped, histograms=histograms)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -788,6 +825,235 @@ def diagnostics(report: Report, colors: Mapping[str, Any]) -> None:
                                + "\n\n".join(f"![{env}: diagnostics]({p.name})" for env, p in figures))
 
 
+# ----------------------------------------------------------------------------------------------
+# Curvature (issue 18, part 5)
+# ----------------------------------------------------------------------------------------------
+def env_task_changes(runs: Sequence[Run]) -> list[int]:
+    """Steps at which a non-stationary env's task value (`env/friction`, `env/task`, any `env/`
+    scalar) differs from its previous logged value in any of `runs`: where the env changed task."""
+    steps: set[int] = set()
+    for r in runs:
+        for tag, (xs, ys) in r.scalars.items():
+            if tag.startswith("env/") and len(ys) > 1:
+                steps.update(int(x) for x in xs[1:][np.diff(ys) != 0])
+    return sorted(steps)
+
+
+def _curvature_networks(tags: Iterable[str], prefix: str) -> list[str]:
+    metrics = {m for _, m in CURVATURE_METRICS} | {"overlap"}
+    nets = {t.split("/")[1] for t in tags if t.startswith(prefix + "/") and t.count("/") == 2
+            and t.rsplit("/", 1)[1] in metrics}
+    return sorted(nets, key=lambda n: ({"critic": 0, "actor": 1, "policy": 0, "value": 1}.get(n, 2), n))
+
+
+def _mark_task_changes(ax: Any, env_changes: Sequence[int], starts: Mapping[str, Sequence[int]],
+                       colors: Mapping[str, Any]) -> None:
+    for x in env_changes:
+        ax.axvline(x, color="0.5", lw=1.0, ls="-", alpha=0.6, zorder=0)
+    for m, xs in starts.items():
+        for x in xs:
+            ax.axvline(x, color=colors[m], lw=0.8, ls=":", alpha=0.7, zorder=0)
+
+
+def curvature(report: Report, colors: Mapping[str, Any]) -> None:
+    """curvature_<env>.png (every measurement) and curvature_task_<env>.png (task starts only):
+    one row per network, one panel per CURVATURE_METRICS entry, mean ± s.e. over seeds against env
+    steps, task changes marked; curvature.csv holds every plotted point."""
+    csv_rows = []
+    figures = []
+    for env in report.envs:
+        env_runs = [r for r in report.runs if r.env == env]
+        tags = set().union(*(r.scalars for r in env_runs))
+        env_changes = env_task_changes(env_runs)
+        starts = {}
+        for m in report.methods:
+            xs = sorted({int(x) for r in report.group(env, m) if TASK_CHANGE_TAG in r.scalars
+                         for x in r.scalars[TASK_CHANGE_TAG][0]})
+            if xs:
+                starts[m] = xs
+        for prefix, what in (("curvature", "every measurement"), ("curvature_task", "at task starts")):
+            networks = _curvature_networks(tags, prefix)
+            if not networks:
+                continue
+            panels = []
+            for net in networks:
+                for title, metric in CURVATURE_METRICS:
+                    if metric == "overlap_top" and f"{prefix}/{net}/overlap_top" not in tags:
+                        metric, title = "overlap", "gradient–Hessian overlap"
+                    if f"{prefix}/{net}/{metric}" in tags:
+                        panels.append((net, title, f"{prefix}/{net}/{metric}"))
+            ncols = min(len(CURVATURE_METRICS), len(panels))
+            nrows = math.ceil(len(panels) / ncols)
+            fig, axes = _figure(nrows, ncols, size=(3.9 * ncols, 3.0 * nrows + 0.9))
+            handles: dict[str, Any] = {}
+            counts: dict[str, int] = {}
+            for ax, (net, title, tag) in zip(axes.flat, panels):
+                values = []
+                for m in report.methods:
+                    series = [r.scalars[tag] for r in report.group(env, m) if tag in r.scalars]
+                    if not series:
+                        continue
+                    c = mean_curve(series)
+                    handles.setdefault(m, plot_curve(ax, c, colors[m], m, len(series)))
+                    counts[m] = max(counts.get(m, 0), len(series))
+                    values.append(c.mean)
+                    csv_rows += [(env, m, tag, int(x), float(y), float(e), int(n))
+                                 for x, y, e, n in zip(c.steps, c.mean, c.se, c.runs)]
+                allv = np.concatenate(values) if values else np.zeros(0)
+                if len(allv) and allv.min() > 0 and allv.max() / allv.min() > 100:
+                    ax.set_yscale("log")
+                _mark_task_changes(ax, env_changes, starts, colors)
+                ax.set_title(f"{net}: {title}", fontsize="medium")
+                ax.set_ylabel(tag.rsplit("/", 1)[1], fontsize="small")
+                _steps_axis(ax)
+            for ax in list(axes.flat)[len(panels):]:
+                ax.set_visible(False)
+            ordered = [m for m in report.methods if m in handles]
+            labels = [f"{m} (n={counts[m]}{': no s.e.' if counts[m] == 1 else ''})" for m in ordered]
+            from matplotlib.lines import Line2D
+
+            extra, extra_labels = [], []
+            if env_changes:
+                extra.append(Line2D([], [], color="0.5", lw=1.0))
+                extra_labels.append("env task change")
+            if starts:
+                extra.append(Line2D([], [], color="0.3", lw=0.8, ls=":"))
+                extra_labels.append("curvature measured at a task start (method's colour)")
+            fig.legend([handles[m] for m in ordered] + extra, labels + extra_labels, loc="outside lower center",
+                       ncols=min(len(ordered) + len(extra), 4), fontsize="small")
+            fig.suptitle(textwrap.fill(f"{env}: curvature of each network's unregularized loss, {what} "
+                                       "(mean ± s.e. over seeds)", max(40, int(11 * 3.9 * ncols))))
+            name = f"{prefix}_{slug(env)}.png"
+            figures.append((env, what, report.save(fig, name)))
+    if not figures:
+        return
+    path = report.out / "curvature.csv"
+    write_csv(path, ("env", "method", "tag", "step", "mean", "se", "runs"), csv_rows)
+    report.written.append(path)
+    report.sections.append(
+        "## Curvature\n\nThe curvature diagnostics of each network's unregularized loss "
+        "(`rl_plasticity/plasticity/curvature.py`): empirical-Fisher rank, normalised ε-Hessian rank, sharpness, "
+        "gradient–Hessian overlap and gradient diversity, mean ± standard error over seeds; grey lines: the env "
+        "changed task (an `env/` value differs from the one logged at the episode end before; a change before the "
+        "first logged episode end is not seen), dotted lines in a method's colour: its curvature measurements at "
+        "task starts (resets, and env changes; SAC measures an env change on the first batch of the new task's "
+        "transitions, so a little after it). Data: `curvature.csv`.\n\n"
+        + "\n\n".join(f"![{env}: curvature, {what}]({p.name})" for env, what, p in figures))
+
+
+def parse_density_tasks(text: str) -> list[int | str]:
+    """`--density-tasks`: comma-separated 1-based indices of the task starts (negative: from the
+    end), or the words first, middle, last."""
+    out: list[int | str] = []
+    for part in (t.strip() for t in text.split(",")):
+        if part in ("first", "middle", "last"):
+            out.append(part)
+        else:
+            try:
+                value = int(part)
+            except ValueError:
+                fail(f"--density-tasks: '{part}' is not a task-start index (1, 2, -1, ...) or first/middle/last")
+            if value == 0:
+                fail("--density-tasks: indices are 1-based (1 = the first task start, -1 = the last)")
+            out.append(value)
+    if not out:
+        fail("--density-tasks: give at least one task start")
+    return out
+
+
+def _resolve_index(choice: int | str, n: int) -> int | None:
+    """0-based position of a --density-tasks choice among `n` measurements (None if out of range)."""
+    index = {"first": 0, "middle": (n - 1) // 2, "last": n - 1}.get(choice) if isinstance(choice, str) else (
+        choice - 1 if choice > 0 else n + choice)
+    return index if 0 <= index < n else None
+
+
+def density_on_grid(limits: np.ndarray, counts: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """A density histogram (right bucket limits, probability mass per bucket, equal widths, as
+    `curvature.density_histogram` writes it) as a density (mass / width) at `grid`: linear between
+    bucket centres, 0 outside the buckets."""
+    width = float(limits[1] - limits[0]) if len(limits) > 1 else 1.0
+    centres = limits - width / 2
+    return np.interp(grid, centres, counts / width, left=0.0, right=0.0)
+
+
+def hessian_density(report: Report, colors: Mapping[str, Any], choices: Sequence[int | str]) -> None:
+    """hessian_density_<env>.png + hessian_density.csv: the SLQ Hessian eigenvalue density at the
+    chosen task starts (`curvature_task/<net>/hessian_density`; without task starts, at the chosen
+    periodic measurements `curvature/<net>/hessian_density`), one panel per (network, method), one
+    line per chosen start, mean over the seeds on a common grid (log scale, as App. F of
+    spectral-collapse-l2-er.md)."""
+    csv_rows = []
+    figures = []
+    for env in report.envs:
+        env_runs = [r for r in report.runs if r.env == env]
+        hist_tags = set().union(*(r.histograms for r in env_runs))
+        nets = sorted({t.split("/")[1] for t in hist_tags if t.endswith(DENSITY_SUFFIX)},
+                      key=lambda n: ({"critic": 0, "actor": 1, "policy": 0, "value": 1}.get(n, 2), n))
+        if not nets:
+            continue
+        methods = [m for m in report.methods if report.group(env, m)]
+        fig, axes = _figure(len(nets), len(methods), size=(3.8 * len(methods), 3.1 * len(nets) + 0.8))
+        cmap = __import__("matplotlib").colormaps["viridis"]
+        drawn = False
+        for row, net in enumerate(nets):
+            for col, m in enumerate(methods):
+                ax = axes[row, col]
+                task_tag, periodic_tag = f"curvature_task/{net}{DENSITY_SUFFIX}", f"curvature/{net}{DENSITY_SUFFIX}"
+                group = report.group(env, m)
+                tag = task_tag if any(task_tag in r.histograms for r in group) else periodic_tag
+                kind = "task start" if tag == task_tag else "measurement"
+                per_run = [r.histograms[tag] for r in group if tag in r.histograms]
+                seen: set[tuple] = set()  # choices naming the same starts (first = middle of 2) drawn once
+                for i, choice in enumerate(choices):
+                    resolved = tuple((j, _resolve_index(choice, len(h))) for j, h in enumerate(per_run))
+                    resolved = tuple((j, k) for j, k in resolved if k is not None)
+                    if not resolved or resolved in seen:
+                        continue
+                    seen.add(resolved)
+                    picked = [(per_run[j][k], len(per_run[j])) for j, k in resolved]
+                    lo = min(float(lim[0] - (lim[1] - lim[0])) for (_, lim, _), _ in picked)
+                    hi = max(float(lim[-1]) for (_, lim, _), _ in picked)
+                    grid = np.linspace(lo, hi, 300)
+                    density = np.mean([density_on_grid(lim, cnt, grid) for (_, lim, cnt), _ in picked], axis=0)
+                    steps = sorted({int(step) for (step, _, _), _ in picked})
+                    indices = sorted({_resolve_index(choice, n) + 1 for _, n in picked})
+                    step_text = f"{steps[0]:,}" if len(steps) == 1 else f"{steps[0]:,}–{steps[-1]:,}"
+                    index_text = "/".join(map(str, indices))
+                    label = f"{kind} {index_text} (step {step_text}, n={len(picked)})"
+                    color = cmap(i / max(len(choices) - 1, 1) * 0.9)
+                    ax.plot(grid, np.where(density > 0, density, np.nan), color=color, lw=1.4, label=label)
+                    csv_rows += [(env, m, net, kind, index_text, step_text, len(picked), float(x), float(y))
+                                 for x, y in zip(grid, density)]
+                    drawn = True
+                ax.set_yscale("log")
+                ax.set_title(f"{m}: {net}", fontsize="medium", color=colors[m])
+                ax.set_xlabel("Hessian eigenvalue λ")
+                ax.set_ylabel("density")
+                ax.grid(alpha=0.3)
+                if ax.lines:
+                    top = max(float(np.nanmax(line.get_ydata())) for line in ax.lines)
+                    ax.set_ylim(top * 1e-7, top * 3)
+                    ax.legend(fontsize="x-small", loc="upper right")
+        fig.suptitle(textwrap.fill(f"{env}: Hessian eigenvalue density (SLQ, Gaussian-smoothed) at chosen task starts, "
+                                   "mean over seeds", max(40, int(11 * 3.8 * len(methods)))))
+        if drawn:
+            figures.append((env, report.save(fig, f"hessian_density_{slug(env)}.png")))
+    if not figures:
+        return
+    path = report.out / "hessian_density.csv"
+    write_csv(path, ("env", "method", "network", "kind", "index", "steps", "runs", "eigenvalue", "density"), csv_rows)
+    report.written.append(path)
+    report.sections.append(
+        "## Hessian eigenvalue density\n\nThe SLQ estimate of each network's Hessian eigenvalue density "
+        "(spectral-collapse-l2-er.md App. F.1; the `.../hessian_density` histograms the loops write, probability "
+        "mass per bucket divided by the bucket width) at the chosen task starts (`--density-tasks`: index among "
+        "each run's task starts, per run), averaged over seeds on a common grid. Runs without task-start "
+        "measurements are drawn at their periodic measurements instead (labelled `measurement`). Data: "
+        "`hessian_density.csv`.\n\n"
+        + "\n\n".join(f"![{env}: Hessian density]({p.name})" for env, p in figures))
+
+
 def runs_table(report: Report) -> None:
     rows = [(r.env, r.method, format_value(r.seed), int(r.scalars[report.metric][0][-1]), report.score(r),
              r.config_source, str(r.path)) for r in sorted(report.runs, key=lambda r: (r.env, r.method, str(r.path)))]
@@ -819,6 +1085,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--metric", default=RETURN_TAG, help=f"scalar tag of the return (default {RETURN_TAG})")
     parser.add_argument("--reps", type=int, default=DEFAULT_REPS, help=f"bootstrap resamples (default {DEFAULT_REPS})")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap random seed (default 0)")
+    parser.add_argument("--density-tasks", default="first,middle,last", metavar="K,K",
+                        help="task starts whose Hessian eigenvalue density is drawn: 1-based indices among each run's "
+                             "task starts (negative: from the end) or first/middle/last (default first,middle,last)")
     return parser.parse_args(argv)
 
 
@@ -860,6 +1129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(f"--last-k must be >= 1, got {args.last_k}")
     if args.reps < 1:
         fail(f"--reps must be >= 1, got {args.reps}")
+    density_choices = parse_density_tasks(args.density_tasks)
     runs, skipped = collect_runs(args.runs, args.metric)
     for run_dir, reason in skipped:
         print(f"skipped {run_dir}: {reason}")
@@ -888,6 +1158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.sweep:
         sensitivity(report, args.sweep, args.sweep_stat, method_keys, colors)
     diagnostics(report, colors)
+    curvature(report, colors)
+    hessian_density(report, colors, density_choices)
     runs_table(report)
 
     header = (f"# Report: {len(runs)} runs, {len(report.envs)} environment(s), {len(methods)} method(s)\n\n"

@@ -227,3 +227,17 @@ def test_empty_round_trip_and_mismatched_checkpoints():
 def test_memory_per_transition():
     buf = ReplayBuffer(17, 6, capacity=1000)  # cheetah-run: obs, action, reward, terminated, next index
     assert buf.nbytes == 1000 * ((17 + 6 + 1 + 1) * 4 + 4) + 64 * 17 * 4  # + the initial final-obs ring
+
+
+def test_recent_returns_the_newest_transitions_in_order_across_the_wrap():
+    """ReplayBuffer.recent(n): the n newest transitions, oldest first, with their next observations
+    (the newest one's still pending in the final ring), after the ring has wrapped."""
+    buf = ReplayBuffer(1, 1, capacity=5)
+    for t in range(7):  # one episode: obs t, next obs t + 1
+        buf.add(np.array([t], np.float32), np.array([0.0], np.float32), float(t), np.array([t + 1], np.float32), False)
+    batch = buf.recent(3)
+    assert batch.obs.flatten().tolist() == [4.0, 5.0, 6.0]
+    assert batch.next_obs.flatten().tolist() == [5.0, 6.0, 7.0]
+    assert batch.reward.tolist() == [4.0, 5.0, 6.0]
+    with pytest.raises(ValueError):
+        buf.recent(6)

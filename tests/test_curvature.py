@@ -357,3 +357,54 @@ def test_ppo_loop_measures_curvature_at_a_friction_switch_before_updating(monkey
     run_on_policy(agent, envs, make_env(cfg), NullLogger(), schedule, lambda step, state: None,
                   env_metrics=lambda: [{"env/friction": friction["value"]}])
     assert measured == [(2, 20)]  # once, on the second rollout, before its update (2 updates so far)
+
+
+def test_sac_loop_measures_a_task_change_on_the_first_transitions_of_the_new_task(monkeypatch):
+    """At a non-stationary env's task change the buffer holds no data of the new task: the loop waits
+    for the first probe_rows (= batch 16) transitions of the new task and measures on exactly those,
+    once, before the updates of the step that completes them (issue 18; loops.off_policy_steps)."""
+    from rl_plasticity.agents.sac import SACAgent, SACConfig
+    from rl_plasticity.loops import OffPolicySchedule, run_off_policy
+    from rl_plasticity.plasticity.mixin import PlasticityConfig
+
+    env = gym.make("Pendulum-v1", max_episode_steps=30)  # episodes end at steps 30, 60, 90
+    pl = PlasticityConfig(curvature_task_start=True, curvature_samples=8, curvature_lanczos_steps=4)
+    agent = SACAgent(3, 1, SACConfig(hidden_sizes=(8,), batch_size=16, replay_ratio=2), plasticity=pl)
+    buffer = ReplayBuffer(3, 1, 500)
+    added, measured, logged, states = [], [], [], {}
+    add, curvature = buffer.add, agent.plasticity_curvature
+
+    def spy_add(obs, action, reward, next_obs, terminated):
+        added.append(np.array(obs, dtype=np.float32))
+        add(obs, action, reward, next_obs, terminated)
+
+    def spy_curvature(probe, seed):
+        measured.append((len(added), agent.update_count, probe.obs.clone()))
+        return curvature(probe, seed)
+
+    monkeypatch.setattr(buffer, "add", spy_add)
+    monkeypatch.setattr(agent, "plasticity_curvature", spy_curvature)
+    episodes = {"ended": 0}
+
+    def env_metrics():  # the task changes at the end of the first episode (step 30), then stays
+        episodes["ended"] += 1
+        return {"env/task": float(episodes["ended"] >= 1 and len(added) >= 30)}
+
+    class Logger(NullLogger):
+        def scalars(self, values, step):
+            logged.append((step, {k: float(v) for k, v in values.items()}))
+
+    sched = OffPolicySchedule(total_steps=90, prefill_steps=10, replay_ratio=2, batch_size=16, eval_every=10**9,
+                              eval_episodes=0, log_every=1000, checkpoint_every=40, seed=0)
+    run_off_policy(agent, buffer, env, env, Logger(), sched, lambda step, state: states.setdefault(step, state),
+                   env_metrics=env_metrics)
+    # Once, when the 16th transition of the new task (steps 31..46) is stored, before that step's updates.
+    assert [(n, updates) for n, updates, _ in measured] == [(46, 2 * (46 - 10))]
+    torch.testing.assert_close(measured[0][2], torch.as_tensor(np.stack(added[30:46])))
+    (values,) = [v for step, v in logged if "curvature_task/change" in v]
+    # The updates of steps 30 (whose episode end is the change) to 45, 2 each.
+    assert values["curvature_task/updates_since_change"] == 2 * 16
+    assert np.isfinite(values["curvature_task/critic/fisher_rank"]) and np.isfinite(values["curvature/actor/sharpness"])
+    # A checkpoint in the wait (step 40: 10 of the 16 rows) holds it, so a resumed run measures the same rows.
+    assert states[40]["task_wait"] == {"rows": 10, "updates": 2 * (30 - 10)}
+    assert states[40]["task"] == [["env/task", 1.0]] and states[90]["task_wait"] is None
