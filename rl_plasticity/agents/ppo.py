@@ -290,7 +290,7 @@ class PPOAgent(PlasticityMixin):
         cfg = self.cfg
         obs = mb["obs"]
         loss, stats = ppo_loss(self.actor(obs), self.critic(obs).squeeze(-1), self.log_std, mb, cfg)
-        loss = self.add_plasticity_losses(loss, ("actor", "critic"))
+        loss = self.add_plasticity_losses(loss, ("actor", "critic"), defer_direct=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.plasticity_before_step()

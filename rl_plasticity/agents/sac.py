@@ -242,7 +242,7 @@ class SACAgent(PlasticityMixin):
         alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
 
         loss = critic_loss + actor_loss + alpha_loss
-        loss = self.add_plasticity_losses(loss, ("critic", "actor"))
+        loss = self.add_plasticity_losses(loss, ("critic", "actor"), defer_direct=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._finish_update(obs, action)
