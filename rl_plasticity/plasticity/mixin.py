@@ -84,8 +84,9 @@ def preset_values(name: str) -> dict[str, Any]:
 
     folder = resources.files("rl_plasticity.configs").joinpath("plasticity")
     values = OmegaConf.to_container(OmegaConf.load(str(folder.joinpath("none.yaml"))))
-    if name != "none":
-        preset = OmegaConf.to_container(OmegaConf.load(str(folder.joinpath(f"{name}.yaml"))))
+    path = folder.joinpath(f"{name}.yaml")
+    if name != "none" and path.is_file():  # a regularizer registered in Python may have no preset
+        preset = OmegaConf.to_container(OmegaConf.load(str(path)))
         values.update({k: v for k, v in preset.items() if k != "defaults"})
     return {key: values[key] for key in PRESET_KEYS}
 
