@@ -5,8 +5,10 @@ The mixin knows networks, not algorithms.  An agent
 1. calls `init_plasticity(cfg, reset_interval)` and `register_networks({"actor": ..., ...})` with
    modules whose forward takes one input tensor (so features can be recorded on any input);
 2. adds `plasticity_loss(name)` to each network's loss (None when the regularizer has no term),
-   and calls `plasticity_before_step()` between backward and the optimizer step (regularizers
-   whose gradient is cheaper to add directly, like spectral, add it there; same gradient);
+   and/or calls `plasticity_before_step()` between backward and the optimizer step: either one
+   applies every regularizer's penalty, both apply it once (regularizers whose gradient is
+   cheaper to add directly, like spectral, add it there unless the loss holds it; the agents
+   pass `defer_direct=True` to leave it there; same gradient);
 3. calls `plasticity_after_update(batch)` after each optimizer step (effective-rank steps,
    continual-backprop unit replacement and periodic resets happen there);
 4. implements `plasticity_inputs(batch) -> {name: input tensor}`, `plasticity_optimizers()` (whose

@@ -440,8 +440,11 @@ class Parseval(Regularizer):
     def add_penalty_gradient(self, coef: float) -> None:
         """Add ∇(coef · penalty) = 4 coef (w₀/n)² (WWᵀ − sI) W to each regularized weight's `.grad`."""
         for w, scale in zip(self.weights, self.scales):
-            rows = self._rows(w, w.param.detach())
-            grad = self._residuals(rows) @ rows  # (members, units, inputs)
+            rows = self._rows(w, w.param.detach())  # (members, units, inputs)
+            if rows.shape[-2] > rows.shape[-1]:  # (WWᵀ − sI)W = W(WᵀW) − sW: the smaller Gram matrix
+                grad = torch.baddbmm(rows, rows, rows.transpose(1, 2) @ rows, beta=-self.s)
+            else:
+                grad = self._residuals(rows) @ rows
             if w.param.grad is None:
                 w.param.grad = torch.zeros_like(w.param)
             target = self._rows(w, w.param.grad)  # a view of .grad in the same layout
