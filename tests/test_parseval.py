@@ -145,3 +145,28 @@ def test_loss_path_and_gradient_path_apply_the_penalty_once(name):
     assert any(not torch.allclose(a, t) for a, t in zip(loss_only, task_only)), "the penalty changes the gradient"
     # The next update: the loss path again applies it (the mark of the last update is gone).
     assert holder.plasticity_loss("net") is not None
+
+
+@pytest.mark.parametrize("preset", ["sac_parseval", "ppo_parseval"])
+def test_parseval_presets_run_with_the_papers_values(preset, tmp_path):
+    from rl_plasticity.checkpoint import list_checkpoints
+    from tests.test_cli import train
+
+    if preset == "sac_parseval":
+        args = ["env=gym", "env.id=Pendulum-v1", "total_steps=30", "agent.prefill_steps=20", "agent.replay_ratio=1",
+                "agent.batch_size=16", "agent.buffer_size=1000", "agent.hidden_sizes=[32,32]"]
+    else:
+        args = ["agent=ppo", "total_steps=64", "agent.rollout_steps=64", "agent.num_minibatches=4", "agent.epochs=1",
+                "agent.hidden_sizes=[32,32]"]
+    result = train(f"+experiment={preset}", *args, "eval.episodes=0", "log.every=10", "plasticity.log_every=2",
+                   f"run_dir={tmp_path}", timeout=900)
+    assert result.returncode == 0, result.stderr
+    state = torch.load(list_checkpoints(tmp_path / "checkpoints")[-1], weights_only=True)
+    p = state["config"]["plasticity"]
+    assert (p["name"], p["coef"], p["parseval_s"], p["parseval_width"]) == ("parseval", 1e-3, 2.0, 64)
+    agent = state["config"]["agent"]
+    assert agent["name"] == preset[:3]
+    if preset == "ppo_parseval":
+        assert agent["lr"] == 1e-4 and state["config"]["env"]["name"] == "slippery-ant"
+    else:
+        assert agent["layer_norm"] and agent["replay_ratio"] == 1  # the command line beats the preset
