@@ -15,8 +15,8 @@ Formulas follow the papers in shared/papers:
 - er / l2_er (spectral-collapse-l2-er.md §7, App. D.2, Algorithm 1): no loss term for er; l2_er
   adds ‖θ‖².  The effective-rank step itself is `PlasticityMixin.effective_rank_step`, its
   objective in plasticity/effective_rank.py.
-- parseval (Chung et al. 2024, "Parseval regularization for continual RL", §3): Σ over the
-  weight matrices but the network's last of (w₀/n)² ‖WWᵀ − sI‖²_F (see `Parseval`).
+- parseval (Chung et al. 2024, "Parseval regularization for continual RL", §3): keeps the
+  hidden weight matrices near s × an orthogonal matrix (formula and defaults: `Parseval`).
 
 Regularizers whose gradient has a closed form (`direct_gradient`) add it in place between
 backward and the optimizer step; through `penalty()` the same term goes through autograd, and
@@ -248,10 +248,11 @@ class Spectral(Regularizer):
     def warm_up(self) -> int:
         """Power-iteration steps until σ₁ has converged; returns how many were taken.
 
-        The estimate ‖Wv‖ only grows along the iteration (it is the Rayleigh quotient of WᵀW,
-        whose power iteration is this), so it is checked every 10 steps and the warm-up stops
-        when no matrix's estimate rose by more than `WARMUP_TOL` relative: then σ₁ is accurate to
-        about that over the remaining gap, at most `WARMUP_MAX` steps.  Run once at construction
+        The estimate ‖Wv‖ = √(vᵀWᵀWv) is the Rayleigh quotient of WᵀW along its power iteration,
+        so it never decreases; it is checked every 10 steps and the warm-up stops when no
+        matrix's estimate rose by more than `WARMUP_TOL` relative (at most `WARMUP_MAX` steps).
+        On the agents' 256-wide layers that takes 100–300 steps and leaves σ₁ within 1e-4 of
+        `torch.linalg.matrix_norm(ord=2)` (tests/test_plasticity.py).  Run once at construction
         (a reset builds a new regularizer); the host reads the estimates only here.
         """
         if not self.weights:
@@ -399,8 +400,8 @@ class Parseval(Regularizer):
     λ = 1e-3 (MetaWorld, gridworld; 1e-4 on CARL) tuned at width 64 and multiplied by (64/width)²
     for other widths, which is the factor (w₀/n_W)² with w₀ = `parseval_width` (null: no factor).
 
-    The gradient 4 (w₀/n_W)² (WWᵀ − sI) W per matrix is added in closed form
-    (`add_penalty_gradient`); `penalty()` is the same term through autograd.
+    In training the gradient is added in closed form (`add_penalty_gradient`); `penalty()` is
+    the same term through autograd.
     """
 
     def __init__(self, network: nn.Module, k: float = 2.0, s: float = 2.0, width: Optional[float] = 64.0):
