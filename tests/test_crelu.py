@@ -190,3 +190,12 @@ def test_invalid_activation_on_the_command_line_is_one_line(tmp_path):
     assert result.returncode != 0
     assert "agent.activation must be one of relu, crelu, got 'tanh'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_report_labels_crelu_runs_apart():
+    from rl_plasticity.report import base_label
+
+    relu = {"agent.name": "sac", "agent.layer_norm": True, "agent.activation": "relu", "plasticity.name": "parseval"}
+    assert base_label(relu) == "sac+LN+parseval"
+    assert base_label({**relu, "agent.activation": "crelu"}) == "sac+LN+CReLU+parseval"
+    assert base_label({k: v for k, v in relu.items() if k != "agent.activation"}) == "sac+LN+parseval"  # old runs
