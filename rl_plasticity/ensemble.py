@@ -1,6 +1,6 @@
 """Layers of `num_members` independent networks evaluated as one batched op (critic ensembles,
 seeds batched along a leading dimension), and `fresh_weight`, the initial distribution a layer's
-weights are re-drawn from (continual backprop).
+weights are re-drawn from (continual backprop), and the CReLU activation.
 
 The building blocks both the agents' networks and the plasticity code (which finds and re-draws
 these layers) depend on; neither package imports the other for them.
@@ -78,3 +78,10 @@ class EnsembleLayerNorm(nn.Module):
         if w.shape[0] == 1:
             return F.layer_norm(x, (self.width,), w[0, 0], b[0, 0], self.eps)
         return torch.addcmul(b, F.layer_norm(x, (self.width,), eps=self.eps), w)
+
+
+class CReLU(nn.Module):
+    """CReLU(x) = [relu(x), relu(−x)] along the last dimension: n inputs give 2n features."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.relu(x), torch.relu(-x)], dim=-1)

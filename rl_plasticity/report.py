@@ -272,10 +272,12 @@ def _sortable(value: Any) -> tuple:
 
 
 def base_label(config: Mapping[str, Any]) -> str:
-    """agent, then +LN (LayerNorm), +reset (periodic full resets), +<regularizer>, +cbp/+er add-ons."""
+    """agent, then +LN (LayerNorm), +CReLU, +reset (periodic full resets), +<regularizer>, +cbp/+er add-ons."""
     parts = [str(config.get("agent.name", "agent?"))]
     if config.get("agent.layer_norm") is True:
         parts.append("LN")
+    if config.get("agent.activation") == "crelu":
+        parts.append("CReLU")
     if config.get("agent.reset_interval") is not None:
         parts.append("reset")
     reg = config.get("plasticity.name")

@@ -498,7 +498,8 @@ def _start_seed(seed: int, directory: Path, container: dict[str, Any], resume_pa
               + ("" if resumed_env_exact else " (this env's state cannot be restored: its episode restarts)"), flush=True)
     print(f"run dir: {directory}  (tensorboard --logdir {shlex.quote(str(directory))})\n"
           f"agent {agent_name} on {container['env']['name']} | seed {seed} | device {device} | obs {job.obs_dim} | "
-          f"actions {job.action_dim} | {job.summary} | plasticity {plasticity_cfg.name}", flush=True)
+          f"actions {job.action_dim} | {job.summary} | plasticity {plasticity_cfg.name} | {job.agent.cfg.activation} "
+          f"parameters: " + ", ".join(f"{k} {n:,}" for k, n in job.agent.parameter_counts().items()), flush=True)
     seed_run = _SeedRun(seed, directory, run, job, logger, resume_path,
                         resume_state["loop"] if resume_state is not None else None, SeedRNG())
 

@@ -172,7 +172,7 @@ PLASTICITY_TAGS = {f"plasticity/{net}/{m}" for net in ("actor", "critic") for m 
     "dormant_fraction", "dead_fraction", "distance_from_init")} | {"value/overestimation"}
 
 
-@pytest.mark.parametrize("name", ["none", "spectral", "l2", "l2_init", "wasserstein", "er", "l2_er"])
+@pytest.mark.parametrize("name", ["none", "spectral", "l2", "l2_init", "wasserstein", "er", "l2_er", "parseval"])
 def test_every_regularizer_runs_from_the_cli(name, tmp_path):
     result = train("env=gym", "env.id=Pendulum-v1", f"plasticity={name}", "total_steps=60", "agent.prefill_steps=20",
                    "agent.replay_ratio=2", "agent.batch_size=16", "agent.hidden_sizes=[32,32]", "eval.every=60",

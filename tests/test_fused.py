@@ -44,7 +44,8 @@ def assert_close_lists(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float
 
 @pytest.mark.parametrize("num_critics", [1, 2])
 @pytest.mark.parametrize("layer_norm", [True, False])
-@pytest.mark.parametrize("plasticity,coef", [("none", 0.0), ("l2_init", 1e-2), ("spectral", 1e-2), ("wasserstein", 1e-2)])
+@pytest.mark.parametrize("plasticity,coef", [("none", 0.0), ("l2_init", 1e-2), ("spectral", 1e-2), ("wasserstein", 1e-2),
+                                               ("parseval", 1e-4)])
 def test_fused_gradients_and_metrics_match_autograd(num_critics, layer_norm, plasticity, coef):
     """One update: every gradient (critic, actor through the critic, temperature, regularizer)
     and every metric of the fused path equals the autograd reference."""

@@ -122,7 +122,7 @@ def test_ppo_clip_limits_the_policy_change():
     assert changes[0.05] < 0.5 * changes[10.0]
 
 
-@pytest.mark.parametrize("plasticity", ["none", "l2_er", "cbp_l2", "spectral"])
+@pytest.mark.parametrize("plasticity", ["none", "l2_er", "cbp_l2", "spectral", "parseval"])
 def test_ppo_checkpoint_round_trip_gives_identical_next_update(plasticity):
     cfg = PlasticityConfig(name=plasticity, coef=1e-3, er=plasticity == "l2_er", er_batch=32,
                            cbp=plasticity.startswith("cbp"), cbp_maturity=5, cbp_replacement_rate=0.05)

@@ -66,6 +66,7 @@ def _agents(cfg, pcfg, seeds, kind=SACAgent, dims=(5, 3)):
     (1, True, PlasticityConfig(name="cbp", cbp=True, cbp_maturity=2, cbp_replacement_rate=0.2), None),
     (2, True, PlasticityConfig(name="l2_er", coef=1e-3, er=True), 3),
     (1, True, PlasticityConfig(name="wasserstein", coef=1e-3), None),
+    (2, True, PlasticityConfig(name="parseval", coef=1e-4), 5),
 ])
 def test_batched_seeds_follow_separate_agents(num_critics, layer_norm, plasticity, reset):
     cfg = SACConfig(hidden_sizes=(32, 32), num_critics=num_critics, layer_norm=layer_norm, replay_ratio=4,
@@ -127,6 +128,8 @@ def _rollout(rng, rows, obs_dim=6, action_dim=2):
     (False, PlasticityConfig(name="l2_er", coef=1e-3, er=True, er_batch=12), 5, None),
     (True, PlasticityConfig(name="spectral", coef=1e-3), None, None),
     (False, PlasticityConfig(name="wasserstein", coef=1e-3), None, None),
+    (False, PlasticityConfig(name="parseval", coef=1e-4), 5, None),
+    (True, PlasticityConfig(name="spectral", coef=1e-3), 5, None),
 ])
 def test_batched_ppo_seeds_follow_separate_agents(layer_norm, plasticity, reset, max_grad_norm):
     """PPOSeedGroup against each agent's own `update`: every metric and parameter to float

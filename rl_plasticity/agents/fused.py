@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rl_plasticity.agents.networks import EnsembleLayerNorm, EnsembleLinear, EnsembleMLP
+from rl_plasticity.agents.networks import CReLU, EnsembleLayerNorm, EnsembleLinear, EnsembleMLP
 from rl_plasticity.optim import adam_step, adam_step_many  # noqa: F401  (re-exported: their old home)
 
 aten = torch.ops.aten
@@ -44,11 +44,25 @@ def _grad_buffer(p: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Block:
-    """Linear -> [LayerNorm] -> [ReLU]: one hidden layer, or the head (no norm, no ReLU)."""
+    """Linear -> [LayerNorm] -> [ReLU or CReLU]: one hidden layer, or the head (no norm, no
+    activation).  `relu` says there is an activation, `crelu` that it is CReLU [relu(z), relu(−z)]."""
 
     linear: nn.Module
     norm: Optional[nn.Module]
     relu: bool
+    crelu: bool = False
+
+
+def crelu(z: torch.Tensor) -> torch.Tensor:
+    """[relu(z), relu(−z)] along the last dimension (networks.CReLU)."""
+    return torch.cat([torch.relu(z), torch.relu(-z)], dim=-1)
+
+
+def crelu_backward(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Gradient at the pre-activation z from the gradient `d` at a = [relu(z), relu(−z)]:
+    d₁·[z > 0] − d₂·[z < 0], each half masked where its output is positive (as autograd's relu)."""
+    w = a.shape[-1] // 2
+    return aten.threshold_backward(d[..., :w], a[..., :w], 0) - aten.threshold_backward(d[..., w:], a[..., w:], 0)
 
 
 class StackedLinear:
@@ -100,9 +114,10 @@ class MLPPlan:
             if i < len(layers) and isinstance(layers[i], (nn.LayerNorm, EnsembleLayerNorm)):
                 norm = layers[i]
                 i += 1
-            relu = i < len(layers) and isinstance(layers[i], nn.ReLU)
+            relu = i < len(layers) and isinstance(layers[i], (nn.ReLU, CReLU))
+            is_crelu = relu and isinstance(layers[i], CReLU)
             i += int(relu)
-            blocks.append(_Block(linear, norm, relu))
+            blocks.append(_Block(linear, norm, relu, is_crelu))
         return blocks
 
     @classmethod
@@ -115,7 +130,7 @@ class MLPPlan:
             transposed = isinstance(block.linear, nn.Linear)
             linear = StackedLinear(next(it), next(it), transposed)
             norm = StackedNorm(next(it), next(it), block.norm.eps) if block.norm is not None else None
-            blocks.append(_Block(linear, norm, block.relu))
+            blocks.append(_Block(linear, norm, block.relu, block.crelu))
         return cls(blocks=blocks)
 
     # -- parameter views ----------------------------------------------------------------------
@@ -163,7 +178,7 @@ class MLPPlan:
                 else:
                     xhat, mean, rstd = aten.native_layer_norm(z, [width], None, None, block.norm.eps)
                     y = torch.addcmul(beta, xhat, g)
-            a = torch.relu_(y) if block.relu else y
+            a = crelu(y) if block.crelu else torch.relu_(y) if block.relu else y
             if keep:
                 cache.append((h, z, mean, rstd, xhat, a))
             h = a
@@ -191,7 +206,9 @@ class MLPPlan:
             h, z, mean, rstd, xhat, a = (None if t is None else t[rows] if t.dim() == 2 else t[:, rows]
                                          for t in cache[index])
             p = d.shape[-2] if param_rows is None else param_rows
-            if block.relu:
+            if block.crelu:
+                d = crelu_backward(d, a)
+            elif block.relu:
                 d = aten.threshold_backward(d, a, 0)
             if block.norm is not None:
                 g, beta = self._norm_params(block.norm)

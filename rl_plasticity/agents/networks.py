@@ -1,8 +1,15 @@
 """Network building blocks shared by the agents.
 
-Layers are kept as plain modules in order (linear, optional LayerNorm, ReLU, ...) so that the
-plasticity code can find weight matrices, LayerNorm gains and post-activation features by walking
-the modules, whatever agent owns them.
+Layers are kept as plain modules in order (linear, optional LayerNorm, ReLU or CReLU, ...) so
+that the plasticity code can find weight matrices, LayerNorm gains and post-activation features
+by walking the modules, whatever agent owns them.
+
+Activations (`agent.activation`): `relu`, or `crelu`, the concatenated ReLU [relu(x), relu(−x)]
+(Shang et al. 2016), which Abbas et al. 2023 ("Loss of plasticity in continual deep RL", CoLLAs)
+use against loss of plasticity: half of its outputs are active for any pre-activation, so no unit
+goes silent.  A hidden width n counts linear units (LayerNorm works on those n); with CReLU the
+layer hands 2n features to the next, whose weight takes 2n inputs, so the network has more
+parameters than its ReLU twin (`parameter_count` tells how many).
 """
 from __future__ import annotations
 
@@ -13,19 +20,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rl_plasticity.ensemble import EnsembleLayerNorm, EnsembleLinear, fresh_weight  # noqa: F401  (re-exported)
+from rl_plasticity.ensemble import CReLU, EnsembleLayerNorm, EnsembleLinear, fresh_weight  # noqa: F401  (re-exported)
 
 
-def mlp(in_dim: int, hidden_sizes: Sequence[int], out_dim: int, layer_norm: bool) -> nn.Sequential:
-    """Linear -> [LayerNorm] -> ReLU per hidden layer, then a linear head (LayerNorm before the ReLU)."""
+ACTIVATIONS = ("relu", "crelu")
+
+
+def activation_module(activation: str, inplace: bool = False) -> nn.Module:
+    """The module of `activation` (one of ACTIVATIONS)."""
+    if activation == "relu":
+        return nn.ReLU(inplace=inplace)
+    if activation == "crelu":
+        return CReLU()
+    raise ValueError(f"unknown activation '{activation}'. Valid choices: {', '.join(ACTIVATIONS)}")
+
+
+def features_out(width: int, activation: str) -> int:
+    """Features a hidden layer of `width` linear units hands to the next layer."""
+    return 2 * width if activation == "crelu" else width
+
+
+def parameter_count(module: nn.Module) -> int:
+    """Trainable parameters of `module` (what the run prints at its start)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def mlp(in_dim: int, hidden_sizes: Sequence[int], out_dim: int, layer_norm: bool,
+        activation: str = "relu") -> nn.Sequential:
+    """Linear -> [LayerNorm] -> activation per hidden layer, then a linear head (LayerNorm before
+    the activation; with CReLU the next linear layer takes twice the width as inputs)."""
     layers: list[nn.Module] = []
     last = in_dim
     for width in hidden_sizes:
         layers.append(nn.Linear(last, width))
         if layer_norm:
             layers.append(nn.LayerNorm(width))
-        layers.append(nn.ReLU(inplace=True))
-        last = width
+        layers.append(activation_module(activation, inplace=True))
+        last = features_out(width, activation)
     layers.append(nn.Linear(last, out_dim))
     return nn.Sequential(*layers)
 
@@ -47,7 +78,8 @@ class EnsembleMLP(nn.Module):
     recording gradients for them (the actor's loss differentiates through the critic this way).
     """
 
-    def __init__(self, num_members: int, in_dim: int, hidden_sizes: Sequence[int], out_dim: int, layer_norm: bool):
+    def __init__(self, num_members: int, in_dim: int, hidden_sizes: Sequence[int], out_dim: int, layer_norm: bool,
+                 activation: str = "relu"):
         super().__init__()
         layers: list[nn.Module] = []
         last = in_dim
@@ -55,24 +87,25 @@ class EnsembleMLP(nn.Module):
             layers.append(EnsembleLinear(num_members, last, width))
             if layer_norm:
                 layers.append(EnsembleLayerNorm(num_members, width))
-            layers.append(nn.ReLU(inplace=True))
-            last = width
+            layers.append(activation_module(activation, inplace=True))
+            last = features_out(width, activation)
         layers.append(EnsembleLinear(num_members, last, out_dim))
         self.layers = nn.Sequential(*layers)
         self.num_members = num_members
 
     def forward(self, x: torch.Tensor, detached: bool = False) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x) if isinstance(layer, nn.ReLU) else layer(x, detached)
+            x = layer(x) if isinstance(layer, (nn.ReLU, CReLU)) else layer(x, detached)
         return x
 
 
 class Critic(nn.Module):
     """Q(s, a) for `num_critics` members at once: returns (num_critics, B)."""
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: Sequence[int], num_critics: int, layer_norm: bool):
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: Sequence[int], num_critics: int, layer_norm: bool,
+                 activation: str = "relu"):
         super().__init__()
-        self.net = EnsembleMLP(num_critics, obs_dim + action_dim, hidden_sizes, 1, layer_norm)
+        self.net = EnsembleMLP(num_critics, obs_dim + action_dim, hidden_sizes, 1, layer_norm, activation)
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor, detached: bool = False) -> torch.Tensor:
         return self.net(torch.cat([obs, action], dim=-1), detached).squeeze(-1)
@@ -82,9 +115,9 @@ class TanhGaussianActor(nn.Module):
     """π(a|s) = tanh(N(μ(s), σ(s))), log σ squashed smoothly into [log_std_min, log_std_max]."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: Sequence[int], layer_norm: bool,
-                 log_std_min: float = -5.0, log_std_max: float = 2.0):
+                 log_std_min: float = -5.0, log_std_max: float = 2.0, activation: str = "relu"):
         super().__init__()
-        self.net = mlp(obs_dim, hidden_sizes, 2 * action_dim, layer_norm)
+        self.net = mlp(obs_dim, hidden_sizes, 2 * action_dim, layer_norm, activation)
         self.log_std_min, self.log_std_max = float(log_std_min), float(log_std_max)
 
     def distribution_params(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from rl_plasticity.agents.networks import orthogonal_init_
-from rl_plasticity.config import from_node, require
+from rl_plasticity.agents.networks import ACTIVATIONS, activation_module, features_out, orthogonal_init_, parameter_count
+from rl_plasticity.config import ConfigError, from_node, require
 from rl_plasticity.optim import adam_step
 from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
 
@@ -39,6 +39,7 @@ class PPOConfig:
     num_minibatches: int = 128
     hidden_sizes: tuple[int, ...] = (256, 256)
     layer_norm: bool = False
+    activation: str = "relu"          # relu | crelu ([relu(x), relu(-x)]: the next layer takes twice the width)
     lr: float = 2.5e-4
     adam_eps: float = 1e-5
     gamma: float = 0.99
@@ -61,6 +62,8 @@ class PPOConfig:
                 f"agent.rollout_steps × agent.num_envs ({cfg.rollout_steps * cfg.num_envs})")
         require(len(cfg.hidden_sizes) >= 1 and min(cfg.hidden_sizes) >= 1,
                 f"agent.hidden_sizes must be a non-empty list of positive widths, got {list(cfg.hidden_sizes)}")
+        require(cfg.activation in ACTIVATIONS,
+                f"agent.activation must be one of {', '.join(ACTIVATIONS)}, got {cfg.activation!r}")
         require(cfg.lr > 0, f"agent.lr must be > 0, got {cfg.lr}")
         require(cfg.adam_eps > 0, f"agent.adam_eps must be > 0, got {cfg.adam_eps}")
         require(0.0 <= cfg.gamma <= 1.0, f"agent.gamma must be in [0, 1], got {cfg.gamma}")
@@ -75,16 +78,18 @@ class PPOConfig:
         return cfg
 
 
-def policy_mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, layer_norm: bool, head_gain: float) -> nn.Sequential:
-    """Linear → [LayerNorm] → ReLU per hidden layer, orthogonal init (gain √2), head with `head_gain`."""
+def policy_mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, layer_norm: bool, head_gain: float,
+               activation: str = "relu") -> nn.Sequential:
+    """Linear → [LayerNorm] → activation per hidden layer, orthogonal init (gain √2), head with
+    `head_gain`; with CReLU the next layer takes twice the width as inputs."""
     layers: list[nn.Module] = []
     last = in_dim
     for width in hidden_sizes:
         layers.append(orthogonal_init_(nn.Linear(last, width), math.sqrt(2.0)))
         if layer_norm:
             layers.append(nn.LayerNorm(width))
-        layers.append(nn.ReLU())
-        last = width
+        layers.append(activation_module(activation))
+        last = features_out(width, activation)
     layers.append(orthogonal_init_(nn.Linear(last, out_dim), head_gain))
     return nn.Sequential(*layers)
 
@@ -165,15 +170,21 @@ class PPOAgent(PlasticityMixin):
         self.obs_rms = RunningMeanStd(obs_dim) if cfg.normalize_obs else None
         # The minibatch order has its own generator, so it is reproducible and checkpointable.
         self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        self.init_plasticity(plasticity or PlasticityConfig(), cfg.reset_interval)
+        plasticity = plasticity or PlasticityConfig()
+        if cfg.activation not in ACTIVATIONS:
+            raise ConfigError(f"agent.activation must be one of {', '.join(ACTIVATIONS)}, got {cfg.activation!r}")
+        if cfg.activation == "crelu" and getattr(plasticity, "cbp", False):
+            raise ConfigError("plasticity.cbp replaces ReLU units; it does not support agent.activation=crelu")
+        self.init_plasticity(plasticity, cfg.reset_interval)
         self._build()
 
     # -- construction -------------------------------------------------------------------------
     def _build(self) -> None:
         """Fresh networks, log-std and optimizer state (also what a full reset does)."""
         cfg, dev = self.cfg, self.device
-        self.actor = policy_mlp(self.obs_dim, cfg.hidden_sizes, self.action_dim, cfg.layer_norm, 0.01).to(dev)
-        self.critic = policy_mlp(self.obs_dim, cfg.hidden_sizes, 1, cfg.layer_norm, 1.0).to(dev)
+        self.actor = policy_mlp(self.obs_dim, cfg.hidden_sizes, self.action_dim, cfg.layer_norm, 0.01,
+                                cfg.activation).to(dev)
+        self.critic = policy_mlp(self.obs_dim, cfg.hidden_sizes, 1, cfg.layer_norm, 1.0, cfg.activation).to(dev)
         self.log_std = nn.Parameter(torch.full((self.action_dim,), float(cfg.init_log_std), device=dev))
         self.params = list(self.actor.parameters()) + list(self.critic.parameters()) + [self.log_std]
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, eps=cfg.adam_eps,
@@ -216,6 +227,10 @@ class PPOAgent(PlasticityMixin):
     @property
     def networks(self) -> dict[str, nn.Module]:
         return {"actor": self.actor, "critic": self.critic}
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters per network (the log-std's |A| not included)."""
+        return {name: parameter_count(net) for name, net in self.networks.items()}
 
     # -- acting -------------------------------------------------------------------------------
     def normalize(self, obs: np.ndarray, update: bool = False) -> np.ndarray:
@@ -290,7 +305,7 @@ class PPOAgent(PlasticityMixin):
         cfg = self.cfg
         obs = mb["obs"]
         loss, stats = ppo_loss(self.actor(obs), self.critic(obs).squeeze(-1), self.log_std, mb, cfg)
-        loss = self.add_plasticity_losses(loss, ("actor", "critic"))
+        loss = self.add_plasticity_losses(loss, ("actor", "critic"), defer_direct=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.plasticity_before_step()

@@ -28,9 +28,9 @@ import torch
 
 from rl_plasticity.agents.accelerate import accelerate
 from rl_plasticity.agents.fused import FusedSAC
-from rl_plasticity.agents.networks import Critic, TanhGaussianActor
+from rl_plasticity.agents.networks import ACTIVATIONS, Critic, TanhGaussianActor, parameter_count
 from rl_plasticity.buffers import Batch
-from rl_plasticity.config import from_node, require
+from rl_plasticity.config import ConfigError, from_node, require
 from rl_plasticity.optim import adam_step
 from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
 
@@ -44,6 +44,7 @@ class SACConfig:
     prefill_steps: int = 10_000
     hidden_sizes: tuple[int, ...] = (256, 256)
     layer_norm: bool = True
+    activation: str = "relu"  # relu | crelu ([relu(x), relu(-x)]: the next layer takes twice the width)
     num_critics: int = 1
     gamma: float = 0.99
     tau: float = 0.005
@@ -68,6 +69,8 @@ class SACConfig:
         require(len(cfg.hidden_sizes) >= 1 and min(cfg.hidden_sizes) >= 1,
                 f"agent.hidden_sizes must be a non-empty list of positive widths, got {list(cfg.hidden_sizes)}")
         require(cfg.num_critics >= 1, f"agent.num_critics must be >= 1, got {cfg.num_critics}")
+        require(cfg.activation in ACTIVATIONS,
+                f"agent.activation must be one of {', '.join(ACTIVATIONS)}, got {cfg.activation!r}")
         require(0.0 <= cfg.gamma <= 1.0, f"agent.gamma must be in [0, 1], got {cfg.gamma}")
         require(0.0 < cfg.tau <= 1.0, f"agent.tau must be in (0, 1], got {cfg.tau}")
         for key in ("actor_lr", "critic_lr", "alpha_lr", "init_alpha"):
@@ -106,7 +109,12 @@ class SACAgent(PlasticityMixin):
             warnings.warn("compile/cudagraphs apply to the fused update (agent.fused=true); this run uses the "
                           "autograd reference path uncompiled", stacklevel=2)
         self._compile, self._cudagraphs = compile, cudagraphs
-        self.init_plasticity(plasticity or PlasticityConfig(), cfg.reset_interval)
+        plasticity = plasticity or PlasticityConfig()
+        if cfg.activation not in ACTIVATIONS:
+            raise ConfigError(f"agent.activation must be one of {', '.join(ACTIVATIONS)}, got {cfg.activation!r}")
+        if cfg.activation == "crelu" and getattr(plasticity, "cbp", False):
+            raise ConfigError("plasticity.cbp replaces ReLU units; it does not support agent.activation=crelu")
+        self.init_plasticity(plasticity, cfg.reset_interval)
         self._build()
         self._step = self._fused_step if cfg.fused else self._update_once
 
@@ -115,10 +123,11 @@ class SACAgent(PlasticityMixin):
         """Fresh networks, target, temperature and optimizer state (also what a full reset does)."""
         cfg, dev = self.cfg, self.device
         self.actor = TanhGaussianActor(self.obs_dim, self.action_dim, cfg.hidden_sizes, cfg.layer_norm,
-                                       cfg.log_std_min, cfg.log_std_max).to(dev)
-        self.critic = Critic(self.obs_dim, self.action_dim, cfg.hidden_sizes, cfg.num_critics, cfg.layer_norm).to(dev)
+                                       cfg.log_std_min, cfg.log_std_max, cfg.activation).to(dev)
+        self.critic = Critic(self.obs_dim, self.action_dim, cfg.hidden_sizes, cfg.num_critics, cfg.layer_norm,
+                             cfg.activation).to(dev)
         self.critic_target = Critic(self.obs_dim, self.action_dim, cfg.hidden_sizes, cfg.num_critics,
-                                    cfg.layer_norm).to(dev)
+                                    cfg.layer_norm, cfg.activation).to(dev)
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.critic_target.requires_grad_(False)
         self.log_alpha = torch.tensor(float(np.log(cfg.init_alpha)), device=dev, requires_grad=True)
@@ -184,6 +193,10 @@ class SACAgent(PlasticityMixin):
         """The trained networks by name (what plasticity code and checkpoints iterate over)."""
         return {"actor": self.actor, "critic": self.critic}
 
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters per network (all critic members together; the target is a copy)."""
+        return {name: parameter_count(net) for name, net in self.networks.items()}
+
     @property
     def alpha(self) -> torch.Tensor:
         return self.log_alpha.detach().exp()
@@ -243,7 +256,7 @@ class SACAgent(PlasticityMixin):
         alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
 
         loss = critic_loss + actor_loss + alpha_loss
-        loss = self.add_plasticity_losses(loss, ("critic", "actor"))
+        loss = self.add_plasticity_losses(loss, ("critic", "actor"), defer_direct=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._finish_update(obs, action)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from rl_plasticity.agents.accelerate import accelerate
-from rl_plasticity.agents.fused import FusedSAC, MLPPlan
+from rl_plasticity.agents.fused import FusedSAC, MLPPlan, crelu
 from rl_plasticity.agents.ppo import STAT_NAMES, explained_variance, ppo_loss
 from rl_plasticity.buffers import Batch
 from rl_plasticity.optim import adam_step_many
@@ -282,7 +282,7 @@ class PPOSeedGroup(_StackedSeeds):
                 norm = block.norm
                 x = torch.addcmul(norm.bias, F.layer_norm(x, (norm.weight.shape[-1],), eps=norm.eps), norm.weight)
             if block.relu:
-                x = torch.relu(x)
+                x = crelu(x) if block.crelu else torch.relu(x)
         return x
 
     def update(self, rollouts: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, torch.Tensor]]:

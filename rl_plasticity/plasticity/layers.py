@@ -1,9 +1,10 @@
 """Finding the parameters and features the plasticity code works on, in any network.
 
 Networks are walked module by module: linear layers (plain, convolutional, or batched ensemble
-members) give weight matrices and biases, LayerNorms give gains and biases, ReLUs mark the
-post-activation features of hidden layers.  Ensemble parameters keep their member dimension
-first, so each member is regularized and measured as its own layer.
+members) give weight matrices and biases, LayerNorms give gains and biases, ReLUs (and CReLUs,
+whose 2n features are their layer's features) mark the post-activation features of hidden
+layers.  Ensemble parameters keep their member dimension first, so each member is regularized
+and measured as its own layer.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rl_plasticity.ensemble import EnsembleLayerNorm, EnsembleLinear
+from rl_plasticity.ensemble import CReLU, EnsembleLayerNorm, EnsembleLinear
 
 
 @dataclass
@@ -76,8 +77,9 @@ def weights_and_vectors(network: nn.Module) -> tuple[list[WeightMatrix], list[Ve
 
 
 def hidden_activations(network: nn.Module) -> list[nn.Module]:
-    """The ReLU modules of `network`, in order: their outputs are the hidden features."""
-    return [m for m in network.modules() if isinstance(m, nn.ReLU)]
+    """The ReLU and CReLU modules of `network`, in order: their outputs are the hidden features
+    (a CReLU layer of n units gives 2n features, [relu(z), relu(−z)])."""
+    return [m for m in network.modules() if isinstance(m, (nn.ReLU, CReLU))]
 
 
 class FeatureRecorder:

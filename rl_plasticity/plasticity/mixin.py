@@ -5,8 +5,10 @@ The mixin knows networks, not algorithms.  An agent
 1. calls `init_plasticity(cfg, reset_interval)` and `register_networks({"actor": ..., ...})` with
    modules whose forward takes one input tensor (so features can be recorded on any input);
 2. adds `plasticity_loss(name)` to each network's loss (None when the regularizer has no term),
-   and calls `plasticity_before_step()` between backward and the optimizer step (regularizers
-   whose gradient is cheaper to add directly, like spectral, add it there; same gradient);
+   and/or calls `plasticity_before_step()` between backward and the optimizer step: either one
+   applies every regularizer's penalty, both apply it once (regularizers whose gradient is
+   cheaper to add directly, like spectral, add it there unless the loss holds it; the agents
+   pass `defer_direct=True` to leave it there; same gradient);
 3. calls `plasticity_after_update(batch)` after each optimizer step (effective-rank steps,
    continual-backprop unit replacement and periodic resets happen there);
 4. implements `plasticity_inputs(batch) -> {name: input tensor}`, `plasticity_optimizers()` (whose
@@ -84,8 +86,9 @@ def preset_values(name: str) -> dict[str, Any]:
 
     folder = resources.files("rl_plasticity.configs").joinpath("plasticity")
     values = OmegaConf.to_container(OmegaConf.load(str(folder.joinpath("none.yaml"))))
-    if name != "none":
-        preset = OmegaConf.to_container(OmegaConf.load(str(folder.joinpath(f"{name}.yaml"))))
+    path = folder.joinpath(f"{name}.yaml")
+    if name != "none" and path.is_file():  # a regularizer registered in Python may have no preset
+        preset = OmegaConf.to_container(OmegaConf.load(str(path)))
         values.update({k: v for k, v in preset.items() if k != "defaults"})
     return {key: values[key] for key in PRESET_KEYS}
 
@@ -103,6 +106,8 @@ class PlasticityConfig:
     coef_actor: Optional[float] = None  # ... unless overridden per network
     coef_critic: Optional[float] = None
     k: float = 2.0                     # spectral exponent
+    parseval_s: float = 2.0            # parseval: WWᵀ is pulled to s·I (Chung et al. 2024: gain √2 squared)
+    parseval_width: Optional[float] = 64.0  # parseval: each matrix's term × (parseval_width / its rows)²; null: × 1
     er: Optional[bool] = None          # run the effective-rank step (er, l2_er)
     er_lr: Optional[float] = None
     er_batch: int = 128
@@ -134,6 +139,9 @@ class PlasticityConfig:
             value = getattr(self, key)
             require(value is None or value >= 0, f"plasticity.{key} must be >= 0, got {value}")
         require(self.k > 0, f"plasticity.k must be > 0, got {self.k}")
+        require(self.parseval_s > 0, f"plasticity.parseval_s must be > 0, got {self.parseval_s}")
+        require(self.parseval_width is None or self.parseval_width > 0,
+                f"plasticity.parseval_width must be > 0 or null, got {self.parseval_width}")
         require(self.er_lr > 0, f"plasticity.er_lr must be > 0, got {self.er_lr}")
         require(self.er_batch >= 2, f"plasticity.er_batch must be >= 2, got {self.er_batch}")
         require(self.er_step >= 1, f"plasticity.er_step must be >= 1, got {self.er_step}")
@@ -191,7 +199,7 @@ class PlasticityMixin:
         cfg = self.plasticity_cfg
         self._plasticity_networks = dict(networks)
         self._regularizers: dict[str, Regularizer] = {
-            name: REGULARIZERS[cfg.name](net, k=cfg.k) for name, net in networks.items()}
+            name: REGULARIZERS[cfg.name].build(net, cfg) for name, net in networks.items()}
         self._initial_params = {name: [p.detach().clone() for p in net.parameters()] for name, net in networks.items()}
         self._layers = {name: weights_and_vectors(net) for name, net in networks.items()}
         self._er_optimizers = {name: torch.optim.Adam(net.parameters(), lr=cfg.er_lr, fused=_fused_ok(net))
@@ -200,51 +208,78 @@ class PlasticityMixin:
                      for name, net in networks.items()} if cfg.cbp else {}
         self._last_penalty: dict[str, torch.Tensor] = {}
         self._direct_penalty: set[str] = set()  # networks whose regularizer adds its gradient itself
+        self._penalty_taken: set[str] = set()  # networks whose penalty this update already has (loss or gradient)
 
     # -- the loss term ------------------------------------------------------------------------
-    def plasticity_loss(self, name: str) -> Optional[torch.Tensor]:
-        """coef · penalty of network `name` (None when there is no term, so nothing is added)."""
+    def plasticity_loss(self, name: str, defer_direct: bool = False) -> Optional[torch.Tensor]:
+        """coef · penalty of network `name` (None when there is no term, so nothing is added).
+
+        Either way of applying the penalty is complete on its own: the loss path (this, or
+        `add_plasticity_losses`) or the gradient path (`plasticity_before_step`), and using both
+        applies it once.  A regularizer with a closed-form gradient (spectral, wasserstein,
+        parseval) returns its term through autograd here, and `plasticity_before_step` then
+        leaves that network alone until the next update; with `defer_direct` (the agents, which
+        always call `plasticity_before_step`) it returns None and the cheaper closed form is
+        added there instead.  Same gradient either way.
+        """
         coef = self.plasticity_cfg.coef_for(name)
         reg = self._regularizers[name]
-        if coef == 0.0 or reg.direct_gradient:
+        if coef == 0.0 or (reg.direct_gradient and defer_direct):
             return None
         penalty = reg.penalty()
         if penalty is None:
             return None
         loss = coef * penalty
         self._last_penalty[name] = loss.detach()
+        if reg.direct_gradient:
+            self._penalty_taken.add(name)
+            self._direct_penalty.discard(name)
         return loss
 
-    def _plasticity_penalty(self, names: tuple[str, ...]) -> Optional[torch.Tensor]:
+    def _plasticity_penalty(self, names: tuple[str, ...], defer_direct: bool = False) -> Optional[torch.Tensor]:
         """The sum of coef · penalty over the networks in `names` that have a loss term (None if none)."""
         total = None
         for name in names:
-            penalty = self.plasticity_loss(name)
+            penalty = self.plasticity_loss(name, defer_direct)
             if penalty is not None:
                 total = penalty if total is None else total + penalty
         return total
 
-    def add_plasticity_losses(self, loss: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
-        """`loss` plus coef · penalty of each network in `names` that has a loss term."""
-        penalty = self._plasticity_penalty(names)
+    def add_plasticity_losses(self, loss: torch.Tensor, names: tuple[str, ...],
+                              defer_direct: bool = False) -> torch.Tensor:
+        """`loss` plus coef · penalty of each network in `names` that has a loss term (see
+        `plasticity_loss` for `defer_direct`)."""
+        penalty = self._plasticity_penalty(names, defer_direct)
         return loss if penalty is None else loss + penalty
 
     def add_plasticity_gradients(self, names: tuple[str, ...]) -> None:
         """For updates that write their gradients outside this agent's autograd graph (the fused SAC
         path, the batched seed groups): add the gradient of coef · penalty of each network in
-        `names` to its parameters' `.grad`."""
-        penalty = self._plasticity_penalty(names)
+        `names` to its parameters' `.grad` (closed-form gradients included, so that
+        `plasticity_before_step` adds nothing more for them)."""
+        penalty = self._plasticity_penalty(names, defer_direct=True)
         if penalty is not None:
             penalty.backward()
+        self._add_direct_gradients(names, skip_taken=False)
+
+    def _add_direct_gradients(self, names: tuple[str, ...], skip_taken: bool) -> None:
+        """Add the closed-form penalty gradient of each network in `names` (with `skip_taken`, of
+        those whose penalty this update does not hold yet)."""
+        for name in names:
+            reg = self._regularizers[name]
+            coef = self.plasticity_cfg.coef_for(name)
+            if reg.direct_gradient and coef != 0.0 and not (skip_taken and name in self._penalty_taken):
+                reg.add_penalty_gradient(coef)
+                self._direct_penalty.add(name)
+                self._last_penalty.pop(name, None)
+                self._penalty_taken.add(name)
 
     def plasticity_before_step(self) -> None:
         """Between backward and the optimizer step: regularizers that add their gradient directly
-        (spectral) do it here.  The result equals adding `coef · penalty` to the loss."""
-        for name, reg in self._regularizers.items():
-            coef = self.plasticity_cfg.coef_for(name)
-            if reg.direct_gradient and coef != 0.0:
-                reg.add_penalty_gradient(coef)
-                self._direct_penalty.add(name)
+        (spectral) do it here, unless this update's loss already holds their term (see
+        `plasticity_loss`).  The result equals adding `coef · penalty` to the loss."""
+        self._add_direct_gradients(tuple(self._regularizers), skip_taken=True)
+        self._penalty_taken.clear()
 
     # -- after each update --------------------------------------------------------------------
     def plasticity_after_update(self, batch: Any) -> None:

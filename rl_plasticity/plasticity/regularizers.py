@@ -15,17 +15,23 @@ Formulas follow the papers in shared/papers:
 - er / l2_er (spectral-collapse-l2-er.md §7, App. D.2, Algorithm 1): no loss term for er; l2_er
   adds ‖θ‖².  The effective-rank step itself is `PlasticityMixin.effective_rank_step`, its
   objective in plasticity/effective_rank.py.
+- parseval (Chung et al. 2024, "Parseval regularization for continual RL", §3): keeps the
+  hidden weight matrices near s × an orthogonal matrix (formula and defaults: `Parseval`).
+
+Regularizers whose gradient has a closed form (`direct_gradient`) add it in place between
+backward and the optimizer step; through `penalty()` the same term goes through autograd, and
+the mixin makes sure that each update gets it exactly once, whichever way the caller asks.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rl_plasticity.plasticity.effective_rank import effective_rank  # noqa: F401  (re-exported)
-from rl_plasticity.plasticity.layers import weights_and_vectors
+from rl_plasticity.plasticity.layers import WeightMatrix, weights_and_vectors
 
 REGULARIZERS: dict[str, type["Regularizer"]] = {}
 
@@ -47,6 +53,11 @@ class Regularizer:
     def __init__(self, network: nn.Module, k: float = 2.0):
         self.network = network
         self.k = k
+
+    @classmethod
+    def build(cls, network: nn.Module, cfg: Any) -> "Regularizer":
+        """The regularizer of `network` with the settings of a PlasticityConfig `cfg`."""
+        return cls(network, k=cfg.k)
 
     direct_gradient = False
     """True when the regularizer adds its gradient itself (`add_penalty_gradient`) instead of a loss
@@ -200,9 +211,19 @@ class Wasserstein(_InitialParams):
 
 @register("spectral")
 class Spectral(Regularizer):
-    """(σ₁(W)^k − 1)² per weight matrix, ‖b‖^{2k} per bias, (γ − 1)² per LayerNorm gain entry."""
+    """(σ₁(W)^k − 1)² per weight matrix, ‖b‖^{2k} per bias, (γ − 1)² per LayerNorm gain entry.
 
-    def __init__(self, network: nn.Module, k: float = 2.0):
+    The power-iteration vectors start as normalised Gaussian draws from `generator` (default:
+    torch's global generator, which a run seeds with its seed, so every run, seed and reset
+    starts from its own vectors), followed by `warm_up()`: enough steps that σ₁ = uᵀWv is
+    accurate from the first update (one step from a random start gives about 0.7 σ₁ on a
+    256×256 layer).
+    """
+
+    WARMUP_TOL = 1e-5     # warm-up stops when 10 steps raise no σ₁ estimate by more than this (relative) ...
+    WARMUP_MAX = 2000     # ... or after this many steps
+
+    def __init__(self, network: nn.Module, k: float = 2.0, generator: Optional[torch.Generator] = None):
         super().__init__(network, k)
         self.weights, self.vectors = weights_and_vectors(network)
         plain = [v for v in self.vectors if not v.ensemble]
@@ -212,16 +233,40 @@ class Spectral(Regularizer):
         self.params = [w.param for w in self.weights] + [v.param for v in self.vectors]
         self.members_per_weight = [w.matrices().shape[0] for w in self.weights]
         self.single_member = all(m == 1 for m in self.members_per_weight)
-        g = torch.Generator(device="cpu").manual_seed(0)
         self.u: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         for w in self.weights:
             m = w.matrices().detach()
-            u = torch.randn(m.shape[0], m.shape[1], generator=g).to(m.device)
-            v = torch.randn(m.shape[0], m.shape[2], generator=g).to(m.device)
+            u = torch.randn(m.shape[0], m.shape[1], generator=generator, dtype=m.dtype).to(m.device)
+            v = torch.randn(m.shape[0], m.shape[2], generator=generator, dtype=m.dtype).to(m.device)
             self.u.append(F.normalize(u, dim=-1))
             self.v.append(F.normalize(v, dim=-1))
         self.sigma_cache: list[torch.Tensor] = []
+        self.warmup_steps = self.warm_up()
+
+    @torch.no_grad()
+    def warm_up(self) -> int:
+        """Power-iteration steps until σ₁ has converged; returns how many were taken.
+
+        The estimate ‖Wv‖ = √(vᵀWᵀWv) is the Rayleigh quotient of WᵀW along its power iteration,
+        so it never decreases; it is checked every 10 steps and the warm-up stops when no
+        matrix's estimate rose by more than `WARMUP_TOL` relative (at most `WARMUP_MAX` steps).
+        On the agents' 256-wide layers that takes 100–300 steps and leaves σ₁ within 1e-4 of
+        `torch.linalg.matrix_norm(ord=2)` (tests/test_plasticity.py).  Run once at construction
+        (a reset builds a new regularizer); the host reads the estimates only here.
+        """
+        if not self.weights:
+            return 0
+        previous = torch.cat(self.power_iteration())
+        steps = 1
+        while steps < self.WARMUP_MAX:
+            for _ in range(10):
+                sigma = torch.cat(self.power_iteration())
+            steps += 10
+            if bool(((sigma - previous) <= self.WARMUP_TOL * sigma.abs().clamp_min(1e-12)).all()):
+                break
+            previous = sigma
+        return steps
 
     @torch.no_grad()
     def power_iteration(self) -> list[torch.Tensor]:
@@ -335,3 +380,79 @@ class Spectral(Regularizer):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.u = [t.clone().to(u.device) for t, u in zip(state["u"], self.u)]
         self.v = [t.clone().to(v.device) for t, v in zip(state["v"], self.v)]
+
+
+@register("parseval")
+class Parseval(Regularizer):
+    """Parseval regularization (Chung, Cherif, Meger and Precup 2024, "Parseval regularization for
+    continual reinforcement learning", NeurIPS, §3):
+
+        Σ_W (w₀ / n_W)² ‖W Wᵀ − s I‖²_F
+
+    over every weight matrix W of the network except its last (the output layer, which their
+    code leaves out: only the hidden `linear_orthog` layers of `agent.py` are regularized), with
+    the rows of W its n_W output units (an ensemble member's (in, out) weight is transposed, a
+    conv kernel is (out, in·kh·kw)).  Biases and LayerNorm parameters are not regularized.
+
+    Defaults from the paper and its public code (github.com/wechu/parseval_reg, agent.py and
+    main.py): s = 2, the squared gain √2 of the orthogonal initialisation, so that the initial
+    hidden weights of an orthogonally initialised ReLU network have zero penalty; coefficient
+    λ = 1e-3 (MetaWorld, gridworld; 1e-4 on CARL) tuned at width 64 and multiplied by (64/width)²
+    for other widths, which is the factor (w₀/n_W)² with w₀ = `parseval_width` (null: no factor).
+
+    In training the gradient is added in closed form (`add_penalty_gradient`); `penalty()` is
+    the same term through autograd.
+    """
+
+    def __init__(self, network: nn.Module, k: float = 2.0, s: float = 2.0, width: Optional[float] = 64.0):
+        super().__init__(network, k)
+        self.s = float(s)
+        weights, _ = weights_and_vectors(network)
+        self.weights = weights[:-1]
+        self.params = [w.param for w in self.weights]
+        self.scales = [1.0 if width is None else (float(width) / self._rows(w).shape[-2]) ** 2 for w in self.weights]
+        self._last_coef = 0.0
+
+    @classmethod
+    def build(cls, network: nn.Module, cfg: Any) -> "Parseval":
+        return cls(network, k=cfg.k, s=cfg.parseval_s, width=cfg.parseval_width)
+
+    @staticmethod
+    def _rows(w: WeightMatrix, tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """W as (members, units, inputs): row j holds output unit j's input weights."""
+        m = w.matrices(tensor)
+        return m.transpose(1, 2) if w.kind == "ensemble" else m
+
+    def _residuals(self, rows: torch.Tensor) -> torch.Tensor:
+        """WWᵀ − sI per member (members, units, units)."""
+        gram = rows @ rows.transpose(1, 2)
+        return gram - self.s * torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+
+    def penalty(self) -> torch.Tensor:
+        terms = [scale * self._residuals(self._rows(w)).square().sum() for w, scale in zip(self.weights, self.scales)]
+        if not terms:
+            p = next(iter(self.network.parameters()), None)
+            return torch.zeros((), device=None if p is None else p.device)
+        return torch.stack(terms).sum()
+
+    direct_gradient = True
+
+    @torch.no_grad()
+    def add_penalty_gradient(self, coef: float) -> None:
+        """Add ∇(coef · penalty) = 4 coef (w₀/n)² (WWᵀ − sI) W to each regularized weight's `.grad`."""
+        for w, scale in zip(self.weights, self.scales):
+            rows = self._rows(w, w.param.detach())  # (members, units, inputs)
+            if rows.shape[-2] > rows.shape[-1]:  # (WWᵀ − sI)W = W(WᵀW) − sW: the smaller Gram matrix
+                grad = torch.baddbmm(rows, rows, rows.transpose(1, 2) @ rows, beta=-self.s)
+            else:
+                grad = self._residuals(rows) @ rows
+            if w.param.grad is None:
+                w.param.grad = torch.zeros_like(w.param)
+            target = self._rows(w, w.param.grad)  # a view of .grad in the same layout
+            target.add_(grad, alpha=4.0 * coef * scale)
+        self._last_coef = coef
+
+    @torch.no_grad()
+    def last_value(self) -> torch.Tensor:
+        """coef · penalty at the current parameters (for `losses/plasticity`)."""
+        return self._last_coef * self.penalty()
