@@ -67,8 +67,8 @@ class _Timers:
 
 
 def build_ours(args, timers: _Timers | None = None, arm: str = "none"):
-    """This package's PPO as `train.py` builds it, with the plasticity settings of `arm` (`ARMS`);
-    returns a function that trains and returns seconds."""
+    """This package's PPO as `train` builds it (run/experiment.py), with the plasticity settings of
+    `arm` (`ARMS`); returns a function that trains and returns seconds."""
     import gymnasium as gym
 
     from rl_plasticity.agents.ppo import PPOAgent, PPOConfig

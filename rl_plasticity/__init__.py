@@ -38,7 +38,7 @@ _RENAMED = {"register_regularizer": ("rl_plasticity.plasticity.regularizers", "r
 __all__ = sorted([*_EXPORTS, *_RENAMED, "__version__"])
 
 if TYPE_CHECKING:
-    from rl_plasticity.agents.networks import CReLU
+    from rl_plasticity.ensemble import CReLU
     from rl_plasticity.config import ConfigError
     from rl_plasticity.plasticity.layers import FeatureRecorder
     from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin

@@ -195,22 +195,18 @@ def find_checkpoints(path: str | Path) -> Target:
 
 # -- one checkpoint ---------------------------------------------------------------------------
 def _build_agent(state: dict[str, Any], config: dict[str, Any], device: Any) -> Any:
+    """The checkpoint's agent, built as train builds it (run/experiment.py), its state loaded."""
     from rl_plasticity.plasticity.mixin import PlasticityConfig
+    from rl_plasticity.run.experiment import EXPERIMENTS
 
     name = state["agent_name"]
     plasticity = PlasticityConfig.from_node(config["plasticity"])
     obs_dim, action_dim = int(state["obs_dim"]), int(state["action_dim"])
-    if name == "sac":
-        from rl_plasticity.agents.sac import SACAgent, SACConfig
-
-        agent = SACAgent(obs_dim, action_dim, SACConfig.from_node(config["agent"]), device, plasticity=plasticity)
-    elif name == "ppo":
-        from rl_plasticity.agents.ppo import PPOAgent, PPOConfig
-
-        agent = PPOAgent(obs_dim, action_dim, PPOConfig.from_node(config["agent"]), device, plasticity=plasticity,
-                         seed=int(config["seed"]))
-    else:
-        raise ConfigError(f"checkpoint holds an agent named '{name}'; this version evaluates: sac, ppo")
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"checkpoint holds an agent named '{name}'; this version evaluates: {', '.join(EXPERIMENTS)}")
+    experiment = EXPERIMENTS[name]
+    agent = experiment.make_agent(obs_dim, action_dim, experiment.config_type.from_node(config["agent"]), plasticity,
+                                  device, seed=int(config["seed"]))
     try:
         agent.load_state_dict(state["agent"])
     except (RuntimeError, KeyError, ValueError) as e:

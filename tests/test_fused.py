@@ -142,7 +142,7 @@ def test_compiled_update_matches_the_eager_update():
 
 
 def test_compile_keys_may_change_on_resume():
-    from rl_plasticity.train import config_differences
+    from rl_plasticity.run.resume import config_differences
 
     saved = {"seed": 0, "compile": False, "cudagraphs": False, "agent": {"fused": True}}
     assert config_differences(saved, {**saved, "compile": True, "cudagraphs": True}) == []

@@ -172,7 +172,7 @@ def test_batch_seeds_default_follows_the_measurements():
     """null: PPO batched everywhere, SAC batched on CUDA only (here: in turn); true/false force it;
     SAC's autograd path always updates in turn."""
     from rl_plasticity.agents.seeds import SequentialGroup
-    from rl_plasticity.train import _seed_group
+    from rl_plasticity.run.lockstep import seed_group as _seed_group
 
     ppo = [PPOAgent(6, 2, PPOConfig(hidden_sizes=(8,)), seed=s) for s in (0, 1)]
     assert isinstance(_seed_group(ppo, [SeedRNG(), SeedRNG()], None), PPOSeedGroup)
@@ -322,8 +322,9 @@ def test_a_diverging_seed_stops_alone(tmp_path, monkeypatch):
 
     from rl_plasticity import train as train_module
     from rl_plasticity.loops import DivergenceError
+    from rl_plasticity.run import seed as seed_module
 
-    original = train_module._start_seed
+    original = seed_module.start_seed
 
     def start(seed, *args, **kwargs):
         seed_run = original(seed, *args, **kwargs)
@@ -341,7 +342,7 @@ def test_a_diverging_seed_stops_alone(tmp_path, monkeypatch):
             agent.plasticity_after_update = poisoned
         return seed_run
 
-    monkeypatch.setattr(train_module, "_start_seed", start)
+    monkeypatch.setattr(seed_module, "start_seed", start)
     args = [a for a in SAC if not a.startswith(("total_steps", "plasticity"))] + ["total_steps=1200", "num_seeds=2",
                                                                                   "batch_seeds=true"]
     with initialize_config_module(config_module="rl_plasticity.configs", version_base=None):

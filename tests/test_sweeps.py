@@ -159,7 +159,7 @@ def test_a_preempted_job_is_requeued_in_the_same_dir_and_resumes_exactly(local_s
 
 
 def test_stop_request_passes_the_signal_on_and_ends_a_sweep_job(monkeypatch):
-    from rl_plasticity.train import StopRequest
+    from rl_plasticity.run.stop import StopRequest
 
     calls = []
     term_handler = signal.getsignal(signal.SIGTERM)
