@@ -144,6 +144,9 @@ class SACAgent(PlasticityMixin):
     def plasticity_optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer]
 
+    def plasticity_targets(self) -> dict[str, torch.nn.Module]:
+        return {"critic": self.critic_target.net}
+
     def plasticity_inputs(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         obs, action = batch
         return {"actor": obs, "critic": torch.cat([obs, action], dim=-1)}

@@ -90,9 +90,9 @@ def _bind(param: torch.Tensor, storage: torch.Tensor, grad: torch.Tensor | None,
 
 def _needs_rng(agent: Any) -> bool:
     """Whether the after-update work of the agent's next update may draw from the global
-    generators (a reset's fresh networks, continual backprop's re-initialised units)."""
-    due = agent.reset_interval is not None and (agent.plasticity_updates + 1) % agent.reset_interval == 0
-    return bool(agent._cbp) or due
+    generators: each intervention declares it (`draws_random`: a reset's fresh networks, the units
+    continual backprop or ReDo re-initialise, shrink-and-perturb's fresh draw)."""
+    return agent.plasticity_draws_random()
 
 
 def _network_shape(n: int, param: torch.Tensor) -> tuple[int, ...]:
