@@ -71,6 +71,13 @@ def task_of(env_metrics: Callable[[], list[dict[str, float]]] | None) -> list[li
     return [[tag, float(value)] for tag, value in sorted(env_metrics()[0].items())]
 
 
+def task_changed(agent: Any) -> None:
+    """Tell the agent's interventions that the env's task changed (shrink-and-perturb acts then)."""
+    hook = getattr(agent, "plasticity_task_change", None)
+    if hook is not None:
+        hook()
+
+
 def probe_diagnostics(agent: Any, current: Any, reference: Any = None) -> dict[str, torch.Tensor]:
     """`agent.diagnostics` on `current` (the data the networks train on now: `plasticity/...`)
     and, when given, the data-dependent metrics (`DATA_METRICS`) on the fixed `reference` batch as
@@ -265,8 +272,10 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
         last_diagnostics: int | None = None
         last_curvature: int | None = None
         last_eval: dict[str, float] = {}
+        last_task = None  # the task (env/task, env/friction) at the last episode end
     else:
         env.action_space.np_random.bit_generator.state = r["action_rng"]
+        last_task = r.get("last_task")
         last_curvature = r.get("last_curvature")
         obs = r["obs"].numpy()
         episode_return, episode_length, first = r["episode_return"], r["episode_length"], r["step"] + 1
@@ -281,7 +290,7 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
         return {"step": step, "obs": _np_state(obs), "episode_return": episode_return,
                 "episode_length": episode_length, "probe": tuple(probe) if probe is not None else None,
                 "last_diagnostics": last_diagnostics, "last_curvature": last_curvature, "last_eval": dict(last_eval),
-                "action_rng": env.action_space.np_random.bit_generator.state}
+                "action_rng": env.action_space.np_random.bit_generator.state, "last_task": last_task}
 
     for step in range(first, s.total_steps + 1):
         if step <= s.prefill_steps or len(buffer) < min(s.prefill_steps, s.batch_size):
@@ -297,7 +306,12 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
         if terminated or truncated:
             logger.episode(episode_return, episode_length, step)
             if env_metrics is not None:
-                logger.scalars(env_metrics(), step)
+                current = env_metrics()
+                logger.scalars(current, step)
+                task = task_of(lambda: [current])
+                if last_task is not None and task != last_task:
+                    task_changed(agent)
+                last_task = task
             obs, _ = env.reset()
             episode_return, episode_length = 0.0, 0
         else:
@@ -501,13 +515,15 @@ def on_policy_steps(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: 
         if reference is None:
             reference = torch.from_numpy(raw_obs[: rollout.pos].reshape(-1, obs_dim)[:PROBE_SIZE].copy())
         data = rollout.finish(agent.values(obs), final_values, s.gamma, s.gae_lambda)
-        if curvature is not None and env_metrics is not None:
+        if env_metrics is not None:
             task = task_of(env_metrics)
-            if rollout_task is not None and task != rollout_task and curvature.curvature_task_start:
-                # the task (friction) switched during this rollout: the new task's curvature at
-                # the parameters that ended the previous one, before any update on it
-                seed = probe_seed(s.seed, agent.update_count) + 1
-                log_curvature(agent, logger, curvature_rows(data, seed), seed, step, task_start=True)
+            if rollout_task is not None and task != rollout_task:
+                task_changed(agent)
+                if curvature is not None and curvature.curvature_task_start:
+                    # the task (friction) switched during this rollout: the new task's curvature at
+                    # the parameters that ended the previous one, before any update on it
+                    seed = probe_seed(s.seed, agent.update_count) + 1
+                    log_curvature(agent, logger, curvature_rows(data, seed), seed, step, task_start=True)
             rollout_task = task
         metrics = yield data  # the agent's update on the finished rollout
         if curvature is not None and agent.reset_count != resets_seen:
