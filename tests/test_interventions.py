@@ -526,3 +526,44 @@ def test_cli_names_valid_interventions_on_one_line():
     assert result.returncode != 0
     lines = [line for line in result.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and "unknown intervention 'bogus'" in lines[0] and "shrink_perturb" in lines[0]
+
+
+def test_shrink_perturb_follows_the_slippery_ant_friction_switch(tmp_path):
+    """The on-policy loop tells the agent about each friction change: with no period, shrink-and-
+    perturb runs only after changes (and not at all with task_change=false)."""
+    counts = {}
+    for flag in ("true", "false"):
+        run_dir = tmp_path / flag
+        result = train("agent=ppo", "env=slippery-ant", "env.change_every=100", "total_steps=512",
+                       "agent.rollout_steps=128", "agent.num_minibatches=2", "agent.epochs=1",
+                       "agent.hidden_sizes=[16,16]", "plasticity.interventions=[shrink_perturb]",
+                       f"plasticity.shrink_perturb.task_change={flag}", "eval.episodes=0", "log.every=128",
+                       "checkpoint.every=100000", f"run_dir={run_dir}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        state = torch.load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1], weights_only=True)
+        counts[flag] = state["agent"]["plasticity"]["interventions"]["shrink_perturb"]["count"]
+    assert counts["true"] >= 1 and counts["false"] == 0
+
+
+def test_intervention_presets_compose(tmp_path):
+    sac = train("-m", "+experiment=sac_redo,sac_shrink_perturb,sac_partial_reset", "env=gym", "env.id=Pendulum-v1",
+                "total_steps=30", "agent.prefill_steps=20", "agent.replay_ratio=1", "agent.batch_size=16",
+                "agent.buffer_size=1000", "agent.hidden_sizes=[16,16]", "eval.episodes=0", "log.every=10",
+                f"hydra.sweep.dir={tmp_path / 'sac'}", timeout=900)
+    assert sac.returncode == 0, sac.stderr[-3000:]
+    ppo = train("-m", "+experiment=ppo_redo,ppo_shrink_perturb", "agent=ppo", "total_steps=128", "agent.rollout_steps=64",
+                "agent.num_minibatches=4", "agent.epochs=1", "agent.hidden_sizes=[16,16]", "eval.episodes=0",
+                "log.every=64", f"hydra.sweep.dir={tmp_path / 'ppo'}", timeout=900)
+    assert ppo.returncode == 0, ppo.stderr[-3000:]
+    configs = {}
+    for group in ("sac", "ppo"):
+        for run in (tmp_path / group).iterdir():
+            if run.is_dir():
+                c = torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=True)["config"]
+                configs[(c["agent"]["name"], tuple(c["plasticity"]["interventions"]))] = c
+    assert set(configs) == {("sac", ("redo",)), ("sac", ("shrink_perturb",)), ("sac", ("partial_reset",)),
+                            ("ppo", ("redo",)), ("ppo", ("shrink_perturb",))}
+    assert configs[("sac", ("redo",))]["plasticity"]["redo"] == {"every": 1000, "tau": 0.025}
+    assert configs[("ppo", ("redo",))]["plasticity"]["redo"] == {"every": 100, "tau": 0.1}
+    assert configs[("ppo", ("redo",))]["plasticity"]["coef"] == 1e-4
+    assert configs[("sac", ("partial_reset",))]["plasticity"]["partial_reset"]["every"] == 2_560_000
