@@ -384,7 +384,8 @@ FAST = {"redo": {"interventions": ["redo"], "redo": {"every": 2, "tau": 0.3}},
         "partial_reset": {"interventions": ["partial_reset"], "partial_reset": {"every": 3, "layers": 2}},
         "cbp": {"interventions": ["cbp"], "cbp_maturity": 2, "cbp_replacement_rate": 0.2},
         "er_step": {"interventions": ["er_step"], "er_lr": 1e-3, "er_batch": 8},
-        "reset": {"interventions": ["reset"], "reset": {"every": 5}}}
+        "reset": {"interventions": ["reset"], "reset": {"every": 5}},
+        "injection": {"interventions": ["injection"], "injection": {"at": 3}}}
 
 
 def test_every_intervention_is_covered_here():
@@ -393,7 +394,7 @@ def test_every_intervention_is_covered_here():
 
 @pytest.mark.parametrize("name", sorted(FAST))
 def test_checkpoint_round_trip_gives_bitwise_equal_next_updates(name):
-    cfg = SACConfig(hidden_sizes=(16, 16), replay_ratio=2, batch_size=16)
+    cfg = SACConfig(hidden_sizes=(16, 16), replay_ratio=2, batch_size=16, fused=name != "injection")
     pcfg = PlasticityConfig(name="l2", coef=1e-3, **FAST[name])
     torch.manual_seed(0)
     a = SACAgent(5, 3, cfg, plasticity=pcfg, seed=0)
@@ -438,7 +439,8 @@ def test_old_checkpoints_with_top_level_cbp_state_load():
 
 def sac_seed_difference(pcfg):
     """Largest parameter difference between seed group members and single-seed agents."""
-    cfg = SACConfig(hidden_sizes=(16, 16), num_critics=2, replay_ratio=3, batch_size=16)
+    cfg = SACConfig(hidden_sizes=(16, 16), num_critics=2, replay_ratio=3, batch_size=16,
+                    fused="injection" not in pcfg.interventions)
     seeds = [3, 4, 5]
     single, single_rngs = _agents(cfg, pcfg, seeds)
     batched, rngs = _agents(cfg, pcfg, seeds)
@@ -485,6 +487,10 @@ def ppo_seed_difference(pcfg):
 @pytest.mark.parametrize("name", sorted(FAST))
 def test_seed_groups_equal_single_seed_runs(kind, name):
     pcfg = PlasticityConfig(**FAST[name])
+    if name == "injection":  # structure changes: only the one-after-the-other group (test below)
+        with pytest.raises(ConfigError, match="batch_seeds=false"):
+            (sac_seed_difference if kind == "sac" else ppo_seed_difference)(pcfg)
+        return
     difference = (sac_seed_difference if kind == "sac" else ppo_seed_difference)(pcfg)
     assert difference < 1e-5
 
@@ -567,3 +573,105 @@ def test_intervention_presets_compose(tmp_path):
     assert configs[("ppo", ("redo",))]["plasticity"]["redo"] == {"every": 100, "tau": 0.1}
     assert configs[("ppo", ("redo",))]["plasticity"]["coef"] == 1e-4
     assert configs[("sac", ("partial_reset",))]["plasticity"]["partial_reset"]["every"] == 2_560_000
+
+
+# -- plasticity injection -------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["sac", "ppo"])
+def test_injection_new_parameters_are_in_the_optimizer_and_train(kind):
+    torch.manual_seed(0)
+    pcfg = PlasticityConfig(name="l2", coef=1e-4, interventions=["injection"], injection={"at": 2, "layers": 2})
+    if kind == "sac":
+        agent = SACAgent(5, 3, SACConfig(hidden_sizes=(16, 16), replay_ratio=1, batch_size=16, fused=False,
+                                         num_critics=2), plasticity=pcfg)
+        nets = {"actor": agent.actor.net, "critic": agent.critic.net}
+        step = lambda i: agent.update(sac_batch(updates=1, seed=i))  # noqa: E731
+    else:
+        agent = PPOAgent(6, 2, PPOConfig(rollout_steps=16, num_minibatches=4, epochs=1, hidden_sizes=(16, 16)),
+                         plasticity=pcfg)
+        nets = {"actor": agent.actor, "critic": agent.critic}
+        data = np.random.default_rng(0)
+        step = lambda i: agent.update(_rollout(data, 16))  # noqa: E731
+    iv = agent.intervention("injection")
+    assert not agent.plasticity_draws_random()  # update 1 does not inject
+    step(0)  # SAC: update 1; PPO: updates 1-4 (injected after update 2, then trained twice)
+    assert iv.injected == (kind == "ppo")
+    if kind == "sac":
+        assert agent.plasticity_draws_random()  # update 2 injects: a fresh head is drawn
+        step(1)
+        assert iv.injected
+    heads = {n: (net.layers if hasattr(net, "layers") else net)[-1] for n, net in nets.items()}
+    opt_params = {id(p) for g in agent.optimizer.param_groups for p in g["params"]}
+    for n, head in heads.items():
+        assert all(p.requires_grad and id(p) in opt_params for p in head.fresh.parameters()), n
+        for frozen in (head.frozen, head.fresh_frozen):
+            assert not any(p.requires_grad or id(p) in opt_params for p in frozen.parameters()), n
+    frozen_before = {n: [p.detach().clone() for p in h.frozen.parameters()] for n, h in heads.items()}
+    for i in range(2, 6):
+        step(i)
+    for n, head in heads.items():
+        # θ' trains away from its frozen copy θ''; θ and θ'' stay where they were.
+        assert all(not torch.equal(p, q) for p, q in zip(head.fresh.parameters(), head.fresh_frozen.parameters())), n
+        assert all(torch.equal(p, q) for p, q in zip(head.frozen.parameters(), frozen_before[n])), n
+    if kind == "sac":  # the target critic has the injected head too, and follows the critic
+        target_head = agent.critic_target.net.layers[-1]
+        assert len(list(target_head.parameters())) == len(list(heads["critic"].parameters()))
+
+
+def test_injection_leaves_the_output_unchanged_at_injection():
+    """On the update it happens at, the networks' outputs before and after `inject()` agree."""
+    for kind in ("sac", "ppo"):
+        torch.manual_seed(0)
+        pcfg = PlasticityConfig(interventions=["injection"], injection={"at": 10, "layers": 2})
+        if kind == "sac":
+            agent = SACAgent(5, 3, SACConfig(hidden_sizes=(16, 16), layer_norm=True, num_critics=2, fused=False),
+                             plasticity=pcfg)
+            cases = [(agent.actor.net, (torch.randn(32, 5),)), (agent.critic.net, (torch.randn(32, 8),)),
+                     (agent.critic.net, (torch.randn(32, 8), True)), (agent.critic_target.net, (torch.randn(32, 8),))]
+        else:
+            agent = PPOAgent(6, 2, PPOConfig(hidden_sizes=(16, 16), layer_norm=True), plasticity=pcfg)
+            cases = [(agent.actor, (torch.randn(32, 6),)), (agent.critic, (torch.randn(32, 6),))]
+        before = [net(*args).detach() for net, args in cases]
+        torch.manual_seed(1)
+        agent.intervention("injection").inject()
+        after = [net(*args).detach() for net, args in cases]
+        for b, a in zip(before, after):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        n_before = sum(p.numel() for p in agent.actor.parameters())
+        assert n_before > 0
+
+
+def test_injection_refuses_what_it_cannot_do():
+    with pytest.raises(ConfigError, match="agent.fused=false"):
+        SACAgent(5, 3, SACConfig(hidden_sizes=(8,)), plasticity=PlasticityConfig(
+            interventions=["injection"], injection={"at": 5}))
+    with pytest.raises(ConfigError, match="injection.at must be set"):
+        PPOAgent(6, 2, PPOConfig(hidden_sizes=(8,)), plasticity=PlasticityConfig(interventions=["injection"]))
+    with pytest.raises(ConfigError, match="does not compose with 'redo'"):
+        PPOAgent(6, 2, PPOConfig(hidden_sizes=(8,)), plasticity=PlasticityConfig(
+            interventions=["redo", "injection"], injection={"at": 5}))
+
+
+@pytest.mark.parametrize("kind", ["sac", "ppo"])
+def test_injection_seeds_updated_in_turn_equal_single_seed_runs(kind):
+    from rl_plasticity.agents.seeds import SequentialGroup
+
+    pcfg = PlasticityConfig(**FAST["injection"])
+    if kind == "sac":
+        cfg, dims = SACConfig(hidden_sizes=(16, 16), replay_ratio=2, batch_size=16, fused=False), (5, 3)
+        agent_type, requests = SACAgent, [[sac_batch(seed=10 * i + s) for s in range(3)] for i in range(4)]
+    else:
+        cfg, dims = PPOConfig(rollout_steps=16, num_minibatches=4, epochs=1, hidden_sizes=(16, 16)), (6, 2)
+        data = np.random.default_rng(0)
+        agent_type, requests = PPOAgent, [[_rollout(data, 16) for _ in range(3)] for _ in range(3)]
+    single, single_rngs = _agents(cfg, pcfg, [3, 4, 5], agent_type, dims)
+    grouped, rngs = _agents(cfg, pcfg, [3, 4, 5], agent_type, dims)
+    group = SequentialGroup(grouped, rngs)
+    for reqs in requests:
+        group.update(reqs)
+        for agent, req, rng in zip(single, reqs, single_rngs):
+            with rng:
+                agent.update(req)
+    for a, b in zip(single, grouped):
+        assert a.intervention("injection").injected and b.intervention("injection").injected
+        for x, y in zip(a.actor.parameters(), b.actor.parameters()):
+            assert torch.equal(x, y)

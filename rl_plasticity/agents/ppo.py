@@ -189,6 +189,10 @@ class PPOAgent(PlasticityMixin):
     def plasticity_optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer]
 
+    def plasticity_structure_changed(self) -> None:
+        self.params = list(self.actor.parameters()) + list(self.critic.parameters()) + [self.log_std]
+        super().plasticity_structure_changed()
+
     def diagnostics(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Plasticity diagnostics on a probe of (normalised) observations."""
         return self.plasticity_diagnostics(obs.to(self.device))
@@ -314,6 +318,7 @@ class PPOAgent(PlasticityMixin):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.plasticity_prepare_load(state["plasticity"])
         self.actor.load_state_dict(state["actor"])
         self.critic.load_state_dict(state["critic"])
         with torch.no_grad():

@@ -147,6 +147,11 @@ class SACAgent(PlasticityMixin):
     def plasticity_targets(self) -> dict[str, torch.nn.Module]:
         return {"critic": self.critic_target.net}
 
+    def plasticity_structure_changed(self) -> None:
+        self._critic_params = list(self.critic.parameters())
+        self._target_params = list(self.critic_target.parameters())
+        super().plasticity_structure_changed()
+
     def plasticity_inputs(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         obs, action = batch
         return {"actor": obs, "critic": torch.cat([obs, action], dim=-1)}
@@ -288,6 +293,7 @@ class SACAgent(PlasticityMixin):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.plasticity_prepare_load(state["plasticity"])
         self.actor.load_state_dict(state["actor"])
         self.critic.load_state_dict(state["critic"])
         self.critic_target.load_state_dict(state["critic_target"])

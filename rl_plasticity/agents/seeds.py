@@ -114,6 +114,11 @@ class _StackedSeeds:
         if len(agents) < 1:
             raise ValueError(f"{type(self).__name__} needs at least one agent")
         self.agents = list(agents)
+        if any(a.intervention("injection") is not None for a in self.agents):
+            from rl_plasticity.config import ConfigError
+
+            raise ConfigError("plasticity injection changes the networks' structure, which batched seeds stack: "
+                              "use batch_seeds=false")
         self.rngs = list(rngs) if rngs is not None else [None] * len(self.agents)
         self._bound_actor: list[Any] = [None] * len(self.agents)  # to notice a reset's new networks
 

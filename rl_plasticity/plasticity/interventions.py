@@ -77,15 +77,28 @@ class ResetConfig:
         require(self.every >= 1, f"{prefix}.every must be >= 1, got {self.every}")
 
 
+@dataclasses.dataclass
+class InjectionConfig:
+    at: Optional[int] = None                         # the gradient update after which to inject
+    layers: int = 2                                  # the head: the last k linear layers
+    networks: tuple[str, ...] = ("actor", "critic")  # which registered networks
+
+    def check(self, prefix: str) -> None:
+        require(self.at is None or self.at >= 1, f"{prefix}.at must be >= 1 (a gradient update), got {self.at}")
+        require(self.layers >= 1, f"{prefix}.layers must be >= 1, got {self.layers}")
+        require(len(self.networks) >= 1, f"{prefix}.networks must name at least one network")
+
+
 CONFIG_TYPES: dict[str, type] = {"redo": ReDoConfig, "shrink_perturb": ShrinkPerturbConfig,
-                                 "partial_reset": PartialResetConfig, "reset": ResetConfig}
+                                 "partial_reset": PartialResetConfig, "reset": ResetConfig,
+                                 "injection": InjectionConfig}
 
 
 def intervention_config(name: str, node: Any) -> Any:
     """`plasticity.<name>` as its dataclass (a dict from the command line, or the dataclass)."""
     cls = CONFIG_TYPES[name]
     cfg = node if isinstance(node, cls) else from_node(cls, dict(node or {}), f"plasticity.{name}")
-    if isinstance(cfg, PartialResetConfig):
+    if isinstance(cfg, (PartialResetConfig, InjectionConfig)):
         cfg.networks = tuple(cfg.networks)
     cfg.check(f"plasticity.{name}")
     return cfg
@@ -470,9 +483,156 @@ class EffectiveRankStep(Intervention):
             opt.load_state_dict(s)
 
 
+class InjectedHead(nn.Module):
+    """h(z) = h_θ(z) + h_θ'(z) − h_θ''(z): the old head `frozen` (θ, no longer trained), a fresh head
+    `fresh` (θ', trained) and its frozen copy `fresh_frozen` (θ'' = θ' at injection), so the output
+    equals the old head's at injection.  `detached` is passed on to ensemble layers."""
+
+    def __init__(self, frozen: nn.Sequential, fresh: nn.Sequential, fresh_frozen: nn.Sequential):
+        super().__init__()
+        self.frozen, self.fresh, self.fresh_frozen = frozen, fresh, fresh_frozen
+
+    @staticmethod
+    def _run(head: nn.Sequential, z: torch.Tensor, detached: Optional[bool]) -> torch.Tensor:
+        for layer in head:
+            z = layer(z) if detached is None or isinstance(layer, nn.ReLU) else layer(z, detached)
+        return z
+
+    def forward(self, z: torch.Tensor, detached: Optional[bool] = None) -> torch.Tensor:
+        return (self._run(self.frozen, z, detached) + self._run(self.fresh, z, detached)
+                - self._run(self.fresh_frozen, z, detached))
+
+
+class PlasticityInjection(Intervention):
+    """Plasticity injection (Nikishin et al. 2023, "Deep RL with plasticity injection", §3, Eq. 1):
+    once, after update `at`, the head of each network in `networks` (its last `layers` linear layers
+    and what follows them) becomes h_θ(z) + h_θ'(z) − h_θ''(z) (`InjectedHead`): θ frozen, θ' drawn
+    fresh from the initial distribution and trained, θ'' a frozen copy of θ', so the output is
+    unchanged at injection and the earlier layers keep training through all three heads.  θ' is
+    added to the network's parameter group of each optimizer (fresh Adam state), θ and θ'' leave
+    it; a target copy (SAC's critic) gets the same head (its own old head frozen, the same θ', θ'').
+    Defaults: the last two linear layers (the paper injects into the head), actor and critic;
+    `at` must be set (the paper injects once, a quarter into training on Atari).
+
+    It changes the networks' structure, so it needs the autograd update paths: SAC with
+    agent.fused=false, several seeds with batch_seeds=false; and it composes with regularizers
+    and full resets, not with the unit-level interventions (cbp, redo, partial_reset,
+    shrink_perturb, er_step), whose layer walk would mix the three heads."""
+
+    name = "injection"
+    INCOMPATIBLE = ("cbp", "redo", "partial_reset", "shrink_perturb", "er_step")
+
+    def attach(self, networks):
+        if self.cfg.at is None:
+            raise ConfigError("plasticity.injection.at must be set: the gradient update after which to inject")
+        clash = [n for n in self.host.plasticity_cfg.interventions if n in self.INCOMPATIBLE]
+        if clash:
+            raise ConfigError(f"plasticity injection does not compose with '{clash[0]}' (it changes the networks' "
+                              f"structure); it composes with any regularizer and full resets")
+        if getattr(getattr(self.host, "cfg", None), "fused", False):
+            raise ConfigError("plasticity injection changes the networks' structure: it needs agent.fused=false")
+        unknown = [n for n in self.cfg.networks if n not in networks]
+        if unknown:
+            raise ConfigError(f"plasticity.injection.networks: unknown network '{unknown[0]}'. "
+                              f"Valid choices: {', '.join(networks)}")
+        self.injected = getattr(self, "injected", False) and all(
+            isinstance(self._sequence(networks[n])[-1], InjectedHead) for n in self.cfg.networks)
+
+    def due(self, update):
+        return not self.injected and update == self.cfg.at
+
+    def draws_random(self, next_update):
+        return self.due(next_update)
+
+    @staticmethod
+    def _sequence(network: nn.Module) -> nn.Sequential:
+        seq = network.layers if hasattr(network, "layers") and isinstance(network.layers, nn.Sequential) else network
+        if not isinstance(seq, nn.Sequential):
+            raise ConfigError(f"plasticity injection needs an nn.Sequential network (or one with .layers), "
+                              f"got {type(network).__name__}")
+        return seq
+
+    def _split(self, seq: nn.Sequential) -> int:
+        linears = [i for i, m in enumerate(seq) if m in linear_layers(seq)]
+        if len(linears) < self.cfg.layers:
+            raise ConfigError(f"plasticity.injection.layers={self.cfg.layers}: the network has {len(linears)} linear layers")
+        return linears[-self.cfg.layers]
+
+    @staticmethod
+    @torch.no_grad()
+    def _fresh_copy(head: nn.Sequential) -> nn.Sequential:
+        fresh = __import__("copy").deepcopy(head)
+        for m in fresh.modules():
+            if isinstance(m, _NORM):
+                if m.weight is not None:
+                    m.weight.fill_(1.0)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif m in linear_layers(fresh):
+                m.weight.copy_(fresh_weight(m))
+                if m.bias is not None:
+                    m.bias.copy_(fresh_bias(m))
+        return fresh
+
+    @torch.no_grad()
+    def inject(self) -> None:
+        import copy as _copy
+
+        nets = self.host._plasticity_networks
+        targets = self.host.plasticity_targets()
+        optimizers = self.host.plasticity_optimizers()
+        for name in self.cfg.networks:
+            seq = self._sequence(nets[name])
+            i = self._split(seq)
+            old = nn.Sequential(*list(seq)[i:])
+            fresh = self._fresh_copy(old)
+            fresh_frozen = _copy.deepcopy(fresh)
+            old.requires_grad_(False)
+            fresh_frozen.requires_grad_(False)
+            head = InjectedHead(old, fresh, fresh_frozen)
+            # The optimizer: θ' joins the group that held θ; θ and θ'' leave it.
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    ids = {id(p) for p in old.parameters()}
+                    if any(id(p) in ids for p in group["params"]):
+                        group["params"] = [p for p in group["params"] if id(p) not in ids] + list(fresh.parameters())
+                        for p in old.parameters():
+                            opt.state.pop(p, None)
+            del seq[i:]
+            seq.append(head)
+            target = targets.get(name)
+            if target is not None:
+                tseq = self._sequence(target)
+                t_old = nn.Sequential(*list(tseq)[i:])
+                t_old.requires_grad_(False)
+                del tseq[i:]
+                tseq.append(InjectedHead(t_old, _copy.deepcopy(fresh).requires_grad_(False),
+                                         _copy.deepcopy(fresh_frozen)))
+        self.injected = True
+        self.host.plasticity_structure_changed()
+
+    def after_update(self, update, inputs):
+        self.inject()
+        return {"injected": 1.0}
+
+    def prepare_load(self, state: Mapping[str, Any]) -> None:
+        """Before a checkpoint's networks load: inject if the saved run had (values are then overwritten)."""
+        if state.get("injected") and not self.injected:
+            self.inject()
+
+    def state_dict(self):
+        return {"injected": self.injected}
+
+    def load_state_dict(self, state):
+        self.injected = bool(state.get("injected", False))
+
+    def diagnostics(self):
+        return {n: {"injected": float(self.injected)} for n in self.cfg.networks}
+
+
 INTERVENTIONS: dict[str, type[Intervention]] = {
-    cls.name: cls for cls in (ContinualBackpropIntervention, EffectiveRankStep, FullReset, PartialReset, ReDo,
-                              ShrinkPerturb)}
+    cls.name: cls for cls in (ContinualBackpropIntervention, EffectiveRankStep, FullReset, PartialReset,
+                              PlasticityInjection, ReDo, ShrinkPerturb)}
 
 
 def check_names(names: Any) -> tuple[str, ...]:

@@ -133,6 +133,7 @@ class PlasticityConfig:
     shrink_perturb: Any = None
     partial_reset: Any = None
     reset: Any = None
+    injection: Any = None
 
     def __post_init__(self) -> None:
         if self.name not in REGULARIZERS:
@@ -452,8 +453,21 @@ class PlasticityMixin:
         return []
 
     def plasticity_targets(self) -> dict[str, nn.Module]:
-        """{network: its target copy (same structure)}: what partial resets also set."""
+        """{network: its target copy (same structure)}: what partial resets and injection also change."""
         return {}
+
+    def plasticity_structure_changed(self) -> None:
+        """An intervention (plasticity injection) changed the networks' modules: the agent refreshes
+        what it derived from them (parameter lists), then the networks are registered again."""
+        self.register_networks(self._plasticity_networks)
+
+    def plasticity_prepare_load(self, state: Mapping[str, Any]) -> None:
+        """Before a checkpoint's networks load: interventions that change structure (injection)
+        rebuild it as saved."""
+        saved = state.get("interventions", {})
+        for iv in self.interventions:
+            if hasattr(iv, "prepare_load") and iv.name in saved:
+                iv.prepare_load(saved[iv.name])
 
     def curvature_losses(self, probe: Any, seed: int) -> dict[str, tuple[nn.Module, Any, dict[str, torch.Tensor]]]:
         """{network: (module, loss(forward, data) -> per-sample losses, data)}: each registered
