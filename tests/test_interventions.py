@@ -358,7 +358,7 @@ def test_adam_element_steps_match_an_adam_with_a_step_per_element():
 
 # -- composition, config, checkpoints, seeds ------------------------------------------------------
 def test_unknown_intervention_names_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown intervention 'foo'.*Valid choices: cbp, er_step, partial_reset, "
+    with pytest.raises(ConfigError, match=r"unknown intervention 'foo'.*Valid choices: cbp, er_step, injection, partial_reset, "
                                           r"redo, reset, shrink_perturb"):
         PlasticityConfig(name="spectral", interventions=["redo", "foo"])
     with pytest.raises(ConfigError, match="plasticity.redo.tau must be >= 0"):

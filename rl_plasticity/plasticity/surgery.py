@@ -18,7 +18,7 @@ which is torch's Adam formula (ε outside the bias-corrected √v̂) with the el
 puts ε inside: lr·√(1−β₂^s)/(1−β₁^s) · m / (√v + ε); the two differ only in where ε enters,
 and torch's form keeps untouched entries identical to the agents' torch Adam.)  Once every
 re-initialised entry of a tensor is old enough that β₁^s and β₂^s vanish in float64 (< 1e-16),
-the tensor is no longer tracked.
+the entry is no longer tracked.
 """
 from __future__ import annotations
 
@@ -133,13 +133,14 @@ class AdamElementSteps:
 
     `reset(param, mask)` clears the moments of `param`'s entries under `mask` in every optimizer
     holding it and starts their step count again; `before_step()` / `after_step()` go around each
-    optimizer step.  Tracked tensors hold the step t₀ at which each entry was reset (0: never)."""
+    optimizer step.  Only the re-initialised entries are tracked (flat indices and the optimizer
+    step t₀ at their reset), so the correction costs in proportion to them, not to the tensor."""
 
     HORIZON_EPS = 1e-16
 
     def __init__(self, optimizers: Iterable[torch.optim.Optimizer]):
         self.optimizers = list(optimizers)
-        self.born: dict[torch.Tensor, torch.Tensor] = {}  # param -> float64 step of its entries' reset
+        self.tracked: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}  # param -> (flat index, t₀)
         self._before: dict[torch.Tensor, torch.Tensor] = {}
 
     def _owners(self, param: torch.Tensor) -> list[tuple[torch.optim.Optimizer, dict[str, Any]]]:
@@ -149,6 +150,12 @@ class AdamElementSteps:
                 if any(p is param for p in group["params"]):
                     out.append((opt, group))
         return out
+
+    @staticmethod
+    def _flat(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_contiguous():
+            raise ValueError("per-element Adam steps need contiguous parameters")
+        return t.view(-1)
 
     @torch.no_grad()
     def reset(self, param: torch.Tensor, mask: torch.Tensor) -> None:
@@ -163,12 +170,13 @@ class AdamElementSteps:
             if "exp_avg" in state and isinstance(opt, torch.optim.Adam):
                 if group.get("amsgrad") or group.get("weight_decay", 0.0) != 0.0 or group.get("maximize"):
                     raise ValueError("per-element Adam steps cover Adam without amsgrad, weight decay or maximize")
-                step = float(state["step"])
-                born = self.born.get(param)
-                if born is None:
-                    born = torch.zeros(param.shape, dtype=torch.float64, device=param.device)
-                    self.born[param] = born
-                born.masked_fill_(mask, step)
+                born = torch.zeros(param.numel(), dtype=torch.float64, device=param.device)
+                if param in self.tracked:
+                    index, t0 = self.tracked[param]
+                    born[index] = t0
+                born.masked_fill_(mask.reshape(-1), float(state["step"]))
+                index = (born > 0).nonzero().flatten()
+                self.tracked[param] = (index, born[index])
 
     @torch.no_grad()
     def reset_whole(self, param: torch.Tensor) -> None:
@@ -186,35 +194,37 @@ class AdamElementSteps:
                     state["step"].zero_()
                 else:
                     state["step"] = 0
-        self.born.pop(param, None)
+        self.tracked.pop(param, None)
 
     @torch.no_grad()
     def before_step(self) -> None:
-        self._before = {p: p.detach().clone() for p in self.born}
+        self._before = {p: self._flat(p.detach())[index].clone() for p, (index, _) in self.tracked.items()}
 
     @torch.no_grad()
     def after_step(self) -> None:
         if not self._before:
             return
         for param, before in self._before.items():
+            index, t0 = self.tracked[param]
             for opt, group in self._owners(param):
                 state = opt.state.get(param)
                 if not state or "exp_avg" not in state:
                     continue
-                born = self.born[param]
-                mask = born > 0
                 t = float(state["step"])
                 beta1, beta2 = group["betas"]
-                s = (t - born).clamp_min(1.0)
+                s = t - t0
                 bc1 = (1.0 - torch.pow(beta1, s)).to(param.dtype)
                 bc2_sqrt = (1.0 - torch.pow(beta2, s)).sqrt().to(param.dtype)
-                lr = float(group["lr"])
-                denom = state["exp_avg_sq"].sqrt() / bc2_sqrt + group["eps"]
-                corrected = before - (lr / bc1) * state["exp_avg"] / denom
-                param.copy_(torch.where(mask, corrected, param))
-                youngest = float((t - born[mask]).min()) if bool(mask.any()) else math.inf
-                if max(beta1, beta2) ** youngest < self.HORIZON_EPS:
-                    del self.born[param]
+                m = self._flat(state["exp_avg"])[index]
+                v = self._flat(state["exp_avg_sq"])[index]
+                corrected = before - (float(group["lr"]) / bc1) * m / (v.sqrt() / bc2_sqrt + group["eps"])
+                self._flat(param.data).index_copy_(0, index, corrected)
+                young = max(beta1, beta2) ** s >= self.HORIZON_EPS
+                if not bool(young.all()):
+                    if bool(young.any()):
+                        self.tracked[param] = (index[young], t0[young])
+                    else:
+                        del self.tracked[param]
         self._before = {}
 
     # -- checkpointing: entries keyed by optimizer index and parameter index within it ----------
@@ -226,10 +236,13 @@ class AdamElementSteps:
                 keys[f"{i}.{j}"] = p
         return keys
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         by_param = {id(p): k for k, p in self._index().items()}
-        return {by_param[id(p)]: born.clone() for p, born in self.born.items()}
+        return {by_param[id(p)]: {"index": index.clone(), "step": t0.clone()}
+                for p, (index, t0) in self.tracked.items()}
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        index = self._index()
-        self.born = {index[k]: v.to(index[k].device, torch.float64).clone() for k, v in state.items()}
+    def load_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        params = self._index()
+        self.tracked = {params[k]: (v["index"].to(params[k].device).clone(),
+                                    v["step"].to(params[k].device, torch.float64).clone())
+                        for k, v in state.items()}
