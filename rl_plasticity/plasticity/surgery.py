@@ -9,16 +9,14 @@ et al. 2024 (github.com/shibhansh/loss-of-plasticity, `lop/utils/AdamGnT.py`) ke
 entry re-initialised at optimizer step t₀ takes, at step t, the update of an Adam that started at
 t₀ (bias corrections 1 − β^{t−t₀}, moments cleared at t₀), while every other entry keeps torch's
 own update bitwise.  torch's Adam has one step per tensor, so the correction is applied around
-the optimizer step: `before_step()` keeps the tracked tensors' values, `after_step()` rewrites
-their re-initialised entries as
+the optimizer step: `before_step()` keeps the re-initialised entries' values, `after_step()`
+rewrites them as
 
     θ ← θ_before − lr / (1 − β₁^s) · m / (√v / √(1 − β₂^s) + ε),   s = t − t₀,
 
 which is torch's Adam formula (ε outside the bias-corrected √v̂) with the element's own s.  (AdamGnT
 puts ε inside: lr·√(1−β₂^s)/(1−β₁^s) · m / (√v + ε); the two differ only in where ε enters,
-and torch's form keeps untouched entries identical to the agents' torch Adam.)  Once every
-re-initialised entry of a tensor is old enough that β₁^s and β₂^s vanish in float64 (< 1e-16),
-the entry is no longer tracked.
+and torch's form keeps untouched entries identical to the agents' torch Adam.)
 """
 from __future__ import annotations
 
@@ -134,14 +132,17 @@ class AdamElementSteps:
     `reset(param, mask)` clears the moments of `param`'s entries under `mask` in every optimizer
     holding it and starts their step count again; `before_step()` / `after_step()` go around each
     optimizer step.  Only the re-initialised entries are tracked (flat indices and the optimizer
-    step t₀ at their reset), so the correction costs in proportion to them, not to the tensor."""
+    step t₀ of their reset), so the correction costs in proportion to them, not to the tensor.  An
+    entry leaves once β^s < 2⁻²⁵ for both betas: from then on 1 − β^s is 1 in float32 for its own
+    s and for the tensor's t alike, so torch's update is the per-element one to float32 rounding."""
 
-    HORIZON_EPS = 1e-16
+    HORIZON_EPS = 2.0 ** -25
 
     def __init__(self, optimizers: Iterable[torch.optim.Optimizer]):
         self.optimizers = list(optimizers)
         self.tracked: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}  # param -> (flat index, t₀)
-        self._before: dict[torch.Tensor, torch.Tensor] = {}
+        self._before: dict[torch.Tensor, tuple[torch.Tensor, float]] = {}
+        self._owner_cache: dict[torch.Tensor, Any] = {}
 
     def _owners(self, param: torch.Tensor) -> list[tuple[torch.optim.Optimizer, dict[str, Any]]]:
         out = []
@@ -170,13 +171,14 @@ class AdamElementSteps:
             if "exp_avg" in state and isinstance(opt, torch.optim.Adam):
                 if group.get("amsgrad") or group.get("weight_decay", 0.0) != 0.0 or group.get("maximize"):
                     raise ValueError("per-element Adam steps cover Adam without amsgrad, weight decay or maximize")
-                born = torch.zeros(param.numel(), dtype=torch.float64, device=param.device)
+                born = torch.full((param.numel(),), -1.0, dtype=torch.float64, device=param.device)
                 if param in self.tracked:
                     index, t0 = self.tracked[param]
                     born[index] = t0
                 born.masked_fill_(mask.reshape(-1), float(state["step"]))
-                index = (born > 0).nonzero().flatten()
+                index = (born >= 0).nonzero().flatten()
                 self.tracked[param] = (index, born[index])
+                self._owner_cache.pop(param, None)
 
     @torch.no_grad()
     def reset_whole(self, param: torch.Tensor) -> None:
@@ -195,36 +197,48 @@ class AdamElementSteps:
                 else:
                     state["step"] = 0
         self.tracked.pop(param, None)
+        self._owner_cache.pop(param, None)
+
+    def _adam_state(self, param: torch.Tensor) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
+        """(state, param group) of the Adam holding `param` (cached per tracked tensor)."""
+        if param not in self._owner_cache:
+            found = None
+            for opt, group in self._owners(param):
+                if isinstance(opt, torch.optim.Adam) and opt.state.get(param):
+                    found = (opt.state[param], group)
+            self._owner_cache[param] = found
+        return self._owner_cache[param]
 
     @torch.no_grad()
     def before_step(self) -> None:
-        self._before = {p: self._flat(p.detach())[index].clone() for p, (index, _) in self.tracked.items()}
+        self._before = {}
+        for p, (index, _) in self.tracked.items():
+            owner = self._adam_state(p)
+            if owner is not None:
+                self._before[p] = (self._flat(p.detach())[index], float(owner[0]["step"]))
 
     @torch.no_grad()
     def after_step(self) -> None:
         if not self._before:
             return
-        for param, before in self._before.items():
+        for param, (before, step_before) in self._before.items():
+            state, group = self._adam_state(param)
+            t = float(state["step"])
+            if t == step_before:
+                continue  # the optimizer did not step this tensor (no gradient)
             index, t0 = self.tracked[param]
-            for opt, group in self._owners(param):
-                state = opt.state.get(param)
-                if not state or "exp_avg" not in state:
-                    continue
-                t = float(state["step"])
-                beta1, beta2 = group["betas"]
-                s = t - t0
-                bc1 = (1.0 - torch.pow(beta1, s)).to(param.dtype)
-                bc2_sqrt = (1.0 - torch.pow(beta2, s)).sqrt().to(param.dtype)
-                m = self._flat(state["exp_avg"])[index]
-                v = self._flat(state["exp_avg_sq"])[index]
-                corrected = before - (float(group["lr"]) / bc1) * m / (v.sqrt() / bc2_sqrt + group["eps"])
-                self._flat(param.data).index_copy_(0, index, corrected)
-                young = max(beta1, beta2) ** s >= self.HORIZON_EPS
-                if not bool(young.all()):
-                    if bool(young.any()):
-                        self.tracked[param] = (index[young], t0[young])
-                    else:
-                        del self.tracked[param]
+            beta1, beta2 = group["betas"]
+            s = (t - t0).to(param.dtype)
+            step_size = float(group["lr"]) / (1.0 - torch.pow(beta1, s))
+            bc2_sqrt = (1.0 - torch.pow(beta2, s)).sqrt()
+            m, v = self._flat(state["exp_avg"])[index], self._flat(state["exp_avg_sq"])[index]
+            self._flat(param.data).index_copy_(0, index, before - step_size * m / (v.sqrt() / bc2_sqrt + group["eps"]))
+            if max(beta1, beta2) ** float(t - t0.min()) < self.HORIZON_EPS:  # some are old enough: drop them
+                young = torch.pow(max(beta1, beta2), t - t0) >= self.HORIZON_EPS
+                if bool(young.any()):
+                    self.tracked[param] = (index[young], t0[young])
+                else:
+                    del self.tracked[param]
         self._before = {}
 
     # -- checkpointing: entries keyed by optimizer index and parameter index within it ----------
@@ -238,11 +252,11 @@ class AdamElementSteps:
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         by_param = {id(p): k for k, p in self._index().items()}
-        return {by_param[id(p)]: {"index": index.clone(), "step": t0.clone()}
-                for p, (index, t0) in self.tracked.items()}
+        return {by_param[id(p)]: {"index": index.clone(), "step": t0.clone()} for p, (index, t0) in self.tracked.items()}
 
     def load_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         params = self._index()
+        self._owner_cache = {}
         self.tracked = {params[k]: (v["index"].to(params[k].device).clone(),
                                     v["step"].to(params[k].device, torch.float64).clone())
                         for k, v in state.items()}
