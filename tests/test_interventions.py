@@ -675,3 +675,13 @@ def test_injection_seeds_updated_in_turn_equal_single_seed_runs(kind):
         assert a.intervention("injection").injected and b.intervention("injection").injected
         for x, y in zip(a.actor.parameters(), b.actor.parameters()):
             assert torch.equal(x, y)
+
+
+def test_report_labels_name_the_interventions():
+    from rl_plasticity.report import base_label
+
+    config = {"agent.name": "sac", "agent.layer_norm": True, "plasticity.name": "spectral",
+              "plasticity.interventions": ["redo", "shrink_perturb"]}
+    assert base_label(config) == "sac+LN+spectral+redo+shrink_perturb"
+    assert base_label({"agent.name": "ppo", "plasticity.name": "cbp_l2", "plasticity.cbp": True,
+                       "plasticity.interventions": ["cbp"]}) == "ppo+cbp_l2"

@@ -511,6 +511,8 @@ class PlasticityInjection(Intervention):
     unchanged at injection and the earlier layers keep training through all three heads.  θ' is
     added to the network's parameter group of each optimizer (fresh Adam state), θ and θ'' leave
     it; a target copy (SAC's critic) gets the same head (its own old head frozen, the same θ', θ'').
+    The networks are then registered again, so regularizer state restarts there (θ₀ of l2_init and
+    wasserstein becomes the injected network, spectral's power-iteration vectors are drawn anew).
     Defaults: the last two linear layers (the paper injects into the head), actor and critic;
     `at` must be set (the paper injects once, a quarter into training on Atari).
 
