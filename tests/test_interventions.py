@@ -685,3 +685,40 @@ def test_report_labels_name_the_interventions():
     assert base_label(config) == "sac+LN+spectral+redo+shrink_perturb"
     assert base_label({"agent.name": "ppo", "plasticity.name": "cbp_l2", "plasticity.cbp": True,
                        "plasticity.interventions": ["cbp"]}) == "ppo+cbp_l2"
+
+
+# Checkpoints written by the code before interventions.py (main at ee9d50b), with the commands below.
+OLD_RUNS = {
+    "pre_interventions_ppo_cbp_l2.pt": (
+        ["agent=ppo", "env=slippery-ant", "env.change_every=100", "plasticity=cbp_l2", "plasticity.cbp_maturity=2",
+         "plasticity.cbp_replacement_rate=0.1", "agent.rollout_steps=64", "agent.num_minibatches=4", "agent.epochs=1",
+         "agent.hidden_sizes=[8,8]", "eval.episodes=0", "log.every=64", "checkpoint.every=64"], 128, 256),
+    "pre_interventions_sac_l2_er_reset.pt": (
+        ["env=gym", "env.id=Pendulum-v1", "plasticity=l2_er", "plasticity.er_batch=8", "agent.reset_interval=30",
+         "agent.prefill_steps=20", "agent.replay_ratio=1", "agent.batch_size=8", "agent.hidden_sizes=[8,8]",
+         "eval.episodes=0", "log.every=20", "checkpoint.every=40", "checkpoint.save_replay=true"], 40, 80),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OLD_RUNS))
+def test_a_run_written_before_interventions_resumes(name, tmp_path):
+    from pathlib import Path
+
+    args, step, total = OLD_RUNS[name]
+    old = torch.load(Path(__file__).parent / "data" / name, weights_only=True)
+    assert "interventions" not in old["agent"]["plasticity"] and old["step"] == step
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / f"step_{step:09d}.pt").write_bytes((Path(__file__).parent / "data" / name).read_bytes())
+    result = train(*args, f"total_steps={total}", f"run_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    new = torch.load(sorted((tmp_path / "checkpoints").glob("*.pt"))[-1], weights_only=True)
+    assert new["step"] == total
+    pl, old_pl = new["agent"]["plasticity"], old["agent"]["plasticity"]
+    assert pl["updates"] > old_pl["updates"]
+    if "cbp" in name:  # CBP's counters continued from the old ones
+        assert pl["interventions"]["cbp"]["actor"]["replaced_total"] >= old_pl["cbp"]["actor"]["replaced_total"] > 0
+    else:  # the ER optimizers' and the resets' state continued
+        # 21 updates before, 61 after: the resets at updates 30 and 60 happened, on the old schedule
+        assert old_pl["updates"] == 21 and old_pl["reset_count"] == 0
+        assert pl["updates"] == 61 and pl["reset_count"] == 2
+        assert set(pl["interventions"]) == {"er_step", "reset"}
