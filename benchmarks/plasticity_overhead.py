@@ -11,8 +11,8 @@ plasticity/interventions.py at their default periods: `redo` (every 1000 updates
 `partial_reset` (every 200,000), `shrink_perturb` (every 2,560,000, the sac_shrink_perturb
 preset; its default acts only at task changes): each costs the time of one call spread over its
 period plus, measured in alternating rounds, what it adds to every update in between (the
-per-element Adam step correction of the entries ReDo re-initialised; measured after one call
-with τ = 0.1 so that some entries are tracked); and `injection` (once; afterwards every update runs
+per-element Adam step correction of the entries re-initialised by the calls at the default τ;
+and, separately, the correction's cost per update with many entries tracked, τ = 0.5); and `injection` (once; afterwards every update runs
 three heads on the autograd path, agent.fused=false, so its ratio is against `none` on that path
 too).  Also times one diagnostics
 call on a 256-sample probe batch and reports its share at the default frequency
@@ -133,12 +133,9 @@ def main() -> None:
             continue
         if name in PERIODIC:
             every = PERIODIC[name]
-            if name == "redo":  # some entries tracked by the per-element Adam steps, as after a real call
-                agent.intervention("redo").cfg.tau = 0.1
             seconds = statistics.median(call_seconds(agent, name, batch) for _ in range(3))
-            if name == "redo":
-                agent.intervention("redo").cfg.tau = 0.025
-            tracked = sum(int(i.numel()) for i, _ in agent.plasticity_element_steps.tracked.values())
+            steps = agent.plasticity_element_steps
+            tracked = sum(int(i.numel()) for i, _ in steps.tracked.values())
             ratios, t_base, t_iv = alternate(base, agent, batch, args.rounds, args.calls)
             between = 100 * (statistics.median(ratios) - 1)
             spread = 100 * seconds / (every * statistics.median(t_base))
@@ -146,6 +143,19 @@ def main() -> None:
             print(f"{name:14s} one call {1e3 * seconds:.1f} ms every {every} updates = {spread:+.4f}%; between calls "
                   f"{between:+.1f}% ({tracked} entries on per-element Adam steps; rounds "
                   f"{min(ratios):.2f}-{max(ratios):.2f}x); overhead {results[name]:+.1f}%", flush=True)
+            if name == "redo":  # the correction's cost per tracked entry, with many tracked (τ = 0.5)
+                agent.intervention("redo").cfg.tau = 0.5
+                call_seconds(agent, name, batch, repeats=1)
+                tracked = sum(int(i.numel()) for i, _ in steps.tracked.values())
+                start = time.perf_counter()
+                for _ in range(20):
+                    steps.before_step()
+                    for p in steps.tracked:
+                        agent.optimizer.state[p]["step"] += 1
+                    steps.after_step()
+                per = (time.perf_counter() - start) / 20
+                print(f"{'':14s} per-element Adam correction: {1e3 * per:.2f} ms per update for {tracked} tracked entries "
+                      f"= {100 * per / statistics.median(t_base):.1f}% of an update", flush=True)
             continue
         if name == "injection":
             seconds = call_seconds(agent, name, batch, repeats=1)
