@@ -200,6 +200,9 @@ NETWORK_CHARTS = (
     ("dormant and dead fractions of hidden units", ("dormant_fraction", "dead_fraction")),
     ("dead units (count)", ("dead_units",)),
     ("units replaced by CBP (count)", ("cbp_replaced",)),
+    ("units recycled by ReDo (count)", ("redo_recycled",)),
+    ("shrink-and-perturb and partial-reset applications (count)", ("shrink_perturb_count", "partial_resets")),
+    ("plasticity injected (0 or 1)", ("injected",)),
 )
 ENV_TITLES = {"env/friction": "ground friction (Slippery Ant)", "env/task": "task index (continual DMC)"}
 VALUE_TITLES = {"q_mean": "mean Q on the batch", "alpha": "temperature α", "entropy": "policy entropy −log π",

@@ -9,7 +9,9 @@ from tests.test_cli import read_events
 
 NETWORK_UNITS = {"spectral_norm_max": "σ₁", "spectral_norm_mean": "σ₁", "param_norm": "‖θ‖", "grad_norm": "‖∇θ‖",
                  "distance_from_init": "‖θ − θ₀‖", "feature_effective_rank": "rank", "dormant_fraction": "fraction",
-                 "dead_fraction": "fraction", "dead_units": "units", "cbp_replaced": "replaced units"}
+                 "dead_fraction": "fraction", "dead_units": "units", "cbp_replaced": "replaced units",
+                 "redo_recycled": "recycled units", "shrink_perturb_count": "applications",
+                 "partial_resets": "applications", "injected": "flag"}
 SAC = dict(networks=["critic", "actor"])
 PPO = dict(networks=["policy", "value"], losses=("policy", "value", "entropy", "approx_kl", "clip_fraction", "plasticity"),
            values=("log_std",), env_tags=("env/friction",))
