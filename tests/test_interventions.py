@@ -15,7 +15,7 @@ from rl_plasticity.agents.seeds import PPOSeedGroup, SACSeedGroup
 from rl_plasticity.buffers import Batch
 from rl_plasticity.config import ConfigError
 from rl_plasticity.plasticity.cbp import ContinualBackprop
-from rl_plasticity.plasticity.interventions import INTERVENTIONS, ReDo, ShrinkPerturb
+from rl_plasticity.plasticity.interventions import INTERVENTIONS, ReDo
 from rl_plasticity.plasticity.layers import FeatureRecorder
 from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
 from rl_plasticity.plasticity.surgery import AdamElementSteps, fresh_bias

@@ -17,15 +17,15 @@ section and defaults, and its hyper-parameters are the dataclass `cfg_type` unde
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-import math
 from typing import Any, ClassVar, Mapping, Optional
 
 import torch
 from torch import nn
 
 from rl_plasticity.agents.fused import adam_step_many
-from rl_plasticity.agents.networks import EnsembleLayerNorm, fresh_weight
+from rl_plasticity.agents.networks import fresh_weight
 from rl_plasticity.config import ConfigError, from_node, require
 from rl_plasticity.plasticity.cbp import ContinualBackprop, reinit_units
 from rl_plasticity.plasticity.effective_rank import layer_effective_ranks
@@ -472,8 +472,6 @@ class EffectiveRankStep(Intervention):
         return {n: o.state_dict() for n, o in self.optimizers.items()}
 
     def load_state_dict(self, state):
-        import copy
-
         for n, s in state.items():
             opt = self.optimizers[n]
             s = copy.deepcopy(s)
@@ -563,7 +561,7 @@ class PlasticityInjection(Intervention):
     @staticmethod
     @torch.no_grad()
     def _fresh_copy(head: nn.Sequential) -> nn.Sequential:
-        fresh = __import__("copy").deepcopy(head)
+        fresh = copy.deepcopy(head)
         for m in fresh.modules():
             if isinstance(m, _NORM):
                 if m.weight is not None:
@@ -578,8 +576,6 @@ class PlasticityInjection(Intervention):
 
     @torch.no_grad()
     def inject(self) -> None:
-        import copy as _copy
-
         nets = self.host._plasticity_networks
         targets = self.host.plasticity_targets()
         optimizers = self.host.plasticity_optimizers()
@@ -588,7 +584,7 @@ class PlasticityInjection(Intervention):
             i = self._split(seq)
             old = nn.Sequential(*list(seq)[i:])
             fresh = self._fresh_copy(old)
-            fresh_frozen = _copy.deepcopy(fresh)
+            fresh_frozen = copy.deepcopy(fresh)
             old.requires_grad_(False)
             fresh_frozen.requires_grad_(False)
             head = InjectedHead(old, fresh, fresh_frozen)
@@ -608,8 +604,8 @@ class PlasticityInjection(Intervention):
                 t_old = nn.Sequential(*list(tseq)[i:])
                 t_old.requires_grad_(False)
                 del tseq[i:]
-                tseq.append(InjectedHead(t_old, _copy.deepcopy(fresh).requires_grad_(False),
-                                         _copy.deepcopy(fresh_frozen)))
+                tseq.append(InjectedHead(t_old, copy.deepcopy(fresh).requires_grad_(False),
+                                         copy.deepcopy(fresh_frozen)))
         self.injected = True
         self.host.plasticity_structure_changed()
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from rl_plasticity.agents.networks import EnsembleLayerNorm, EnsembleLinear, fresh_weight
+from rl_plasticity.agents.networks import EnsembleLayerNorm, EnsembleLinear
 
 _LINEAR = (nn.Linear, EnsembleLinear)
 _NORM = (nn.LayerNorm, EnsembleLayerNorm)
