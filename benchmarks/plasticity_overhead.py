@@ -6,7 +6,15 @@ update as a percentage (median of per-round ratios).  Methods are the regularize
 defaults (coefficient 1e-4, `er` and `l2_er` with the presets' ER learning rates, er_batch 128,
 er_step 1), continual backprop (`cbp`: replacement rate 1e-4, maturity 10,000, utilities every
 update) and `reset` (a full reset every 2,560,000 updates, the `sac_reset` preset: its cost is
-the time of one `reset_networks()` spread over that many updates).  Also times one diagnostics
+the time of one `reset_networks()` spread over that many updates), and the interventions of
+plasticity/interventions.py at their default periods: `redo` (every 1000 updates, τ 0.025),
+`partial_reset` (every 200,000), `shrink_perturb` (every 2,560,000, the sac_shrink_perturb
+preset; its default acts only at task changes): each costs the time of one call spread over its
+period plus, measured in alternating rounds, what it adds to every update in between (the
+per-element Adam step correction of the entries re-initialised by the calls at the default τ;
+and, separately, the correction's cost per update with many entries tracked, τ = 0.5); and `injection` (once; afterwards every update runs
+three heads on the autograd path, agent.fused=false, so its ratio is against `none` on that path
+too).  Also times one diagnostics
 call on a 256-sample probe batch and reports its share at the default frequency
 (`plasticity.log_every` = 16,000 updates), and one curvature measurement (plasticity/curvature.py
 at the default curvature_* keys, on both networks) with the smallest `plasticity.curvature_every`
@@ -34,17 +42,43 @@ from rl_plasticity.plasticity.mixin import PlasticityConfig
 OBS, ACT = 17, 6  # cheetah-run
 ER = {"er": 1e-7, "l2_er": 1e-6}
 RESET_INTERVAL = 2_560_000  # configs/experiment/sac_reset.yaml
+PERIODIC = {"redo": 1000, "partial_reset": 200_000, "shrink_perturb": 2_560_000}  # default periods (updates)
 
 
-def make(name: str) -> SACAgent:
+def make(name: str, fused: bool = True) -> SACAgent:
     if name == "cbp":
         cfg = PlasticityConfig(name="cbp", cbp=True)
+    elif name in PERIODIC:  # called by hand in the benchmark, never by the agent while timed
+        cfg = PlasticityConfig(interventions=[name], **{name: {"every": 10**12}})
+    elif name == "injection":
+        cfg = PlasticityConfig(interventions=["injection"], injection={"at": 10**12})
+        fused = False
     else:
         coef = 0.0 if name in ("none", "er", "reset") else 1e-4
         reg = "none" if name == "reset" else name
         cfg = PlasticityConfig(name=reg, coef=coef, er=name in ER, er_lr=ER.get(name, 0.01))
     torch.manual_seed(0)
-    return SACAgent(OBS, ACT, SACConfig(), "cpu", plasticity=cfg)
+    return SACAgent(OBS, ACT, SACConfig(fused=fused), "cpu", plasticity=cfg)
+
+
+def call_seconds(agent: SACAgent, name: str, batch: Batch, repeats: int = 5) -> float:
+    """Seconds of one call of intervention `name` on the update's batch."""
+    iv = agent.intervention(name)
+    inputs = agent.plasticity_inputs((batch.obs[0], batch.action[0]))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        iv.after_update(agent.plasticity_updates, inputs)
+    return (time.perf_counter() - start) / repeats
+
+
+def alternate(base: SACAgent, agent: SACAgent, batch: Batch, rounds: int, calls: int) -> tuple[list, list, list]:
+    ratios, t_base, t_other = [], [], []
+    for _ in range(rounds):
+        a, b = timed(base, batch, calls), timed(agent, batch, calls)
+        t_base.append(a)
+        t_other.append(b)
+        ratios.append(b / a)
+    return ratios, t_base, t_other
 
 
 def batches(n: int) -> Batch:
@@ -72,7 +106,8 @@ def reset_seconds(agent: SACAgent, repeats: int = 5) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default="spectral,l2,l2_init,wasserstein,er,l2_er,cbp,reset")
+    p.add_argument("--methods",
+                   default="spectral,l2,l2_init,wasserstein,er,l2_er,cbp,reset,redo,partial_reset,shrink_perturb,injection")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--calls", type=int, default=5, help="calls of 16 updates per round and side")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -96,12 +131,46 @@ def main() -> None:
             print(f"{name:12s} one reset {1e3 * seconds:.1f} ms every {RESET_INTERVAL} updates of "
                   f"{1e3 * per_update:.2f} ms, overhead {results[name]:+.5f}%", flush=True)
             continue
-        ratios, t_base, t_reg = [], [], []
-        for _ in range(args.rounds):
-            a, b = timed(base, batch, args.calls), timed(agent, batch, args.calls)
-            t_base.append(a)
-            t_reg.append(b)
-            ratios.append(b / a)
+        if name in PERIODIC:
+            every = PERIODIC[name]
+            seconds = statistics.median(call_seconds(agent, name, batch) for _ in range(3))
+            steps = agent.plasticity_element_steps
+            tracked = sum(int(i.numel()) for i, _ in steps.tracked.values())
+            ratios, t_base, t_iv = alternate(base, agent, batch, args.rounds, args.calls)
+            between = 100 * (statistics.median(ratios) - 1)
+            spread = 100 * seconds / (every * statistics.median(t_base))
+            results[name] = between + spread
+            print(f"{name:14s} one call {1e3 * seconds:.1f} ms every {every} updates = {spread:+.4f}%; between calls "
+                  f"{between:+.1f}% ({tracked} entries on per-element Adam steps; rounds "
+                  f"{min(ratios):.2f}-{max(ratios):.2f}x); overhead {results[name]:+.1f}%", flush=True)
+            if name == "redo":  # the correction's cost per tracked entry, with many tracked (τ = 0.5)
+                agent.intervention("redo").cfg.tau = 0.5
+                call_seconds(agent, name, batch, repeats=1)
+                tracked = sum(int(i.numel()) for i, _ in steps.tracked.values())
+                start = time.perf_counter()
+                for _ in range(20):
+                    steps.before_step()
+                    for p in steps.tracked:
+                        agent.optimizer.state[p]["step"] += 1
+                    steps.after_step()
+                per = (time.perf_counter() - start) / 20
+                print(f"{'':14s} per-element Adam correction: {1e3 * per:.2f} ms per update for {tracked} tracked entries "
+                      f"= {100 * per / statistics.median(t_base):.1f}% of an update", flush=True)
+            continue
+        if name == "injection":
+            seconds = call_seconds(agent, name, batch, repeats=1)
+            base_autograd = make("none", fused=False)
+            timed(base_autograd, batch, 2)
+            timed(agent, batch, 2)
+            ratios, t_base, t_iv = alternate(base_autograd, agent, batch, args.rounds, args.calls)
+            results[name] = 100 * (statistics.median(ratios) - 1)
+            fused_ratio = statistics.median(t_iv) / statistics.median(timed(base, batch, args.calls) for _ in range(3))
+            print(f"{name:14s} one injection {1e3 * seconds:.1f} ms (once); after it, autograd none "
+                  f"{1e3 * statistics.median(t_base):.2f} ms/update, injected {1e3 * statistics.median(t_iv):.2f} "
+                  f"ms/update, overhead {results[name]:+.1f}% (rounds {min(ratios):.2f}-{max(ratios):.2f}x); "
+                  f"{fused_ratio:.2f}x the fused none", flush=True)
+            continue
+        ratios, t_base, t_reg = alternate(base, agent, batch, args.rounds, args.calls)
         results[name] = 100 * (statistics.median(ratios) - 1)
         print(f"{name:12s} none {1e3 * statistics.median(t_base):.2f} ms/update, {name} "
               f"{1e3 * statistics.median(t_reg):.2f} ms/update, overhead {results[name]:+.1f}% "

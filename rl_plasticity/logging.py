@@ -203,6 +203,9 @@ NETWORK_CHARTS = (
     ("dormant and dead fractions of hidden units", ("dormant_fraction", "dead_fraction")),
     ("dead units (count)", ("dead_units",)),
     ("units replaced by CBP (count)", ("cbp_replaced",)),
+    ("units recycled by ReDo (count)", ("redo_recycled",)),
+    ("shrink-and-perturb and partial-reset applications (count)", ("shrink_perturb_count", "partial_resets")),
+    ("plasticity injected (0 or 1)", ("injected",)),
 )
 # Per-layer diagnostics (plasticity/<network>/layer<i>/<metric>): one chart per metric, every layer
 # (and, for the feature metrics, the reference batch) as its own line.

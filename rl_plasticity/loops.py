@@ -77,6 +77,13 @@ def task_of(env_metrics: Callable[[], list[dict[str, float]] | dict[str, float]]
     return [[tag, float(value)] for tag, value in sorted(first.items())]
 
 
+def task_changed(agent: Any) -> None:
+    """Tell the agent's interventions that the env's task changed (shrink-and-perturb acts then)."""
+    hook = getattr(agent, "plasticity_task_change", None)
+    if hook is not None:
+        hook()
+
+
 def probe_diagnostics(agent: Any, current: Any, reference: Any = None) -> dict[str, torch.Tensor]:
     """`agent.diagnostics` on `current` (the data the networks train on now: `plasticity/...`)
     and, when given, the data-dependent metrics (`DATA_METRICS`) on the fixed `reference` batch as
@@ -333,6 +340,8 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
                 new_task = task_of(env_metrics)
                 if new_task != task and curvature is not None and curvature.curvature_task_start:
                     task_wait = {"rows": 0, "updates": agent.update_count}  # the next transition is the new task's
+                if new_task != task:
+                    task_changed(agent)  # interventions that act at a task change
                 task = new_task
             obs, _ = env.reset()
             episode_return, episode_length = 0.0, 0
@@ -537,13 +546,15 @@ def on_policy_steps(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: 
         if reference is None:
             reference = torch.from_numpy(raw_obs[: rollout.pos].reshape(-1, obs_dim)[:PROBE_SIZE].copy())
         data = rollout.finish(agent.values(obs), final_values, s.gamma, s.gae_lambda)
-        if curvature is not None and env_metrics is not None:
+        if env_metrics is not None:
             task = task_of(env_metrics)
-            if rollout_task is not None and task != rollout_task and curvature.curvature_task_start:
-                # the task (friction) switched during this rollout: the new task's curvature at
-                # the parameters that ended the previous one, before any update on it
-                seed = probe_seed(s.seed, agent.update_count) + 1
-                log_curvature(agent, logger, curvature_rows(data, seed), seed, step, task_start=True)
+            if rollout_task is not None and task != rollout_task:
+                task_changed(agent)
+                if curvature is not None and curvature.curvature_task_start:
+                    # the task (friction) switched during this rollout: the new task's curvature at
+                    # the parameters that ended the previous one, before any update on it
+                    seed = probe_seed(s.seed, agent.update_count) + 1
+                    log_curvature(agent, logger, curvature_rows(data, seed), seed, step, task_start=True)
             rollout_task = task
         metrics = yield data  # the agent's update on the finished rollout
         if curvature is not None and agent.reset_count != resets_seen:

@@ -272,7 +272,8 @@ def _sortable(value: Any) -> tuple:
 
 
 def base_label(config: Mapping[str, Any]) -> str:
-    """agent, then +LN (LayerNorm), +CReLU, +reset (periodic full resets), +<regularizer>, +cbp/+er add-ons."""
+    """agent, then +LN (LayerNorm), +CReLU, +reset (periodic full resets), +<regularizer>, +cbp/+er add-ons,
+    +<intervention> for each of plasticity.interventions."""
     parts = [str(config.get("agent.name", "agent?"))]
     if config.get("agent.layer_norm") is True:
         parts.append("LN")
@@ -287,6 +288,11 @@ def base_label(config: Mapping[str, Any]) -> str:
         parts.append("cbp")
     if config.get("plasticity.er") is True and reg not in ("er", "l2_er"):
         parts.append("er")
+    for name in config.get("plasticity.interventions") or ():  # +redo, +shrink_perturb, ...
+        tag = {"er_step": "er"}.get(name, name)
+        implied = (name == "cbp" and reg in ("cbp", "cbp_l2")) or (name == "er_step" and reg in ("er", "l2_er"))
+        if tag not in parts[1:] and not implied:
+            parts.append(tag)
     return "+".join(parts)
 
 

@@ -68,7 +68,10 @@ def test_replacement_picks_the_lowest_utility_and_reinitialises_the_unit():
     cbp = ContinualBackprop(net, replacement_rate=1.0 / 8, maturity=0, decay=0.0)
     x = torch.randn(64, 4).abs()
     feats = features(net, x)
-    out_before = head(feats[0][0].clone().index_fill_(1, torch.tensor([5]), 0.0))
+    silenced = feats[0][0].clone().index_fill_(1, torch.tensor([5]), 0.0)
+    # decay 0: the bias-corrected mean activation is this batch's mean of h_5
+    moved = head.weight[:, 5].detach() * feats[0][0][:, 5].mean()
+    out_before = head(silenced) + moved
     w_before = first.weight.detach().clone()
     assert cbp.step(feats, [opt]) == 1
     assert not torch.equal(first.weight[5], w_before[5]) and torch.equal(first.weight[:5], w_before[:5])
@@ -78,7 +81,8 @@ def test_replacement_picks_the_lowest_utility_and_reinitialises_the_unit():
     assert torch.all(state["exp_avg"][4] != 0)
     assert torch.all(opt.state[head.weight]["exp_avg"][:, 5] == 0)
     assert cbp.age[0][0, 5] == 0 and cbp.utility[0][0, 5] == 0
-    # The network's output equals the old one with unit 5 silenced: the fresh unit contributes nothing yet.
+    # The output is the old one with unit 5 silenced and its mean contribution moved into the
+    # head's bias (Dohare et al.'s transfer); the fresh unit contributes nothing yet.
     out_after = net(x)
     torch.testing.assert_close(out_after, out_before)
 

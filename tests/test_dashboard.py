@@ -15,7 +15,8 @@ from tests.test_cli import read_events
 NETWORK_UNITS = {"spectral_norm_max": "σ₁", "spectral_norm_mean": "σ₁", "param_norm": "‖θ‖", "grad_norm": "‖∇θ‖",
                  "distance_from_init": "‖θ − θ₀‖", "feature_effective_rank": "rank", "dormant_fraction": "fraction",
                  "dead_fraction": "fraction", "dead_units": "units", "cbp_replaced": "replaced units",
-                 "update_norm": "‖Δθ‖"}
+                 "update_norm": "‖Δθ‖", "redo_recycled": "recycled units", "shrink_perturb_count": "applications",
+                 "partial_resets": "applications", "injected": "flag"}
 # Units of the per-layer diagnostics (plasticity/<net>/layer<i>/<metric>): each metric its own.
 LAYER_UNITS = {"stable_rank": "stable rank", "sigma_max": "singular value σ_max", "sigma_min": "singular value σ_min",
                "feature_srank": "feature srank", "feature_effective_rank": "feature entropy rank",

@@ -164,7 +164,7 @@ def test_checkpoint_holds_replay_rng_env_and_loop_state(reference):
     assert state["agent"]["plasticity"]["regularizers"]["critic"]["u"]  # power-iteration vectors
     ppo = final_agent(reference["ppo"])
     assert ppo["env"][0]["slippery_ant"]["change_every"] == 300 and "mujoco" in ppo["env"][0]
-    assert ppo["agent"]["plasticity"]["cbp"]["actor"]["age"]  # CBP utilities and ages
+    assert ppo["agent"]["plasticity"]["interventions"]["cbp"]["actor"]["age"]  # CBP utilities and ages
 
 
 def test_save_replay_false_leaves_the_buffer_out(tmp_path):

@@ -173,8 +173,10 @@ class PPOAgent(PlasticityMixin):
         plasticity = plasticity or PlasticityConfig()
         if cfg.activation not in ACTIVATIONS:
             raise ConfigError(f"agent.activation must be one of {', '.join(ACTIVATIONS)}, got {cfg.activation!r}")
-        if cfg.activation == "crelu" and getattr(plasticity, "cbp", False):
-            raise ConfigError("plasticity.cbp replaces ReLU units; it does not support agent.activation=crelu")
+        unit_surgery = [n for n in ("cbp", "redo") if n in getattr(plasticity, "interventions", ())]
+        if cfg.activation == "crelu" and (unit_surgery or getattr(plasticity, "cbp", False)):
+            raise ConfigError(f"plasticity.interventions {unit_surgery or ['cbp']} re-initialise ReLU units; they do not "
+                              f"support agent.activation=crelu. Valid choices with them: agent.activation=relu")
         self.init_plasticity(plasticity, cfg.reset_interval)
         self._build()
 
@@ -199,6 +201,10 @@ class PPOAgent(PlasticityMixin):
 
     def plasticity_optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer]
+
+    def plasticity_structure_changed(self) -> None:
+        self.params = list(self.actor.parameters()) + list(self.critic.parameters()) + [self.log_std]
+        super().plasticity_structure_changed()
 
     def diagnostics(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Plasticity diagnostics on a probe of (normalised) observations."""
@@ -329,6 +335,7 @@ class PPOAgent(PlasticityMixin):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.plasticity_prepare_load(state["plasticity"])
         self.actor.load_state_dict(state["actor"])
         self.critic.load_state_dict(state["critic"])
         with torch.no_grad():

@@ -112,8 +112,10 @@ class SACAgent(PlasticityMixin):
         plasticity = plasticity or PlasticityConfig()
         if cfg.activation not in ACTIVATIONS:
             raise ConfigError(f"agent.activation must be one of {', '.join(ACTIVATIONS)}, got {cfg.activation!r}")
-        if cfg.activation == "crelu" and getattr(plasticity, "cbp", False):
-            raise ConfigError("plasticity.cbp replaces ReLU units; it does not support agent.activation=crelu")
+        unit_surgery = [n for n in ("cbp", "redo") if n in getattr(plasticity, "interventions", ())]
+        if cfg.activation == "crelu" and (unit_surgery or getattr(plasticity, "cbp", False)):
+            raise ConfigError(f"plasticity.interventions {unit_surgery or ['cbp']} re-initialise ReLU units; they do not "
+                              f"support agent.activation=crelu. Valid choices with them: agent.activation=relu")
         self.init_plasticity(plasticity, cfg.reset_interval)
         self._build()
         self._step = self._fused_step if cfg.fused else self._update_once
@@ -153,6 +155,14 @@ class SACAgent(PlasticityMixin):
 
     def plasticity_optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer]
+
+    def plasticity_targets(self) -> dict[str, torch.nn.Module]:
+        return {"critic": self.critic_target.net}
+
+    def plasticity_structure_changed(self) -> None:
+        self._critic_params = list(self.critic.parameters())
+        self._target_params = list(self.critic_target.parameters())
+        super().plasticity_structure_changed()
 
     def plasticity_inputs(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         obs, action = batch
@@ -299,6 +309,7 @@ class SACAgent(PlasticityMixin):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.plasticity_prepare_load(state["plasticity"])
         self.actor.load_state_dict(state["actor"])
         self.critic.load_state_dict(state["critic"])
         self.critic_target.load_state_dict(state["critic_target"])

@@ -91,9 +91,9 @@ def _bind(param: torch.Tensor, storage: torch.Tensor, grad: torch.Tensor | None,
 
 def _needs_rng(agent: Any) -> bool:
     """Whether the after-update work of the agent's next update may draw from the global
-    generators (a reset's fresh networks, continual backprop's re-initialised units)."""
-    due = agent.reset_interval is not None and (agent.plasticity_updates + 1) % agent.reset_interval == 0
-    return bool(agent._cbp) or due
+    generators: each intervention declares it (`draws_random`: a reset's fresh networks, the units
+    continual backprop or ReDo re-initialise, shrink-and-perturb's fresh draw)."""
+    return agent.plasticity_draws_random()
 
 
 def _network_shape(n: int, param: torch.Tensor) -> tuple[int, ...]:
@@ -115,6 +115,11 @@ class _StackedSeeds:
         if len(agents) < 1:
             raise ValueError(f"{type(self).__name__} needs at least one agent")
         self.agents = list(agents)
+        if any(a.intervention("injection") is not None for a in self.agents):
+            from rl_plasticity.config import ConfigError
+
+            raise ConfigError("plasticity injection changes the networks' structure, which batched seeds stack: "
+                              "use batch_seeds=false")
         self.rngs = list(rngs) if rngs is not None else [None] * len(self.agents)
         self._bound_actor: list[Any] = [None] * len(self.agents)  # to notice a reset's new networks
 

@@ -9,18 +9,22 @@ The mixin knows networks, not algorithms.  An agent
    applies every regularizer's penalty, both apply it once (regularizers whose gradient is
    cheaper to add directly, like spectral, add it there unless the loss holds it; the agents
    pass `defer_direct=True` to leave it there; same gradient);
-3. calls `plasticity_after_update(batch)` after each optimizer step (effective-rank steps,
-   continual-backprop unit replacement and periodic resets happen there);
+3. calls `plasticity_after_update(batch)` after each optimizer step: the interventions
+   (plasticity/interventions.py: the effective-rank step, continual backprop, ReDo,
+   shrink-and-perturb, partial and full resets) that are due run there, in order;
 4. implements `plasticity_inputs(batch) -> {name: input tensor}`, `plasticity_optimizers()` (whose
-   moment estimates continual backprop clears for the units it re-initialises) and, for resets,
-   `reset_networks()` (fresh networks, targets, temperature and optimizer state, then
+   state the interventions reset for what they re-initialise, per element:
+   surgery.AdamElementSteps), `plasticity_targets()` (target copies of networks, if any) and, for
+   full resets, `reset_networks()` (fresh networks, targets, temperature and optimizer state, then
    `register_networks` again).
 
-Regularizer state, initial parameters and counters are saved with `plasticity_state_dict()`.
+Seed groups ask `plasticity_draws_random()` whether the next update's interventions draw random
+numbers; loops call `plasticity_task_change()` when the environment's task changes.  Regularizer
+state, initial parameters, counters and the interventions' state are saved with
+`plasticity_state_dict()`.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, Mapping, Optional
 
@@ -28,10 +32,11 @@ import torch
 from torch import nn
 
 from rl_plasticity.config import ConfigError, from_node, require
-from rl_plasticity.optim import adam_step_many
-from rl_plasticity.plasticity.cbp import ContinualBackprop
-from rl_plasticity.plasticity.effective_rank import effective_rank, layer_effective_ranks
+from rl_plasticity.plasticity.effective_rank import effective_rank
+from rl_plasticity.plasticity.interventions import (CONFIG_TYPES, INTERVENTIONS, Intervention, ResetConfig,
+                                                    check_names, intervention_config)
 from rl_plasticity.plasticity.layers import FeatureRecorder, weights_and_vectors
+from rl_plasticity.plasticity.surgery import AdamElementSteps
 from rl_plasticity.plasticity.regularizers import REGULARIZERS, Regularizer
 
 DORMANT_THRESHOLD = 0.025  # ReDo (Sokar et al. 2023): a unit is dormant when its score ≤ τ
@@ -126,6 +131,14 @@ class PlasticityConfig:
     curvature_lanczos_steps: int = 24  # Lanczos steps per probe vector (and for the overlap run)
     curvature_lanczos_vectors: int = 1  # SLQ probe vectors
     curvature_epsilon: float = 0.1     # ε of the ε-Hessian rank (spectral-collapse-l2-er.md Fig. 2)
+    # Interventions (plasticity/interventions.py), in the order they run after an update; `cbp`
+    # and `er` above switch on "cbp" and "er_step".  Each one's keys: plasticity.<name>.<key>.
+    interventions: tuple[str, ...] = ()
+    redo: Any = None
+    shrink_perturb: Any = None
+    partial_reset: Any = None
+    reset: Any = None
+    injection: Any = None
 
     def __post_init__(self) -> None:
         if self.name not in REGULARIZERS:
@@ -158,6 +171,16 @@ class PlasticityConfig:
         require(self.curvature_lanczos_vectors >= 1,
                 f"plasticity.curvature_lanczos_vectors must be >= 1, got {self.curvature_lanczos_vectors}")
         require(self.curvature_epsilon > 0, f"plasticity.curvature_epsilon must be > 0, got {self.curvature_epsilon}")
+        names = list(check_names(self.interventions))
+        if self.er and "er_step" not in names:
+            names.insert(0, "er_step")
+        if self.cbp and "cbp" not in names:
+            names.insert(1 if self.er else 0, "cbp")
+        self.interventions = tuple(names)
+        self.er = "er_step" in names
+        self.cbp = "cbp" in names
+        for name in CONFIG_TYPES:
+            setattr(self, name, intervention_config(name, getattr(self, name)))
 
     @classmethod
     def from_node(cls, node: Mapping[str, Any]) -> "PlasticityConfig":
@@ -172,26 +195,39 @@ class PlasticityConfig:
         return self.coef if override is None else override
 
 
-def _fused_ok(net: nn.Module) -> Optional[bool]:
-    """Adam's fused kernel where torch has one (CPU and CUDA), else torch's default."""
-    devices = {p.device.type for p in net.parameters()}
-    return True if devices and devices <= {"cpu", "cuda"} else None
-
-
 class PlasticityMixin:
     """See the module docstring."""
 
     plasticity_cfg: PlasticityConfig
-    reset_interval: Optional[int]
 
     def init_plasticity(self, cfg: PlasticityConfig, reset_interval: Optional[int] = None) -> None:
         if reset_interval is not None and reset_interval < 1:
             raise ConfigError(f"agent.reset_interval must be >= 1 (updates) or null, got {reset_interval}")
+        if reset_interval is not None and "reset" in cfg.interventions:
+            raise ConfigError("agent.reset_interval and plasticity.interventions=[reset] both ask for full resets: "
+                              "use one (plasticity.reset.every sets the period of the second)")
         self.plasticity_cfg = cfg
-        self.reset_interval = reset_interval
         self.plasticity_updates = 0
         self.reset_count = 0
         self._plasticity_networks: dict[str, nn.Module] = {}
+        self.interventions: list[Intervention] = [
+            INTERVENTIONS[name](self, getattr(cfg, name, None)) for name in cfg.interventions]
+        self.reset_interval = reset_interval
+
+    @property
+    def reset_interval(self) -> Optional[int]:
+        """The agent's full-reset period (agent.reset_interval; None: none): a `reset` intervention
+        run last, after those of plasticity.interventions."""
+        return self._reset_interval
+
+    @reset_interval.setter
+    def reset_interval(self, value: Optional[int]) -> None:
+        self._reset_interval = value
+        self.interventions = [iv for iv in self.interventions if not getattr(iv, "from_agent", False)]
+        if value is not None:
+            reset = INTERVENTIONS["reset"](self, ResetConfig(every=value))
+            reset.from_agent = True
+            self.interventions.append(reset)
 
     # -- registration -------------------------------------------------------------------------
     def register_networks(self, networks: Mapping[str, nn.Module]) -> None:
@@ -202,10 +238,9 @@ class PlasticityMixin:
             name: REGULARIZERS[cfg.name].build(net, cfg) for name, net in networks.items()}
         self._initial_params = {name: [p.detach().clone() for p in net.parameters()] for name, net in networks.items()}
         self._layers = {name: weights_and_vectors(net) for name, net in networks.items()}
-        self._er_optimizers = {name: torch.optim.Adam(net.parameters(), lr=cfg.er_lr, fused=_fused_ok(net))
-                               for name, net in networks.items()} if cfg.er else {}
-        self._cbp = {name: ContinualBackprop(net, cfg.cbp_replacement_rate, cfg.cbp_maturity, cfg.cbp_decay)
-                     for name, net in networks.items()} if cfg.cbp else {}
+        self.plasticity_element_steps = AdamElementSteps(self.plasticity_optimizers())
+        for intervention in self.interventions:
+            intervention.attach(self._plasticity_networks)
         self._last_penalty: dict[str, torch.Tensor] = {}
         self._direct_penalty: set[str] = set()  # networks whose regularizer adds its gradient itself
         self._penalty_taken: set[str] = set()  # networks whose penalty this update already has (loss or gradient)
@@ -277,67 +312,55 @@ class PlasticityMixin:
     def plasticity_before_step(self) -> None:
         """Between backward and the optimizer step: regularizers that add their gradient directly
         (spectral) do it here, unless this update's loss already holds their term (see
-        `plasticity_loss`).  The result equals adding `coef · penalty` to the loss."""
+        `plasticity_loss`).  The result equals adding `coef · penalty` to the loss.  Also keeps the
+        values the per-element Adam step correction starts from (surgery.AdamElementSteps)."""
+        self.plasticity_element_steps.before_step()
         self._add_direct_gradients(tuple(self._regularizers), skip_taken=True)
         self._penalty_taken.clear()
 
     # -- after each update --------------------------------------------------------------------
-    def plasticity_after_update(self, batch: Any) -> None:
-        """Count the update; run the effective-rank step, continual backprop and a reset when due."""
+    def plasticity_after_update(self, batch: Any) -> dict[str, dict[str, float]]:
+        """Count the update, finish the per-element Adam steps of re-initialised entries, and run
+        every due intervention in order (inputs built once, only when one needs them); returns
+        what each did, by name."""
+        self.plasticity_element_steps.after_step()
         self.plasticity_updates += 1
-        cfg = self.plasticity_cfg
-        er_due = cfg.er and self.plasticity_updates % cfg.er_step == 0
-        inputs = self.plasticity_inputs(batch) if er_due or self._cbp else None
-        if er_due:
-            self.effective_rank_step(inputs)
-        if self._cbp:
-            self.continual_backprop_step(inputs)
-        if self.reset_interval is not None and self.plasticity_updates % self.reset_interval == 0:
-            self.reset_networks()
-            self.reset_count += 1
+        update = self.plasticity_updates
+        due = [iv for iv in self.interventions if iv.due(update)]
+        if not due:
+            return {}
+        inputs = self.plasticity_inputs(batch) if any(iv.needs_inputs for iv in due) else None
+        return {iv.name: iv.after_update(update, inputs) for iv in due}
+
+    def plasticity_draws_random(self) -> bool:
+        """Whether the next update's interventions may draw from the global generators (seed
+        groups run them under the seed's own generators then)."""
+        return any(iv.draws_random(self.plasticity_updates + 1) for iv in self.interventions)
+
+    def plasticity_task_change(self) -> None:
+        """The environment's task changed (loops call this): interventions that act at a task change
+        (shrink-and-perturb) do so after the next update."""
+        for iv in self.interventions:
+            iv.on_task_change()
+
+    def intervention(self, name: str) -> Optional[Intervention]:
+        """The active intervention called `name`, or None."""
+        return next((iv for iv in self.interventions if iv.name == name), None)
 
     def effective_rank_step(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One step of the networks' own optimizers on −mean over hidden layers of ER(features)
-        of a block of `er_batch` inputs per network (Algorithm 1 of spectral-collapse-l2-er.md,
-        App. D.2); returns each network's mean effective rank before the step.
+        """The ER step now (see interventions.EffectiveRankStep.step)."""
+        return self.intervention("er_step").step(inputs)
 
-        Same objective and gradient as autograd through `effective_rank` (torch.linalg.svdvals),
-        network by network; computed faster: every layer of every network in one batched
-        float64 Gram eigendecomposition (`layer_effective_ranks`, see plasticity/effective_rank.py
-        for its accuracy), one backward over all networks (their parameters are disjoint, so
-        each gets its own objective's gradient), and one fused Adam call over every network's
-        ER optimizer (each keeps its own moments).  The task gradients in `.grad` are kept.
-        """
-        nets = self._plasticity_networks
-        features: dict[str, list[torch.Tensor]] = {}
-        for name, net in nets.items():
-            x = inputs[name][: self.plasticity_cfg.er_batch].detach()
-            with FeatureRecorder(net, detach=False) as rec:
-                net(x)
-            features[name] = rec.features
-        layer_ranks = iter(layer_effective_ranks([f for fs in features.values() for f in fs]))
-        ranks = {name: torch.stack([next(layer_ranks).mean() for _ in fs]).mean() for name, fs in features.items()}
-        params = [p for net in nets.values() for p in net.parameters()]
-        grads = torch.autograd.grad(-torch.stack(list(ranks.values())).sum(), params, allow_unused=True)
-        task_grads = [p.grad for p in params]  # keep the task update's gradients for diagnostics
-        for p, g in zip(params, grads):
-            p.grad = g
-        adam_step_many(list(self._er_optimizers.values()))
-        for p, g in zip(params, task_grads):
-            p.grad = g
-        return {name: rank.detach() for name, rank in ranks.items()}
+    @property
+    def _er_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        er = self.intervention("er_step")
+        return er.optimizers if er is not None else {}
 
-    @torch.no_grad()
-    def continual_backprop_step(self, inputs: Mapping[str, torch.Tensor]) -> int:
-        """Utilities from the hidden features of `inputs` (the update's batch), then replacement of
-        the due units of every network (see plasticity/cbp.py); returns the number replaced."""
-        replaced = 0
-        optimizers = self.plasticity_optimizers()
-        for name, net in self._plasticity_networks.items():
-            with FeatureRecorder(net) as rec:
-                net(inputs[name])
-            replaced += self._cbp[name].step(rec.features, optimizers)
-        return replaced
+    @property
+    def _cbp(self) -> dict[str, Any]:
+        """Continual backprop's per-network state (ContinualBackprop), {} without it."""
+        cbp = self.intervention("cbp")
+        return cbp.units if cbp is not None else {}
 
     # -- diagnostics --------------------------------------------------------------------------
     @torch.no_grad()
@@ -399,8 +422,9 @@ class PlasticityMixin:
                 out[prefix + "dormant_fraction"] = torch.tensor(dormant / total)
                 out[prefix + "dead_fraction"] = torch.tensor(dead / total)
                 out[prefix + "dead_units"] = torch.tensor(float(dead))
-            if name in self._cbp:
-                out[prefix + "cbp_replaced"] = torch.tensor(float(self._cbp[name].replaced_total))
+        for iv in self.interventions:
+            for name, values in iv.diagnostics().items():
+                out.update({f"plasticity/{name}/{k}": torch.tensor(float(v)) for k, v in values.items()})
         penalties = list(self._last_penalty.values()) + [self._regularizers[n].last_value() for n in self._direct_penalty]
         if penalties:
             out["losses/plasticity"] = torch.stack(penalties).sum()
@@ -432,8 +456,8 @@ class PlasticityMixin:
             "reset_count": self.reset_count,
             "regularizers": {n: r.state_dict() for n, r in self._regularizers.items()},
             "initial_params": {n: [t.clone() for t in ts] for n, ts in self._initial_params.items()},
-            "er_optimizers": {n: o.state_dict() for n, o in self._er_optimizers.items()},
-            "cbp": {n: c.state_dict() for n, c in self._cbp.items()},
+            "interventions": {iv.name: iv.state_dict() for iv in self.interventions},
+            "adam_element_steps": self.plasticity_element_steps.state_dict(),
         }
 
     def load_plasticity_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -444,15 +468,16 @@ class PlasticityMixin:
         for n, ts in state["initial_params"].items():
             for dst, src in zip(self._initial_params[n], ts):
                 dst.copy_(src)
-        for n, s in state["er_optimizers"].items():
-            opt = self._er_optimizers[n]
-            s = copy.deepcopy(s)
-            for group, saved in zip(opt.param_groups, s["param_groups"]):
-                # Checkpoints from before the ER optimizers were fused: same state, fused kernel.
-                saved["fused"], saved["foreach"] = group["fused"], group["foreach"]
-            opt.load_state_dict(s)
-        for n, s in state.get("cbp", {}).items():
-            self._cbp[n].load_state_dict(s)
+        saved = dict(state.get("interventions", {}))
+        # Checkpoints from before interventions.py kept the ER optimizers and CBP at the top level.
+        if state.get("er_optimizers"):
+            saved["er_step"] = state["er_optimizers"]
+        if state.get("cbp"):
+            saved["cbp"] = state["cbp"]
+        for iv in self.interventions:
+            if iv.name in saved:
+                iv.load_state_dict(saved[iv.name])
+        self.plasticity_element_steps.load_state_dict(state.get("adam_element_steps", {}))
 
     # -- hooks the agent implements -----------------------------------------------------------
     def plasticity_inputs(self, batch: Any) -> dict[str, torch.Tensor]:
@@ -461,6 +486,23 @@ class PlasticityMixin:
     def plasticity_optimizers(self) -> list[torch.optim.Optimizer]:
         """The optimizers holding per-parameter state of the registered networks."""
         return []
+
+    def plasticity_targets(self) -> dict[str, nn.Module]:
+        """{network: its target copy (same structure)}: what partial resets and injection also change."""
+        return {}
+
+    def plasticity_structure_changed(self) -> None:
+        """An intervention (plasticity injection) changed the networks' modules: the agent refreshes
+        what it derived from them (parameter lists), then the networks are registered again."""
+        self.register_networks(self._plasticity_networks)
+
+    def plasticity_prepare_load(self, state: Mapping[str, Any]) -> None:
+        """Before a checkpoint's networks load: interventions that change structure (injection)
+        rebuild it as saved."""
+        saved = state.get("interventions", {})
+        for iv in self.interventions:
+            if hasattr(iv, "prepare_load") and iv.name in saved:
+                iv.prepare_load(saved[iv.name])
 
     def curvature_losses(self, probe: Any, seed: int) -> dict[str, tuple[nn.Module, Any, dict[str, torch.Tensor]]]:
         """{network: (module, loss(forward, data) -> per-sample losses, data)}: each registered

@@ -22,6 +22,13 @@ RESUMABLE_CHANGES = ("total_steps", "device", "threads", "run_dir", "resume", "c
 # Dotted keys that choose an implementation of the same algorithm (equal to float tolerance).
 RESUMABLE_IMPLEMENTATION = ("agent.fused",)
 
+# Keys added after runs were written, with the value that does what those runs did: a checkpoint
+# whose config lacks one resumes when the key holds that value (None: any value, for keys that act
+# only when another key turns them on, e.g. the interventions' own keys).
+ADDED_KEYS = {"plasticity.interventions": [], "plasticity.redo": None, "plasticity.shrink_perturb": None,
+              "plasticity.partial_reset": None, "plasticity.reset": None, "plasticity.injection": None,
+              "agent.activation": "relu", "plasticity.parseval_s": None, "plasticity.parseval_width": None}
+
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two resolved configs, ignoring RESUMABLE_CHANGES."""
@@ -31,6 +38,8 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
         if (not prefix and key in RESUMABLE_CHANGES) or dotted in RESUMABLE_IMPLEMENTATION:
             continue
         a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
+        if a == "<missing>" and dotted in ADDED_KEYS and ADDED_KEYS[dotted] in (None, b):
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_differences(a, b, dotted + ".")
         elif a != b:
