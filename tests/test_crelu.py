@@ -57,8 +57,10 @@ def test_invalid_activation_is_one_config_error():
         PPOConfig.from_node({"activation": "gelu"})
     with pytest.raises(ConfigError, match=r"agent\.activation"):
         SACAgent(OBS, ACT, SACConfig(activation="elu"))
-    with pytest.raises(ConfigError, match="plasticity.cbp"):
+    with pytest.raises(ConfigError, match=r"plasticity.interventions \['cbp'\] .* agent.activation=crelu"):
         PPOAgent(OBS, ACT, PPOConfig(activation="crelu"), plasticity=PlasticityConfig(name="cbp", cbp=True))
+    with pytest.raises(ConfigError, match=r"plasticity.interventions \['redo'\] .* agent.activation=relu"):
+        SACAgent(OBS, ACT, SACConfig(activation="crelu"), plasticity=PlasticityConfig(interventions=("redo",)))
 
 
 def make_sac(fused, num_critics=1, layer_norm=True, plasticity="none", coef=0.0, seed=3):
