@@ -16,6 +16,9 @@ Arms (`--arms`):
   peer's configuration, so that a difference to `sb3` is an implementation effect;
 - `ours_paper`: the paper's configuration (one critic, LayerNorm; spectral-regularization.md
   App. B), so that `ours_peer` against `ours_paper` is a configuration effect;
+- `ours_1critic_noln`, `ours_2critic_ln`: the two configurations between `ours_peer` and
+  `ours_paper`, one setting changed each, so that a configuration effect is split into the
+  critics' and LayerNorm's part;
 - ablations of ours (see `ARMS`): the autograd reference path, sequential updates, SB3's
   log σ parameterisation.
 
@@ -62,6 +65,11 @@ ARMS: dict[str, dict[str, Any]] = {
                   "what": "rl_plasticity SAC, 2 critics, no LayerNorm (the peer's configuration)"},
     "ours_paper": {"kind": "ours", "overrides": ["agent.num_critics=1", "agent.layer_norm=true"],
                    "what": "rl_plasticity SAC, 1 critic, LayerNorm (the paper's configuration)"},
+    # The configuration between ours_peer and ours_paper, one difference at a time.
+    "ours_1critic_noln": {"kind": "ours", "overrides": ["agent.num_critics=1", "agent.layer_norm=false"],
+                          "what": "rl_plasticity SAC, 1 critic, no LayerNorm"},
+    "ours_2critic_ln": {"kind": "ours", "overrides": ["agent.num_critics=2", "agent.layer_norm=true"],
+                        "what": "rl_plasticity SAC, 2 critics, LayerNorm"},
     # Ablations of the peer configuration (one implementation difference each).
     "ours_peer_autograd": {"kind": "ours", "overrides": ["agent.num_critics=2", "agent.layer_norm=false",
                                                          "agent.fused=false"],

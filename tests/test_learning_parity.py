@@ -56,6 +56,17 @@ def test_ours_command_sets_the_shared_budget(tmp_path):
         assert override in command
 
 
+def test_configuration_arms_step_from_peer_to_paper():
+    """The arms between `ours_peer` and `ours_paper` change one setting each (critics or LayerNorm)."""
+    lp = _load_script()
+    setting = {arm: dict(o.split("=", 1) for o in lp.ARMS[arm]["overrides"])
+               for arm in ("ours_peer", "ours_paper", "ours_1critic_noln", "ours_2critic_ln")}
+    assert setting["ours_peer"] == {"agent.num_critics": "2", "agent.layer_norm": "false"}
+    assert setting["ours_paper"] == {"agent.num_critics": "1", "agent.layer_norm": "true"}
+    assert setting["ours_1critic_noln"] == {"agent.num_critics": "1", "agent.layer_norm": "false"}
+    assert setting["ours_2critic_ln"] == {"agent.num_critics": "2", "agent.layer_norm": "true"}
+
+
 def test_summary_of_result_files(tmp_path):
     """The summary reads whatever result files exist: per task and arm, and over tasks for an arm
     with the same seeds on every task."""
