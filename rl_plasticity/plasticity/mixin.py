@@ -238,7 +238,7 @@ class PlasticityMixin:
             name: REGULARIZERS[cfg.name].build(net, cfg) for name, net in networks.items()}
         self._initial_params = {name: [p.detach().clone() for p in net.parameters()] for name, net in networks.items()}
         self._layers = {name: weights_and_vectors(net) for name, net in networks.items()}
-        self.plasticity_element_steps = AdamElementSteps(self.plasticity_optimizers())
+        self.plasticity_element_steps = AdamElementSteps(self.plasticity_optimizers)
         for intervention in self.interventions:
             intervention.attach(self._plasticity_networks)
         self._last_penalty: dict[str, torch.Tensor] = {}

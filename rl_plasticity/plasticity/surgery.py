@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -141,8 +141,14 @@ class AdamElementSteps:
 
     HORIZON_EPS = 2.0 ** -25
 
-    def __init__(self, optimizers: Iterable[torch.optim.Optimizer]):
-        self.optimizers = list(optimizers)
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return list(self._optimizers()) if callable(self._optimizers) else self._optimizers
+
+    def __init__(self, optimizers: Union[Iterable[torch.optim.Optimizer], Callable[[], Iterable[torch.optim.Optimizer]]]):
+        # A callable is asked each time (the mixin passes `plasticity_optimizers`), so networks may
+        # be registered before their optimizers exist.
+        self._optimizers = optimizers if callable(optimizers) else list(optimizers)
         self.tracked: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}  # param -> (flat index, t₀)
         self._before: dict[torch.Tensor, tuple[torch.Tensor, float]] = {}
         self._owner_cache: dict[torch.Tensor, Any] = {}
