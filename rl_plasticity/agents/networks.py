@@ -14,12 +14,13 @@ parameters than its ReLU twin (`parameter_count` tells how many).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rl_plasticity.config import ConfigError
 from rl_plasticity.ensemble import CReLU, EnsembleLayerNorm, EnsembleLinear, fresh_weight  # noqa: F401  (re-exported)
 
 
@@ -33,6 +34,17 @@ def activation_module(activation: str, inplace: bool = False) -> nn.Module:
     if activation == "crelu":
         return CReLU()
     raise ValueError(f"unknown activation '{activation}'. Valid choices: {', '.join(ACTIVATIONS)}")
+
+
+def check_activation(activation: str, plasticity: Any) -> None:
+    """One ConfigError for an unknown `agent.activation`, or for CReLU with the interventions that
+    re-initialise ReLU units one by one (cbp, redo: a CReLU unit feeds two features)."""
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"agent.activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    unit_surgery = [n for n in ("cbp", "redo") if n in getattr(plasticity, "interventions", ())]
+    if activation == "crelu" and (unit_surgery or getattr(plasticity, "cbp", False)):
+        raise ConfigError(f"plasticity.interventions {unit_surgery or ['cbp']} re-initialise ReLU units; they do not "
+                          f"support agent.activation=crelu. Valid choices with them: agent.activation=relu")
 
 
 def features_out(width: int, activation: str) -> int:

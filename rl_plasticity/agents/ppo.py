@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from rl_plasticity.agents.networks import ACTIVATIONS, activation_module, features_out, orthogonal_init_, parameter_count
-from rl_plasticity.config import ConfigError, from_node, require
+from rl_plasticity.agents.networks import ACTIVATIONS, check_activation, activation_module, features_out, orthogonal_init_, parameter_count
+from rl_plasticity.config import from_node, require
 from rl_plasticity.optim import adam_step
 from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
 
@@ -171,12 +171,7 @@ class PPOAgent(PlasticityMixin):
         # The minibatch order has its own generator, so it is reproducible and checkpointable.
         self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
         plasticity = plasticity or PlasticityConfig()
-        if cfg.activation not in ACTIVATIONS:
-            raise ConfigError(f"agent.activation must be one of {', '.join(ACTIVATIONS)}, got {cfg.activation!r}")
-        unit_surgery = [n for n in ("cbp", "redo") if n in getattr(plasticity, "interventions", ())]
-        if cfg.activation == "crelu" and (unit_surgery or getattr(plasticity, "cbp", False)):
-            raise ConfigError(f"plasticity.interventions {unit_surgery or ['cbp']} re-initialise ReLU units; they do not "
-                              f"support agent.activation=crelu. Valid choices with them: agent.activation=relu")
+        check_activation(cfg.activation, plasticity)
         self.init_plasticity(plasticity, cfg.reset_interval)
         self._build()
 

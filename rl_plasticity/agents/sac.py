@@ -28,9 +28,9 @@ import torch
 
 from rl_plasticity.agents.accelerate import accelerate
 from rl_plasticity.agents.fused import FusedSAC
-from rl_plasticity.agents.networks import ACTIVATIONS, Critic, TanhGaussianActor, parameter_count
+from rl_plasticity.agents.networks import ACTIVATIONS, check_activation, Critic, TanhGaussianActor, parameter_count
 from rl_plasticity.buffers import Batch
-from rl_plasticity.config import ConfigError, from_node, require
+from rl_plasticity.config import from_node, require
 from rl_plasticity.optim import adam_step
 from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
 
@@ -110,12 +110,7 @@ class SACAgent(PlasticityMixin):
                           "autograd reference path uncompiled", stacklevel=2)
         self._compile, self._cudagraphs = compile, cudagraphs
         plasticity = plasticity or PlasticityConfig()
-        if cfg.activation not in ACTIVATIONS:
-            raise ConfigError(f"agent.activation must be one of {', '.join(ACTIVATIONS)}, got {cfg.activation!r}")
-        unit_surgery = [n for n in ("cbp", "redo") if n in getattr(plasticity, "interventions", ())]
-        if cfg.activation == "crelu" and (unit_surgery or getattr(plasticity, "cbp", False)):
-            raise ConfigError(f"plasticity.interventions {unit_surgery or ['cbp']} re-initialise ReLU units; they do not "
-                              f"support agent.activation=crelu. Valid choices with them: agent.activation=relu")
+        check_activation(cfg.activation, plasticity)
         self.init_plasticity(plasticity, cfg.reset_interval)
         self._build()
         self._step = self._fused_step if cfg.fused else self._update_once
