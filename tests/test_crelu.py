@@ -180,7 +180,7 @@ def test_short_train_run_with_crelu(agent, tmp_path):
                    "eval.every=60", "eval.episodes=1", "log.every=20", "plasticity.log_every=20",
                    f"run_dir={tmp_path}")
     assert result.returncode == 0, result.stderr
-    assert "crelu parameters: actor" in result.stdout
+    assert "activation crelu | parameters: actor" in result.stdout
     state = torch.load(list_checkpoints(tmp_path / "checkpoints")[-1], weights_only=True)
     assert state["config"]["agent"]["activation"] == "crelu"
     weight = state["agent"]["actor"]["net.3.weight" if agent == "sac" else "2.weight"]  # SAC: Linear, LayerNorm, CReLU, Linear

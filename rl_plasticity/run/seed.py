@@ -109,8 +109,8 @@ def start_seed(seed: int, directory: Path, container: dict[str, Any], resume_pat
               + ("" if resumed_env_exact else " (this env's state cannot be restored: its episode restarts)"), flush=True)
     print(f"run dir: {directory}  (tensorboard --logdir {shlex.quote(str(directory))})\n"
           f"agent {agent_name} on {container['env']['name']} | seed {seed} | device {device} | obs {job.obs_dim} | "
-          f"actions {job.action_dim} | {job.summary} | plasticity {plasticity_cfg.name} | {job.agent.cfg.activation} "
-          f"parameters: " + ", ".join(f"{k} {n:,}" for k, n in job.agent.parameter_counts().items()), flush=True)
+          f"actions {job.action_dim} | {job.summary} | plasticity {plasticity_cfg.name} | activation {job.agent.cfg.activation} "
+          f"| parameters: " + ", ".join(f"{k} {n:,}" for k, n in job.agent.parameter_counts().items()), flush=True)
     seed_run = SeedRun(seed, directory, run, job, logger, resume_path,
                        resume_state["loop"] if resume_state is not None else None, SeedRNG())
 
