@@ -9,8 +9,9 @@ from torch import nn
 from rl_plasticity.agents.networks import EnsembleMLP
 from rl_plasticity.agents.ppo import policy_mlp
 from rl_plasticity.config import ConfigError
-from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
+from rl_plasticity.plasticity.mixin import PlasticityConfig
 from rl_plasticity.plasticity.regularizers import Parseval
+from tests.test_plasticity import Holder
 
 
 def two_layer(w1, w2=((1.0, 2.0),)):
@@ -93,16 +94,7 @@ def test_config_defaults_and_validation():
         PlasticityConfig(name="parseval", parseval_s=0.0)
 
 
-# -- the loss path and the gradient path ----------------------------------------------------
-class Holder(PlasticityMixin):
-    def __init__(self, net, **cfg):
-        self.init_plasticity(PlasticityConfig(**cfg))
-        self.register_networks({"net": net})
-
-    def plasticity_inputs(self, batch):
-        return {"net": batch}
-
-
+# -- the loss path and the gradient path (Holder: tests/test_plasticity.py's smallest agent) -----
 def _net():
     torch.manual_seed(2)
     return nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
