@@ -5,9 +5,9 @@ An intervention is built for the agent (the `PlasticityMixin` host: its networks
 their per-element Adam steps) and, at every (re)registration of the networks, `attach`ed to them.
 After each update the mixin asks `due(update)`; a due intervention gets
 `after_update(update, inputs)` (inputs: the update's batch per network, when it `needs_inputs`)
-and returns what it did ({metric: number}).  `draws_random(next_update)` tells the seed groups
-whether the coming update's surgery draws from the global generators (agents/seeds.py then runs it
-under that seed's own generators); `on_task_change()` is called by the loops when the
+and returns what it did ({metric: number}).  `draws_random(next_update)` (by default: due and
+`random_surgery`) tells the seed groups whether the coming update's surgery draws from the global
+generators (agents/seeds.py then runs it under that seed's own generators); `on_task_change()` is called by the loops when the
 environment's task changes (Slippery Ant's friction, continual DMC's task); `state_dict()` /
 `load_state_dict()` travel in checkpoints; `diagnostics()` adds `plasticity/<network>/<metric>`.
 
@@ -110,6 +110,7 @@ class Intervention:
 
     name: ClassVar[str] = ""
     needs_inputs: ClassVar[bool] = False
+    random_surgery: ClassVar[bool] = False  # its surgery draws from the global generators
 
     def __init__(self, host: Any, cfg: Any = None):
         self.host = host
@@ -125,7 +126,7 @@ class Intervention:
         return {}
 
     def draws_random(self, next_update: int) -> bool:
-        return False
+        return self.random_surgery and self.due(next_update)
 
     def on_task_change(self) -> None:
         """The environment's task just changed."""
@@ -155,12 +156,10 @@ class FullReset(Intervention):
     `agent.reset_interval` sets the same."""
 
     name = "reset"
+    random_surgery = True
 
     def due(self, update: int) -> bool:
         return update % self.cfg.every == 0
-
-    def draws_random(self, next_update: int) -> bool:
-        return self.due(next_update)
 
     def after_update(self, update, inputs):
         self.host.reset_networks()
@@ -181,6 +180,7 @@ class PartialReset(Intervention):
     Defaults: every 200,000 updates, the last layer, actor and critic."""
 
     name = "partial_reset"
+    random_surgery = True
 
     def attach(self, networks):
         unknown = [n for n in self.cfg.networks if n not in networks]
@@ -195,9 +195,6 @@ class PartialReset(Intervention):
 
     def due(self, update):
         return update % self.cfg.every == 0
-
-    def draws_random(self, next_update):
-        return self.due(next_update)
 
     @staticmethod
     def chosen_modules(network: nn.Module, layers: int) -> list[nn.Module]:
@@ -265,6 +262,7 @@ class ReDo(Intervention):
     Defaults: F = 1000, τ = 0.025 (the paper's default; some of its settings use 0.1)."""
 
     name = "redo"
+    random_surgery = True
     needs_inputs = True
 
     def attach(self, networks):
@@ -273,9 +271,6 @@ class ReDo(Intervention):
 
     def due(self, update):
         return update % self.cfg.every == 0
-
-    def draws_random(self, next_update):
-        return self.due(next_update)
 
     @staticmethod
     def scores(features: torch.Tensor) -> torch.Tensor:
@@ -319,6 +314,7 @@ class ShrinkPerturb(Intervention):
     D'Oro et al. 2023 (SR-SPR); Ash & Adams sweep λ and σ; `every` null (task changes only)."""
 
     name = "shrink_perturb"
+    random_surgery = True
 
     def attach(self, networks):
         self.pending = getattr(self, "pending", False)
@@ -327,9 +323,6 @@ class ShrinkPerturb(Intervention):
     def due(self, update):
         every = self.cfg.every
         return self.pending or (every is not None and update % every == 0)
-
-    def draws_random(self, next_update):
-        return self.due(next_update)
 
     def on_task_change(self):
         if self.cfg.task_change:
@@ -381,6 +374,7 @@ class ContinualBackpropIntervention(Intervention):
     `plasticity.cbp_maturity` 1e4, decay `plasticity.cbp_decay` 0.99)."""
 
     name = "cbp"
+    random_surgery = True  # a replacement may fall on any update (due every update)
     needs_inputs = True
 
     def attach(self, networks):
@@ -390,9 +384,6 @@ class ContinualBackpropIntervention(Intervention):
 
     def due(self, update):
         return True
-
-    def draws_random(self, next_update):
-        return True  # a replacement may fall on any update
 
     @torch.no_grad()
     def after_update(self, update, inputs):
@@ -520,6 +511,7 @@ class PlasticityInjection(Intervention):
     shrink_perturb, er_step), whose layer walk would mix the three heads."""
 
     name = "injection"
+    random_surgery = True
     INCOMPATIBLE = ("cbp", "redo", "partial_reset", "shrink_perturb", "er_step")
 
     def attach(self, networks):
@@ -540,9 +532,6 @@ class PlasticityInjection(Intervention):
 
     def due(self, update):
         return not self.injected and update == self.cfg.at
-
-    def draws_random(self, next_update):
-        return self.due(next_update)
 
     @staticmethod
     def _sequence(network: nn.Module) -> nn.Sequential:

@@ -150,6 +150,7 @@ class AdamElementSteps:
         # be registered before their optimizers exist.
         self._optimizers = optimizers if callable(optimizers) else list(optimizers)
         self.tracked: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}  # param -> (flat index, t₀)
+        self._oldest: dict[torch.Tensor, float] = {}  # param -> min t₀, kept on the host (no sync per update)
         self._before: dict[torch.Tensor, tuple[torch.Tensor, float]] = {}
         self._owner_cache: dict[torch.Tensor, Any] = {}
 
@@ -187,6 +188,7 @@ class AdamElementSteps:
                 born.masked_fill_(mask.reshape(-1), float(state["step"]))
                 index = (born >= 0).nonzero().flatten()
                 self.tracked[param] = (index, born[index])
+                self._oldest[param] = float(born[index].min())
                 self._owner_cache.pop(param, None)
 
     @torch.no_grad()
@@ -206,6 +208,7 @@ class AdamElementSteps:
                 else:
                     state["step"] = 0
         self.tracked.pop(param, None)
+        self._oldest.pop(param, None)
         self._owner_cache.pop(param, None)
 
     def _adam_state(self, param: torch.Tensor) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
@@ -242,12 +245,14 @@ class AdamElementSteps:
             bc2_sqrt = (1.0 - torch.pow(beta2, s)).sqrt()
             m, v = self._flat(state["exp_avg"])[index], self._flat(state["exp_avg_sq"])[index]
             self._flat(param.data).index_copy_(0, index, before - step_size * m / (v.sqrt() / bc2_sqrt + group["eps"]))
-            if max(beta1, beta2) ** float(t - t0.min()) < self.HORIZON_EPS:  # some are old enough: drop them
+            if max(beta1, beta2) ** (t - self._oldest[param]) < self.HORIZON_EPS:  # some are old enough: drop them
                 young = torch.pow(max(beta1, beta2), t - t0) >= self.HORIZON_EPS
                 if bool(young.any()):
                     self.tracked[param] = (index[young], t0[young])
+                    self._oldest[param] = float(t0[young].min())
                 else:
                     del self.tracked[param]
+                    del self._oldest[param]
         self._before = {}
 
     # -- checkpointing: entries keyed by optimizer index and parameter index within it ----------
@@ -269,3 +274,4 @@ class AdamElementSteps:
         self.tracked = {params[k]: (v["index"].to(params[k].device).clone(),
                                     v["step"].to(params[k].device, torch.float64).clone())
                         for k, v in state.items()}
+        self._oldest = {p: float(t0.min()) for p, (_, t0) in self.tracked.items()}
