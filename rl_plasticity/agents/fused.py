@@ -19,20 +19,20 @@ stays valid across optimizer steps; a reset builds new modules and a new plan.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from rl_plasticity.agents.formulas import (actor_loss as sac_actor_loss, critic_td_loss, min_over_critics,
+                                           soft_td_target, squash_log_std, squash_log_std_backward,
+                                           tanh_gaussian_backward, tanh_gaussian_sample, temperature_loss,
+                                           temperature_loss_backward)
 from rl_plasticity.agents.networks import CReLU, EnsembleLayerNorm, EnsembleLinear, EnsembleMLP
 from rl_plasticity.optim import adam_step, adam_step_many  # noqa: F401  (re-exported: their old home)
 
 aten = torch.ops.aten
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-_LOG2 = math.log(2.0)
 
 
 def _grad_buffer(p: torch.Tensor) -> torch.Tensor:
@@ -320,27 +320,20 @@ class FusedSAC:
         alpha = log_alpha.detach().exp()
         alpha_col = alpha.unsqueeze(-1)  # against (..., B)
         lo, hi = self.log_std_min, self.log_std_max
-        half_range = 0.5 * (hi - lo)
 
         # Actor on [next_obs; obs]: the sample for the target and the policy sample in one pass.
         head, actor_cache = self.actor.forward(torch.cat([next_obs, obs], dim=-2))
         mean, raw = head[..., :A], head[..., A:]
-        t = torch.tanh(raw)
-        log_std = torch.add(t, 1.0).mul_(half_range).add_(lo)
-        std = log_std.exp()
+        log_std, t = squash_log_std(raw, lo, hi)
         eps = noise.reshape(*lead, 2 * B, A)
-        u = torch.addcmul(mean, std, eps)
-        a = torch.tanh(u)
-        log_prob = (-0.5 * eps.square() - log_std - _HALF_LOG_2PI).sum(-1)
-        log_prob = log_prob - (2.0 * (_LOG2 - u - F.softplus(-2.0 * u))).sum(-1)
+        a, log_prob, std = tanh_gaussian_sample(mean, log_std, eps)
         next_a, pi_a = a[..., :B, :], a[..., B:, :]
         next_lp, lp = log_prob[..., :B], log_prob[..., B:]
 
         # TD target through the target critic.
         q_next, _ = self.target.forward(self._critic_input(torch.cat([next_obs, next_a], dim=-1)), keep=False)
-        q_next = q_next.reshape(*lead, C, B)
-        next_q = q_next[..., 0, :] if C == 1 else q_next.min(-2).values
-        target = reward + cfg.gamma * (1.0 - terminated) * (next_q - alpha_col * next_lp)
+        next_q = min_over_critics(q_next.reshape(*lead, C, B))
+        target = soft_td_target(reward, terminated, next_q, next_lp, alpha_col, cfg.gamma)
 
         # Critic on [(obs, action); (obs, π(obs))].
         obs2 = torch.cat([obs, obs], dim=-2)
@@ -348,18 +341,20 @@ class FusedSAC:
         q_all, critic_cache = self.critic.forward(self._critic_input(x))
         q_all = q_all.reshape(*lead, C, 2 * B)
         q, q_pi = q_all[..., :B], q_all[..., B:]
-        diff = q - target.unsqueeze(-2)
-        critic_loss = diff.square().mean(-1).sum(-1)
+        critic_loss, diff = critic_td_loss(q, target)
+        # ∂ actor loss / ∂Q(s, ã) = −1/B at the critic that attains the minimum (min_over_critics
+        # routes the gradient to its argmin), 0 at the others.
         if C == 1:
             q_pi_min = q_pi[..., 0, :]
             d_q_pi = torch.full_like(q_pi, -1.0 / B)
         else:
             q_pi_min, which = q_pi.min(-2)
             d_q_pi = torch.zeros_like(q_pi).scatter_(-2, which.unsqueeze(-2), -1.0 / B)
-        actor_loss = (alpha_col * lp - q_pi_min).mean(-1)
-        alpha_loss = -(log_alpha.detach().unsqueeze(-1) * (lp + self.target_entropy)).mean(-1)
+        actor_loss = sac_actor_loss(alpha_col, lp, q_pi_min)
+        alpha_loss = temperature_loss(log_alpha.detach().unsqueeze(-1), lp, self.target_entropy)
 
         # Critic backward: parameters from the first B rows, dQ/da from the other B.
+        # ∂ critic_td_loss / ∂q = 2(q − target)/B per critic (its mean over rows, summed over critics).
         d_q = torch.cat([diff.mul(2.0 / B), d_q_pi], dim=-1)
         if self.seeds is not None:
             d_q = d_q.reshape(-1, 2 * B, 1)
@@ -371,15 +366,21 @@ class FusedSAC:
             dq_da = dq_da.reshape(self.seeds, C, B, A).sum(1)
 
         # Actor backward through the squashed Gaussian (noise fixed: the reparameterisation).
+        # The actor loss mean_b(α log π_b − min Q(s_b, ã_b)) has ∂/∂ã = dq_da (the −1/B above,
+        # carried through the critic's layers to its action input) and ∂/∂log π_b = α/B; from
+        # there formulas.tanh_gaussian_backward gives ∂/∂μ and ∂/∂log σ (its docstring derives
+        # them), and squash_log_std_backward ∂/∂raw = ∂/∂log σ · ½(hi − lo)(1 − tanh²(raw)).  The
+        # head's output is [μ, raw], so [∂/∂μ, ∂/∂raw] is the gradient the actor's layers take.
+        # Only the last B rows (the policy sample on obs) reach the actor's loss: the first B
+        # (the next action of the TD target) carry no gradient, the target being fixed.
         a_pi, t_pi, std_pi, eps_pi = pi_a, t[..., B:, :], std[..., B:, :], eps[..., B:, :]
         scale = (alpha / B).reshape(*lead, 1, 1) if lead else alpha / B
-        du = torch.addcmul(dq_da * (1.0 - a_pi.square()), a_pi, 2.0 * scale.expand_as(a_pi))
-        d_log_std = torch.sub(du * std_pi * eps_pi, scale)
-        d_raw = d_log_std.mul_((1.0 - t_pi.square()).mul_(half_range))
+        du, d_log_std = tanh_gaussian_backward(dq_da, scale, a_pi, std_pi, eps_pi)
+        d_raw = squash_log_std_backward(d_log_std, t_pi, lo, hi)
         self.actor.backward(actor_cache, torch.cat([du, d_raw], dim=-1), start=B)
 
         # Temperature.
-        _grad_buffer(log_alpha).copy_(-(lp + self.target_entropy).mean(-1))
+        _grad_buffer(log_alpha).copy_(temperature_loss_backward(lp, self.target_entropy))
         return {
             "losses/critic": critic_loss,
             "losses/actor": actor_loss,

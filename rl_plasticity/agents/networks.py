@@ -13,13 +13,12 @@ parameters than its ReLU twin (`parameter_count` tells how many).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from rl_plasticity.agents.formulas import squash_log_std, tanh_gaussian_sample
 from rl_plasticity.config import ConfigError
 from rl_plasticity.ensemble import CReLU, EnsembleLayerNorm, EnsembleLinear, fresh_weight  # noqa: F401  (re-exported)
 
@@ -134,8 +133,7 @@ class TanhGaussianActor(nn.Module):
 
     def distribution_params(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, raw = self.net(obs).chunk(2, dim=-1)
-        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(raw) + 1.0)
-        return mean, log_std
+        return mean, squash_log_std(raw, self.log_std_min, self.log_std_max)[0]
 
     def sample(self, obs: torch.Tensor, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,11 +143,8 @@ class TanhGaussianActor(nn.Module):
         mean, log_std = self.distribution_params(obs)
         if noise is None:
             noise = torch.randn(mean.shape, device=mean.device, generator=generator)
-        u = torch.addcmul(mean, log_std.exp(), noise)
-        # log N(u; mean, std) - log|d tanh(u)/du|, with log(1 - tanh(u)^2) = 2(log 2 - u - softplus(-2u)).
-        log_prob = (-0.5 * noise.square() - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-        log_prob = log_prob - (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).sum(-1)
-        return torch.tanh(u), log_prob
+        action, log_prob, _ = tanh_gaussian_sample(mean, log_std, noise)
+        return action, log_prob
 
     def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
         """The evaluation action tanh(mean)."""

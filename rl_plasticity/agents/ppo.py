@@ -22,12 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from rl_plasticity.agents.formulas import HALF_LOG_2PI, clipped_surrogate, gaussian_log_prob, normalize_advantages
 from rl_plasticity.agents.networks import ACTIVATIONS, check_activation, activation_module, features_out, orthogonal_init_, parameter_count
 from rl_plasticity.config import from_node, require
 from rl_plasticity.optim import adam_step
 from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
-
-_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 @dataclasses.dataclass
@@ -137,15 +136,15 @@ def ppo_loss(mean: torch.Tensor, value: torch.Tensor, log_std: torch.Tensor, mb:
     """
     ls = log_std.unsqueeze(-2)
     z = (mb["action"] - mean) * torch.exp(-ls)
-    log_prob = (-0.5 * z.square() - ls - _LOG_SQRT_2PI).sum(-1)
+    log_prob = gaussian_log_prob(z, ls)
     log_ratio = log_prob - mb["log_prob"]
     ratio = log_ratio.exp()
     adv = mb["advantage"]
     if adv.shape[-1] > 1:
-        adv = (adv - adv.mean(-1, keepdim=True)) / (adv.std(-1, keepdim=True) + 1e-8)
-    policy_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1.0 - cfg.clip, 1.0 + cfg.clip)).mean(-1)
+        adv = normalize_advantages(adv)
+    policy_loss = clipped_surrogate(adv, ratio, cfg.clip).mean(-1)
     value_loss = 0.5 * (value - mb["return"]).square().mean(-1)
-    entropy = (log_std + 0.5 + _LOG_SQRT_2PI).sum(-1)
+    entropy = (log_std + 0.5 + HALF_LOG_2PI).sum(-1)
     loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
     with torch.no_grad():
         approx_kl = ((ratio - 1.0) - log_ratio).mean(-1)
@@ -209,14 +208,13 @@ class PPOAgent(PlasticityMixin):
         """The unregularized clipped surrogate (actor) and value loss (critic) on rollout `rows`
         for plasticity/curvature.py; advantages normalised over the rows as over a minibatch."""
         d = {k: torch.as_tensor(v).to(self.device) for k, v in rows.items()}
-        adv = d["advantage"]
-        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        adv = normalize_advantages(d["advantage"])
         log_std, clip = self.log_std.detach(), self.cfg.clip
 
         def actor_loss(forward, b):
             z = (b["action"] - forward(b["obs"])) * torch.exp(-log_std)
-            ratio = ((-0.5 * z.square() - log_std - _LOG_SQRT_2PI).sum(-1) - b["log_prob"]).exp()
-            return torch.max(-b["advantage"] * ratio, -b["advantage"] * ratio.clamp(1.0 - clip, 1.0 + clip))
+            ratio = (gaussian_log_prob(z, log_std) - b["log_prob"]).exp()
+            return clipped_surrogate(b["advantage"], ratio, clip)
 
         def critic_loss(forward, b):
             return 0.5 * (forward(b["obs"]).squeeze(-1) - b["return"]).square()
@@ -252,7 +250,7 @@ class PPOAgent(PlasticityMixin):
         mean = self.actor(o)
         noise = torch.randn_like(mean)
         action = mean + self.log_std.exp() * noise
-        log_prob = (-0.5 * noise.square() - self.log_std - _LOG_SQRT_2PI).sum(-1)
+        log_prob = gaussian_log_prob(noise, self.log_std)
         value = self.critic(o).squeeze(-1)
         out = torch.cat([action, log_prob.unsqueeze(-1), value.unsqueeze(-1)], -1).cpu().numpy()
         a = self.action_dim

@@ -27,12 +27,17 @@ import numpy as np
 import torch
 
 from rl_plasticity.agents.accelerate import accelerate
+from rl_plasticity.agents.formulas import (actor_loss as sac_actor_loss, critic_td_loss, min_over_critics,
+                                           soft_td_target, squash_log_std, tanh_gaussian_sample, temperature_loss)
 from rl_plasticity.agents.fused import FusedSAC
 from rl_plasticity.agents.networks import ACTIVATIONS, check_activation, Critic, TanhGaussianActor, parameter_count
 from rl_plasticity.buffers import Batch
 from rl_plasticity.config import from_node, require
 from rl_plasticity.optim import adam_step
 from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
+
+
+_min_over_critics = min_over_critics  # its old name here (benchmarks/learning_parity.py reads it)
 
 
 @dataclasses.dataclass
@@ -79,11 +84,6 @@ class SACConfig:
         require(cfg.reset_interval is None or cfg.reset_interval >= 1,
                 f"agent.reset_interval must be >= 1 (gradient updates) or null, got {cfg.reset_interval}")
         return cfg
-
-
-def _min_over_critics(q: torch.Tensor) -> torch.Tensor:
-    """Clipped double-Q: the minimum over the critic dimension (a plain view for one critic)."""
-    return q[0] if q.shape[0] == 1 else q.min(0).values
 
 
 class SACAgent(PlasticityMixin):
@@ -180,14 +180,11 @@ class SACAgent(PlasticityMixin):
         def critic_loss(forward, d):  # Σ over critics of (Q − target)², per sample
             return (forward(d["x"]).squeeze(-1) - d["target"]).square().sum(0)
 
-        def actor_loss(forward, d):  # α log π(ã|s) − min Q(s, ã), ã = tanh(mean + std·noise)
+        def actor_loss(forward, d):  # α log π(ã|s) − min Q(s, ã), ã = tanh(mean + std·noise), per sample
             mean, raw = forward(d["obs"]).chunk(2, dim=-1)
-            log_std = actor.log_std_min + 0.5 * (actor.log_std_max - actor.log_std_min) * (torch.tanh(raw) + 1.0)
-            u = mean + log_std.exp() * d["noise"]
-            log_prob = (-0.5 * d["noise"].square() - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
-            log_prob = log_prob - (2.0 * (np.log(2.0) - u - torch.nn.functional.softplus(-2.0 * u))).sum(-1)
-            q = _min_over_critics(critic(d["obs"], torch.tanh(u), detached=True))
-            return alpha * log_prob - q
+            log_std = squash_log_std(raw, actor.log_std_min, actor.log_std_max)[0]
+            action, log_prob, _ = tanh_gaussian_sample(mean, log_std, d["noise"])
+            return alpha * log_prob - min_over_critics(critic(d["obs"], action, detached=True))
 
         return {"critic": (self.critic.net, critic_loss,
                            {"x": torch.cat([batch.obs, batch.action], -1), "target": target}),
@@ -218,7 +215,7 @@ class SACAgent(PlasticityMixin):
     def value(self, obs: np.ndarray) -> float:
         """Critic's estimate of V(s) ≈ Q(s, tanh(mean)) (min over critics), for diagnostics."""
         o = torch.as_tensor(obs, dtype=torch.float32, device=self.device).unsqueeze(0)
-        return float(_min_over_critics(self.critic(o, self.actor.deterministic(o))).item())
+        return float(min_over_critics(self.critic(o, self.actor.deterministic(o))).item())
 
     # -- learning -----------------------------------------------------------------------------
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -238,27 +235,24 @@ class SACAgent(PlasticityMixin):
     @torch.no_grad()
     def td_target(self, reward: torch.Tensor, next_obs: torch.Tensor, terminated: torch.Tensor,
                   alpha: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """r + γ (1 − terminated) (min_i Q̄_i(s', a') − α log π(a'|s')), a' ~ π(·|s').
-
-        Only a true termination stops bootstrapping; a time-limit truncation does not (the loop
-        stores it as terminated = 0).
-        """
+        """r + γ (1 − terminated) (min_i Q̄_i(s', a') − α log π(a'|s')), a' ~ π(·|s')
+        (`formulas.soft_td_target`: only a true termination stops bootstrapping)."""
         alpha = self.alpha if alpha is None else alpha
         next_action, next_log_prob = self.actor.sample(next_obs, noise, self.generator)
-        next_q = _min_over_critics(self.critic_target(next_obs, next_action))
-        return reward + self.cfg.gamma * (1.0 - terminated) * (next_q - alpha * next_log_prob)
+        next_q = min_over_critics(self.critic_target(next_obs, next_action))
+        return soft_td_target(reward, terminated, next_q, next_log_prob, alpha, self.cfg.gamma)
 
     def _update_once(self, obs, action, reward, next_obs, terminated, noise) -> dict[str, torch.Tensor]:
         """The autograd reference update (agent.fused=false); `noise` (2, B, |A|)."""
         alpha = self.log_alpha.detach().exp()
         target = self.td_target(reward, next_obs, terminated, alpha, noise[0])
         q = self.critic(obs, action)
-        critic_loss = (q - target).square().mean(-1).sum()
+        critic_loss = critic_td_loss(q, target)[0]
 
         new_action, log_prob = self.actor.sample(obs, noise[1])
-        q_pi = _min_over_critics(self.critic(obs, new_action, detached=True))
-        actor_loss = (alpha * log_prob - q_pi).mean()
-        alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+        q_pi = min_over_critics(self.critic(obs, new_action, detached=True))
+        actor_loss = sac_actor_loss(alpha, log_prob, q_pi)
+        alpha_loss = temperature_loss(self.log_alpha, log_prob.detach(), self.target_entropy)
 
         loss = critic_loss + actor_loss + alpha_loss
         loss = self.add_plasticity_losses(loss, ("critic", "actor"), defer_direct=True)
