@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from torch import nn
 from rl_plasticity.agents.formulas import HALF_LOG_2PI, clipped_surrogate, gaussian_log_prob, normalize_advantages
 from rl_plasticity.agents.networks import ACTIVATIONS, check_activation, activation_module, features_out, orthogonal_init_, parameter_count
 from rl_plasticity.config import from_node, require
-from rl_plasticity.optim import adam_step
+from rl_plasticity.optim import adam_step_many
 from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
 
 
@@ -153,6 +153,53 @@ def ppo_loss(mean: torch.Tensor, value: torch.Tensor, log_std: torch.Tensor, mb:
     return loss, stats
 
 
+def ppo_epochs(cfg: PPOConfig, plasticity: PlasticityConfig, rows: int, generators: Sequence[torch.Generator],
+               device: torch.device, minibatch: Callable[[torch.Tensor], tuple[torch.Tensor, Any]],
+               after_update: Callable[[int, Any, Optional[torch.Tensor]], None]) -> torch.Tensor:
+    """PPO's optimisation phase (Schulman et al. 2017, Alg. 1: K epochs of minibatch updates on
+    the rollout), for one agent or a seed group (one generator per seed).
+
+    Each epoch draws a permutation of the `rows` rollout rows from each seed's generator and
+    steps on consecutive minibatches of rows // num_minibatches of them (the remainder sits that
+    epoch out): `minibatch(index)` with index (seeds, size) returns (stats, minibatch); then
+    `after_update(i, minibatch, block)` for each seed i.  The ER step needs er_batch inputs
+    (spectral-collapse-l2-er.md Table 8: a minibatch may hold only 16 rows), so with ER and
+    smaller minibatches `block` is the er_batch rows of seed i's permutation from the
+    minibatch's start on, wrapping around; otherwise None (the minibatch's own rows).
+    Returns the last epoch's stats averaged over its minibatches.
+    """
+    size = max(1, rows // cfg.num_minibatches)
+    block = max(size, plasticity.er_batch) if plasticity.er else size
+    history: list[torch.Tensor] = []
+    for _ in range(cfg.epochs):
+        perm = torch.stack([torch.randperm(rows, generator=g) for g in generators]).to(device)
+        history = []
+        for start in range(0, size * (rows // size), size):
+            stats, mb = minibatch(perm[:, start:start + size])
+            history.append(stats)
+            for i in range(len(generators)):
+                after_update(i, mb, None if block == size else perm[i].roll(-start)[:block])
+    return torch.stack(history).mean(0)
+
+
+def ppo_optimizer_step(agents: Sequence["PPOAgent"], plasticity_gradients: bool) -> None:
+    """A minibatch step once its loss's gradients are in `.grad`, for one agent or a seed group:
+    per agent the plasticity gradients when `plasticity_gradients` (a loss without the
+    plasticity losses), the regularizers' work before the step and gradient clipping
+    (`max_grad_norm`); one Adam step over every agent's optimizer (bitwise `optimizer.step()`
+    per agent); the update counts."""
+    max_grad_norm = agents[0].cfg.max_grad_norm
+    for agent in agents:
+        if plasticity_gradients:
+            agent.add_plasticity_gradients(("actor", "critic"))
+        agent.plasticity_before_step()
+        if max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(agent.params, max_grad_norm)
+    adam_step_many([agent.optimizer for agent in agents])
+    for agent in agents:
+        agent.update_count += 1
+
+
 def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
     """1 − Var(returns − values) / Var(returns), over the last dimension."""
     return 1.0 - (returns - values).var(-1) / returns.var(-1).clamp_min(1e-8)
@@ -275,43 +322,34 @@ class PPOAgent(PlasticityMixin):
 
     # -- learning -----------------------------------------------------------------------------
     def update(self, rollout: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """`epochs` passes over the rollout in `num_minibatches` shuffled minibatches.
+        """`epochs` passes over the rollout in `num_minibatches` shuffled minibatches (`ppo_epochs`).
 
         Returns metrics averaged over the last epoch's minibatches, as device tensors.
         """
-        cfg, dev = self.cfg, self.device
-        data = {k: torch.from_numpy(v).to(dev) for k, v in rollout.items()}
-        n = data["obs"].shape[0]
-        size = max(1, n // cfg.num_minibatches)
-        # ER needs a block of er_batch inputs; a minibatch may be smaller (Table 8: 16 rows).
-        pl = self.plasticity_cfg
-        block = max(size, pl.er_batch) if pl.er else size
-        history: list[torch.Tensor] = []
-        for _ in range(cfg.epochs):
-            perm = torch.randperm(n, generator=self.generator).to(dev)
-            history = []
-            for start in range(0, size * (n // size), size):
-                mb = {k: v[perm[start:start + size]] for k, v in data.items()}
-                history.append(self._update_minibatch(mb))
-                # The mixin reads this only when an ER step, CBP or a reset is due.
-                self.plasticity_after_update(mb["obs"] if block == size else data["obs"][perm.roll(-start)[:block]])
-        metrics = dict(zip(STAT_NAMES, torch.stack(history).mean(0).unbind()))
+        data = {k: torch.from_numpy(v).to(self.device) for k, v in rollout.items()}
+
+        def minibatch(index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            mb = {k: v[index[0]] for k, v in data.items()}
+            return self._update_minibatch(mb), mb
+
+        def after_update(i: int, mb: Mapping[str, torch.Tensor], block: Optional[torch.Tensor]) -> None:
+            # The mixin reads this only when an ER step, CBP or a reset is due.
+            self.plasticity_after_update(mb["obs"] if block is None else data["obs"][block])
+
+        stats = ppo_epochs(self.cfg, self.plasticity_cfg, data["obs"].shape[0], [self.generator], self.device,
+                           minibatch, after_update)
+        metrics = dict(zip(STAT_NAMES, stats.unbind()))
         metrics["losses/explained_variance"] = explained_variance(data["value"], data["return"])
         metrics["value/log_std"] = self.log_std.detach().mean()
         return metrics
 
     def _update_minibatch(self, mb: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        cfg = self.cfg
         obs = mb["obs"]
-        loss, stats = ppo_loss(self.actor(obs), self.critic(obs).squeeze(-1), self.log_std, mb, cfg)
+        loss, stats = ppo_loss(self.actor(obs), self.critic(obs).squeeze(-1), self.log_std, mb, self.cfg)
         loss = self.add_plasticity_losses(loss, ("actor", "critic"), defer_direct=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.plasticity_before_step()
-        if cfg.max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        adam_step(self.optimizer)  # bitwise optimizer.step(), without its per-call Python work
-        self.update_count += 1
+        ppo_optimizer_step([self], plasticity_gradients=False)
         return stats
 
     # -- checkpointing ------------------------------------------------------------------------

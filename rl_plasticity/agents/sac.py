@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from rl_plasticity.agents.fused import FusedSAC
 from rl_plasticity.agents.networks import ACTIVATIONS, check_activation, Critic, TanhGaussianActor, parameter_count
 from rl_plasticity.buffers import Batch
 from rl_plasticity.config import from_node, require
-from rl_plasticity.optim import adam_step
+from rl_plasticity.optim import adam_step_many
 from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
 
 
@@ -84,6 +84,42 @@ class SACConfig:
         require(cfg.reset_interval is None or cfg.reset_interval >= 1,
                 f"agent.reset_interval must be >= 1 (gradient updates) or null, got {cfg.reset_interval}")
         return cfg
+
+
+def update_noise(agent: "SACAgent", updates: int, size: int) -> torch.Tensor:
+    """The standard normal noise of `updates` updates of `agent` (next action and policy action),
+    (updates, 2, size, |A|), drawn from the agent's generator in one call."""
+    return torch.randn((updates, 2, size, agent.action_dim), device=agent.device, generator=agent.generator)
+
+
+def sac_update_step(agents: Sequence["SACAgent"], gradients: Callable[..., dict[str, torch.Tensor]],
+                    plasticity_gradients: bool, lerp_target: Callable[[], None],
+                    after_update: Callable[[int, torch.Tensor, torch.Tensor], None], obs: torch.Tensor,
+                    action: torch.Tensor, reward: torch.Tensor, next_obs: torch.Tensor, terminated: torch.Tensor,
+                    noise: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One SAC gradient update (Haarnoja et al. 2018b, Alg. 1's gradient step, the critic, actor and
+    temperature stepped together), of one agent or of a seed group (agents/seeds.py), in order:
+
+    1. `gradients(obs, action, reward, next_obs, terminated, noise)`: the losses' gradients in
+       `.grad` and the update's metrics (the fused path, or autograd with the plasticity losses);
+    2. per agent, the plasticity gradients when `plasticity_gradients` (the fused path's: its
+       losses carry none) and the regularizers' work before the step;
+    3. one Adam step over every agent's optimizer (bitwise `optimizer.step()` per agent);
+    4. the target critics' Polyak step (`lerp_target`);
+    5. per agent, the update count and `after_update(i, obs, action)`: ER step, continual
+       backprop, resets and the other interventions.
+    """
+    metrics = gradients(obs, action, reward, next_obs, terminated, noise)
+    for agent in agents:
+        if plasticity_gradients:
+            agent.add_plasticity_gradients(("critic", "actor"))
+        agent.plasticity_before_step()
+    adam_step_many([agent.optimizer for agent in agents])
+    lerp_target()
+    for i, agent in enumerate(agents):
+        agent.update_count += 1
+        after_update(i, obs, action)
+    return metrics
 
 
 class SACAgent(PlasticityMixin):
@@ -224,10 +260,9 @@ class SACAgent(PlasticityMixin):
         The Gaussian noise of all these updates (next action and policy action) is drawn in one
         call.  Returns the last update's metrics as detached device tensors (no host sync).
         """
-        updates, size = batch.obs.shape[0], batch.obs.shape[1]
-        noise = torch.randn((updates, 2, size, self.action_dim), device=self.device, generator=self.generator)
+        noise = update_noise(self, batch.obs.shape[0], batch.obs.shape[1])
         metrics: dict[str, torch.Tensor] = {}
-        for i in range(updates):
+        for i in range(batch.obs.shape[0]):
             metrics = self._step(batch.obs[i], batch.action[i], batch.reward[i], batch.next_obs[i],
                                  batch.terminated[i], noise[i])
         return metrics
@@ -244,6 +279,16 @@ class SACAgent(PlasticityMixin):
 
     def _update_once(self, obs, action, reward, next_obs, terminated, noise) -> dict[str, torch.Tensor]:
         """The autograd reference update (agent.fused=false); `noise` (2, B, |A|)."""
+        return sac_update_step([self], self._autograd_gradients, False, self._lerp_target, self._after_update,
+                               obs, action, reward, next_obs, terminated, noise)
+
+    def _fused_step(self, obs, action, reward, next_obs, terminated, noise) -> dict[str, torch.Tensor]:
+        """The same update as `_update_once` with the hand-written gradients of agents/fused.py."""
+        return sac_update_step([self], self._losses_and_grads, True, self._lerp_target, self._after_update,
+                               obs, action, reward, next_obs, terminated, noise)
+
+    def _autograd_gradients(self, obs, action, reward, next_obs, terminated, noise) -> dict[str, torch.Tensor]:
+        """The losses (the plasticity losses included) and their gradients in `.grad`, by autograd."""
         alpha = self.log_alpha.detach().exp()
         target = self.td_target(reward, next_obs, terminated, alpha, noise[0])
         q = self.critic(obs, action)
@@ -258,7 +303,6 @@ class SACAgent(PlasticityMixin):
         loss = self.add_plasticity_losses(loss, ("critic", "actor"), defer_direct=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self._finish_update(obs, action)
         return {
             "losses/critic": critic_loss.detach(),
             "losses/actor": actor_loss.detach(),
@@ -268,20 +312,11 @@ class SACAgent(PlasticityMixin):
             "value/entropy": -log_prob.detach().mean(),
         }
 
-    def _fused_step(self, obs, action, reward, next_obs, terminated, noise) -> dict[str, torch.Tensor]:
-        """The same update as `_update_once` with the hand-written gradients of agents/fused.py."""
-        metrics = self._losses_and_grads(obs, action, reward, next_obs, terminated, noise)
-        self.add_plasticity_gradients(("critic", "actor"))
-        self._finish_update(obs, action)
-        return metrics
+    @torch.no_grad()
+    def _lerp_target(self) -> None:
+        torch._foreach_lerp_(self._target_params, self._critic_params, self.cfg.tau)
 
-    def _finish_update(self, obs: torch.Tensor, action: torch.Tensor) -> None:
-        """Gradients are in `.grad`: regularizer gradients, the optimizer step, the target."""
-        self.plasticity_before_step()
-        adam_step(self.optimizer)  # bitwise optimizer.step(), without its per-call Python work
-        with torch.no_grad():
-            torch._foreach_lerp_(self._target_params, self._critic_params, self.cfg.tau)
-        self.update_count += 1
+    def _after_update(self, i: int, obs: torch.Tensor, action: torch.Tensor) -> None:
         self.plasticity_after_update((obs, action))
 
     # -- checkpointing ------------------------------------------------------------------------

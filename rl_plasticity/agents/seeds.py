@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 from rl_plasticity.agents.accelerate import accelerate
 from rl_plasticity.agents.fused import FusedSAC, MLPPlan, crelu
-from rl_plasticity.agents.ppo import STAT_NAMES, explained_variance, ppo_loss
+from rl_plasticity.agents.ppo import STAT_NAMES, explained_variance, ppo_epochs, ppo_loss, ppo_optimizer_step
+from rl_plasticity.agents.sac import sac_update_step, update_noise
 from rl_plasticity.buffers import Batch
-from rl_plasticity.optim import adam_step_many
 
 
 class SeedRNG:
@@ -208,25 +208,21 @@ class SACSeedGroup(_StackedSeeds):
         if len(batches) != n:
             raise ValueError(f"{len(batches)} batches for {n} seeds")
         updates, size = batches[0].obs.shape[0], batches[0].obs.shape[1]
-        action_dim = agents[0].action_dim
         # Each seed's noise from its own generator, drawn as SACAgent.update draws it.
-        noise = torch.stack([torch.randn((updates, 2, size, action_dim), device=a.device, generator=a.generator)
-                             for a in agents], 1)
+        noise = torch.stack([update_noise(a, updates, size) for a in agents], 1)
         obs, action, reward, next_obs, terminated = (torch.stack(t, 1) for t in zip(*batches))
-        tau = agents[0].cfg.tau
         metrics: dict[str, torch.Tensor] = {}
         for u in range(updates):
-            metrics = self._losses_and_grads(obs[u], action[u], reward[u], next_obs[u], terminated[u], noise[u])
-            for agent in agents:
-                agent.add_plasticity_gradients(("critic", "actor"))
-                agent.plasticity_before_step()
-            adam_step_many([a.optimizer for a in agents])
-            with torch.no_grad():
-                torch._foreach_lerp_(self._storage[2], self._storage[1], tau)
-            for i, agent in enumerate(agents):
-                agent.update_count += 1
-                self._after_update(i, (obs[u, i], action[u, i]))
+            metrics = sac_update_step(agents, self._losses_and_grads, True, self._lerp_target, self._seed_after_update,
+                                      obs[u], action[u], reward[u], next_obs[u], terminated[u], noise[u])
         return [{k: v[i] for k, v in metrics.items()} for i in range(n)]
+
+    @torch.no_grad()
+    def _lerp_target(self) -> None:
+        torch._foreach_lerp_(self._storage[2], self._storage[1], self.agents[0].cfg.tau)
+
+    def _seed_after_update(self, i: int, obs: torch.Tensor, action: torch.Tensor) -> None:
+        self._after_update(i, (obs[i], action[i]))
 
 
 class PPOSeedGroup(_StackedSeeds):
@@ -296,24 +292,19 @@ class PPOSeedGroup(_StackedSeeds):
         n = len(agents)
         if len(rollouts) != n:
             raise ValueError(f"{len(rollouts)} rollouts for {n} seeds")
-        cfg, dev = agents[0].cfg, agents[0].device
+        dev = agents[0].device
         data = {k: torch.stack([torch.from_numpy(r[k]) for r in rollouts]).to(dev) for k in rollouts[0]}
-        rows = data["obs"].shape[1]
-        size = max(1, rows // cfg.num_minibatches)
-        pl = agents[0].plasticity_cfg
-        block = max(size, pl.er_batch) if pl.er else size
         seed_index = torch.arange(n, device=dev).unsqueeze(1)
-        history: list[torch.Tensor] = []
-        for _ in range(cfg.epochs):
-            perm = torch.stack([torch.randperm(rows, generator=a.generator) for a in agents]).to(dev)
-            history = []
-            for start in range(0, size * (rows // size), size):
-                index = perm[:, start:start + size]
-                mb = {k: v[seed_index, index] for k, v in data.items()}
-                history.append(self._update_minibatch(mb))
-                for i in range(n):
-                    self._after_update(i, mb["obs"][i] if block == size else data["obs"][i][perm[i].roll(-start)[:block]])
-        stats = torch.stack(history).mean(0)  # (N, 5)
+
+        def minibatch(index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            mb = {k: v[seed_index, index] for k, v in data.items()}
+            return self._update_minibatch(mb), mb
+
+        def after_update(i: int, mb: Mapping[str, torch.Tensor], block: torch.Tensor | None) -> None:
+            self._after_update(i, mb["obs"][i] if block is None else data["obs"][i][block])
+
+        stats = ppo_epochs(agents[0].cfg, agents[0].plasticity_cfg, data["obs"].shape[1],
+                           [a.generator for a in agents], dev, minibatch, after_update)  # (N, 5)
         explained = explained_variance(data["value"], data["return"])
         out = []
         for i, agent in enumerate(agents):
@@ -325,20 +316,11 @@ class PPOSeedGroup(_StackedSeeds):
 
     def _update_minibatch(self, mb: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One minibatch step of every seed (`PPOAgent._update_minibatch`); stats (N, 5)."""
-        agents = self.agents
-        cfg = agents[0].cfg
         obs = mb["obs"]
         loss, stats = ppo_loss(self._forward("actor", obs), self._forward("critic", obs).squeeze(-1),
-                               self._storage["log_std"][0], mb, cfg)
+                               self._storage["log_std"][0], mb, self.agents[0].cfg)
         torch._foreach_copy_(self._leaf_grads, torch.autograd.grad(loss.sum(), self._leaves))
-        for agent in agents:
-            agent.add_plasticity_gradients(("actor", "critic"))
-            agent.plasticity_before_step()
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(agent.params, cfg.max_grad_norm)
-        adam_step_many([a.optimizer for a in agents])
-        for agent in agents:
-            agent.update_count += 1
+        ppo_optimizer_step(self.agents, plasticity_gradients=True)
         return stats
 
 
