@@ -62,9 +62,10 @@ def batches(n: int, args, device: torch.device):
     g = torch.Generator().manual_seed(1)
     out = []
     for _ in range(n):
-        out.append(Batch(torch.randn(16, args.batch, OBS, generator=g), torch.rand(16, args.batch, ACT, generator=g) * 2 - 1,
-                         torch.randn(16, args.batch, generator=g), torch.randn(16, args.batch, OBS, generator=g),
-                         (torch.rand(16, args.batch, generator=g) < 0.01).float()))
+        rows = (16, args.batch)
+        out.append(Batch(torch.randn(*rows, OBS, generator=g), torch.rand(*rows, ACT, generator=g) * 2 - 1,
+                         torch.randn(*rows, generator=g), torch.randn(*rows, OBS, generator=g),
+                         (torch.rand(*rows, generator=g) < 0.01).float()))
     return [Batch(*(t.to(device) for t in b)) for b in out]
 
 

@@ -1,6 +1,7 @@
 """Layers of `num_members` independent networks evaluated as one batched op (critic ensembles,
 seeds batched along a leading dimension), and `fresh_weight`, the initial distribution a layer's
-weights are re-drawn from (continual backprop), and the CReLU activation.
+weights are re-drawn from (continual backprop), the CReLU activation, and `chain_blocks`, the one
+walker of the Linear → [LayerNorm] → [ReLU | CReLU] chain the networks are made of.
 
 The building blocks both the agents' networks and the plasticity code (which finds and re-draws
 these layers) depend on; neither package imports the other for them.
@@ -8,6 +9,7 @@ these layers) depend on; neither package imports the other for them.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +82,67 @@ class EnsembleLayerNorm(nn.Module):
         return torch.addcmul(b, F.layer_norm(x, (self.width,), eps=self.eps), w)
 
 
+def crelu(z: torch.Tensor) -> torch.Tensor:
+    """The concatenated ReLU [relu(z), relu(−z)] along the last dimension (Shang et al. 2016; against
+    loss of plasticity: Abbas et al. 2023): n inputs give 2n features."""
+    return torch.cat([torch.relu(z), torch.relu(-z)], dim=-1)
+
+
 class CReLU(nn.Module):
-    """CReLU(x) = [relu(x), relu(−x)] along the last dimension: n inputs give 2n features."""
+    """`crelu` as a module: n inputs give 2n features."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.relu(x), torch.relu(-x)], dim=-1)
+        return crelu(x)
+
+
+LINEAR_LAYERS = (nn.Linear, EnsembleLinear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORM_LAYERS = (nn.LayerNorm, EnsembleLayerNorm)
+ACTIVATION_LAYERS = (nn.ReLU, CReLU)
+
+
+class Block:
+    """One layer of the chain: `linear` (plain, ensemble or convolutional), its optional
+    LayerNorm `norm` and its optional `activation` (ReLU or CReLU); a network's head has neither.
+    `relu` says there is an activation, `crelu` that it is CReLU [relu(z), relu(−z)]."""
+
+    __slots__ = ("linear", "norm", "activation", "relu", "crelu")
+
+    def __init__(self, linear: nn.Module, norm: Optional[nn.Module] = None, activation: Optional[nn.Module] = None):
+        self.linear, self.norm, self.activation = linear, norm, activation
+        self.relu = activation is not None
+        self.crelu = isinstance(activation, CReLU)
+
+
+def chain_blocks(network: nn.Module, strict: Optional[str] = None) -> list[Block]:
+    """The Linear → [LayerNorm] → [ReLU | CReLU] blocks of `network`, in forward order.
+
+    Walks `network.modules()` (registration order, which is the forward order of an
+    nn.Sequential, an EnsembleMLP, and the heads plasticity injection builds): each linear layer
+    opens a block, a LayerNorm right after it and then an activation join it.  A LayerNorm or an
+    activation with no linear layer before it in its block is a TypeError.  Modules without
+    submodules of any other kind (Flatten, Tanh, ...) are passed over, unless `strict` names the
+    caller (the fused update, which knows only these layers): then they are a TypeError too.
+    """
+    blocks: list[Block] = []
+    linear: Optional[nn.Module] = None
+    norm: Optional[nn.Module] = None
+    for module in network.modules():
+        if isinstance(module, LINEAR_LAYERS):
+            if linear is not None:
+                blocks.append(Block(linear, norm))
+            linear, norm = module, None
+        elif isinstance(module, NORM_LAYERS):
+            if linear is None or norm is not None:
+                raise TypeError(f"{type(network).__name__}: a {type(module).__name__} without a linear layer "
+                                f"right before it")
+            norm = module
+        elif isinstance(module, ACTIVATION_LAYERS):
+            if linear is None:
+                raise TypeError(f"{type(network).__name__}: an activation without a linear layer before it")
+            blocks.append(Block(linear, norm, module))
+            linear, norm = None, None
+        elif strict is not None and next(module.children(), None) is None:
+            raise TypeError(f"{strict}: unexpected layer {type(module).__name__}")
+    if linear is not None:
+        blocks.append(Block(linear, norm))
+    return blocks

@@ -107,8 +107,9 @@ def critic_td_loss(q: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def actor_loss(alpha: torch.Tensor, log_prob: torch.Tensor, q_pi: torch.Tensor) -> torch.Tensor:
-    """E[α log π(ã|s) − Q(s, ã)], ã = tanh(μ + σε) (Haarnoja et al. 2018b, §4.2, the policy objective), mean over rows;
-    `q_pi` the `min_over_critics` of the critics read through fixed parameters."""
+    """E[α log π(ã|s) − Q(s, ã)], ã = tanh(μ + σε) (Haarnoja et al. 2018b, §4.2, the policy
+    objective), mean over rows; `q_pi` the `min_over_critics` of the critics read through fixed
+    parameters."""
     return (alpha * log_prob - q_pi).mean(-1)
 
 

@@ -19,7 +19,6 @@ stays valid across optimizer steps; a reset builds new modules and a new plan.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,7 +28,7 @@ from rl_plasticity.agents.formulas import (actor_loss as sac_actor_loss, critic_
                                            soft_td_target, squash_log_std, squash_log_std_backward,
                                            tanh_gaussian_backward, tanh_gaussian_sample, temperature_loss,
                                            temperature_loss_backward)
-from rl_plasticity.agents.networks import CReLU, EnsembleLayerNorm, EnsembleLinear, EnsembleMLP
+from rl_plasticity.ensemble import Block, EnsembleLinear, chain_blocks, crelu
 from rl_plasticity.optim import adam_step, adam_step_many  # noqa: F401  (re-exported: their old home)
 
 aten = torch.ops.aten
@@ -42,25 +41,10 @@ def _grad_buffer(p: torch.Tensor) -> torch.Tensor:
     return p.grad
 
 
-@dataclass
-class _Block:
-    """Linear -> [LayerNorm] -> [ReLU or CReLU]: one hidden layer, or the head (no norm, no
-    activation).  `relu` says there is an activation, `crelu` that it is CReLU [relu(z), relu(−z)]."""
-
-    linear: nn.Module
-    norm: Optional[nn.Module]
-    relu: bool
-    crelu: bool = False
-
-
-def crelu(z: torch.Tensor) -> torch.Tensor:
-    """[relu(z), relu(−z)] along the last dimension (networks.CReLU)."""
-    return torch.cat([torch.relu(z), torch.relu(-z)], dim=-1)
-
-
 def crelu_backward(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Gradient at the pre-activation z from the gradient `d` at a = [relu(z), relu(−z)]:
-    d₁·[z > 0] − d₂·[z < 0], each half masked where its output is positive (as autograd's relu)."""
+    """Gradient at the pre-activation z of `ensemble.crelu` from the gradient `d` at
+    a = [relu(z), relu(−z)]: d₁·[z > 0] − d₂·[z < 0], each half masked where its output is
+    positive (as autograd's relu)."""
     w = a.shape[-1] // 2
     return aten.threshold_backward(d[..., :w], a[..., :w], 0) - aten.threshold_backward(d[..., w:], a[..., w:], 0)
 
@@ -91,7 +75,7 @@ class MLPPlan:
     per-member rows.
     """
 
-    def __init__(self, network: Optional[nn.Module] = None, blocks: Optional[list[_Block]] = None):
+    def __init__(self, network: Optional[nn.Module] = None, blocks: Optional[list[Block]] = None):
         if blocks is None:
             blocks = self._walk(network)
         self.blocks = blocks
@@ -101,23 +85,11 @@ class MLPPlan:
         self.batched = self.stacked or self.members > 1
 
     @staticmethod
-    def _walk(network: nn.Module) -> list[_Block]:
-        layers = list(network.layers if isinstance(network, EnsembleMLP) else network)
-        blocks: list[_Block] = []
-        i = 0
-        while i < len(layers):
-            linear = layers[i]
-            if not isinstance(linear, (nn.Linear, EnsembleLinear)):
-                raise TypeError(f"fused path: unexpected layer {type(linear).__name__}")
-            i += 1
-            norm = None
-            if i < len(layers) and isinstance(layers[i], (nn.LayerNorm, EnsembleLayerNorm)):
-                norm = layers[i]
-                i += 1
-            relu = i < len(layers) and isinstance(layers[i], (nn.ReLU, CReLU))
-            is_crelu = relu and isinstance(layers[i], CReLU)
-            i += int(relu)
-            blocks.append(_Block(linear, norm, relu, is_crelu))
+    def _walk(network: nn.Module) -> list[Block]:
+        blocks = chain_blocks(network, strict="fused path")
+        for block in blocks:
+            if not isinstance(block.linear, (nn.Linear, EnsembleLinear)):
+                raise TypeError(f"fused path: unexpected layer {type(block.linear).__name__}")
         return blocks
 
     @classmethod
@@ -130,7 +102,7 @@ class MLPPlan:
             transposed = isinstance(block.linear, nn.Linear)
             linear = StackedLinear(next(it), next(it), transposed)
             norm = StackedNorm(next(it), next(it), block.norm.eps) if block.norm is not None else None
-            blocks.append(_Block(linear, norm, block.relu, block.crelu))
+            blocks.append(Block(linear, norm, block.activation))
         return cls(blocks=blocks)
 
     # -- parameter views ----------------------------------------------------------------------

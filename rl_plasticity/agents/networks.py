@@ -13,14 +13,15 @@ parameters than its ReLU twin (`parameter_count` tells how many).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from rl_plasticity.agents.formulas import squash_log_std, tanh_gaussian_sample
 from rl_plasticity.config import ConfigError
-from rl_plasticity.ensemble import CReLU, EnsembleLayerNorm, EnsembleLinear, fresh_weight  # noqa: F401  (re-exported)
+from rl_plasticity.ensemble import (ACTIVATION_LAYERS, CReLU, EnsembleLayerNorm, EnsembleLinear,  # noqa: F401
+                                    fresh_weight)  # (CReLU, fresh_weight re-exported)
 
 
 ACTIVATIONS = ("relu", "crelu")
@@ -56,20 +57,31 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def mlp(in_dim: int, hidden_sizes: Sequence[int], out_dim: int, layer_norm: bool,
-        activation: str = "relu") -> nn.Sequential:
-    """Linear -> [LayerNorm] -> activation per hidden layer, then a linear head (LayerNorm before
-    the activation; with CReLU the next linear layer takes twice the width as inputs)."""
+def chain_layers(in_dim: int, hidden_sizes: Sequence[int], out_dim: int, layer_norm: bool, activation: str,
+                 linear: Callable[[int, int, bool], nn.Module], norm: Callable[[int], nn.Module],
+                 inplace: bool) -> list[nn.Module]:
+    """Linear -> [LayerNorm] -> activation per hidden layer, then a linear head: the chain every
+    network of the agents is (`ensemble.chain_blocks` walks it).  LayerNorm comes before the
+    activation; with CReLU the next linear layer takes twice the width as inputs.
+    `linear(in, out, is_head)` and `norm(width)` build the layers, in forward order (so initial
+    draws happen layer by layer)."""
     layers: list[nn.Module] = []
     last = in_dim
     for width in hidden_sizes:
-        layers.append(nn.Linear(last, width))
+        layers.append(linear(last, width, False))
         if layer_norm:
-            layers.append(nn.LayerNorm(width))
-        layers.append(activation_module(activation, inplace=True))
+            layers.append(norm(width))
+        layers.append(activation_module(activation, inplace=inplace))
         last = features_out(width, activation)
-    layers.append(nn.Linear(last, out_dim))
-    return nn.Sequential(*layers)
+    layers.append(linear(last, out_dim, True))
+    return layers
+
+
+def mlp(in_dim: int, hidden_sizes: Sequence[int], out_dim: int, layer_norm: bool,
+        activation: str = "relu") -> nn.Sequential:
+    """`chain_layers` of `nn.Linear` (PyTorch's default initialisation) and `nn.LayerNorm`."""
+    return nn.Sequential(*chain_layers(in_dim, hidden_sizes, out_dim, layer_norm, activation,
+                                       lambda i, o, head: nn.Linear(i, o), nn.LayerNorm, inplace=True))
 
 
 def orthogonal_init_(layer: nn.Linear, gain: float) -> nn.Linear:
@@ -92,21 +104,14 @@ class EnsembleMLP(nn.Module):
     def __init__(self, num_members: int, in_dim: int, hidden_sizes: Sequence[int], out_dim: int, layer_norm: bool,
                  activation: str = "relu"):
         super().__init__()
-        layers: list[nn.Module] = []
-        last = in_dim
-        for width in hidden_sizes:
-            layers.append(EnsembleLinear(num_members, last, width))
-            if layer_norm:
-                layers.append(EnsembleLayerNorm(num_members, width))
-            layers.append(activation_module(activation, inplace=True))
-            last = features_out(width, activation)
-        layers.append(EnsembleLinear(num_members, last, out_dim))
-        self.layers = nn.Sequential(*layers)
+        self.layers = nn.Sequential(*chain_layers(in_dim, hidden_sizes, out_dim, layer_norm, activation,
+                                                  lambda i, o, head: EnsembleLinear(num_members, i, o),
+                                                  lambda width: EnsembleLayerNorm(num_members, width), inplace=True))
         self.num_members = num_members
 
     def forward(self, x: torch.Tensor, detached: bool = False) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x) if isinstance(layer, (nn.ReLU, CReLU)) else layer(x, detached)
+            x = layer(x) if isinstance(layer, ACTIVATION_LAYERS) else layer(x, detached)
         return x
 
 

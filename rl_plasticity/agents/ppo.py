@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from rl_plasticity.agents.formulas import HALF_LOG_2PI, clipped_surrogate, gaussian_log_prob, normalize_advantages
-from rl_plasticity.agents.networks import ACTIVATIONS, check_activation, activation_module, features_out, orthogonal_init_, parameter_count
+from rl_plasticity.agents.formulas import (HALF_LOG_2PI, clipped_surrogate, gaussian_log_prob,
+                                           normalize_advantages)
+from rl_plasticity.agents.networks import (ACTIVATIONS, chain_layers, check_activation, orthogonal_init_,
+                                           parameter_count)
 from rl_plasticity.config import from_node, require
 from rl_plasticity.optim import adam_step_many
 from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
@@ -79,18 +81,12 @@ class PPOConfig:
 
 def policy_mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, layer_norm: bool, head_gain: float,
                activation: str = "relu") -> nn.Sequential:
-    """Linear → [LayerNorm] → activation per hidden layer, orthogonal init (gain √2), head with
-    `head_gain`; with CReLU the next layer takes twice the width as inputs."""
-    layers: list[nn.Module] = []
-    last = in_dim
-    for width in hidden_sizes:
-        layers.append(orthogonal_init_(nn.Linear(last, width), math.sqrt(2.0)))
-        if layer_norm:
-            layers.append(nn.LayerNorm(width))
-        layers.append(activation_module(activation))
-        last = features_out(width, activation)
-    layers.append(orthogonal_init_(nn.Linear(last, out_dim), head_gain))
-    return nn.Sequential(*layers)
+    """`networks.chain_layers` with orthogonal initialisation: gain √2 in hidden layers, `head_gain`
+    for the head."""
+    return nn.Sequential(*chain_layers(
+        in_dim, hidden_sizes, out_dim, layer_norm, activation,
+        lambda i, o, head: orthogonal_init_(nn.Linear(i, o), head_gain if head else math.sqrt(2.0)),
+        nn.LayerNorm, inplace=False))
 
 
 class RunningMeanStd:

@@ -31,10 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from rl_plasticity.agents.accelerate import accelerate
-from rl_plasticity.agents.fused import FusedSAC, MLPPlan, crelu
+from rl_plasticity.agents.fused import FusedSAC, MLPPlan
 from rl_plasticity.agents.ppo import STAT_NAMES, explained_variance, ppo_epochs, ppo_loss, ppo_optimizer_step
 from rl_plasticity.agents.sac import sac_update_step, update_noise
 from rl_plasticity.buffers import Batch
+from rl_plasticity.ensemble import crelu
 
 
 class SeedRNG:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rl_plasticity.ensemble import CReLU, EnsembleLayerNorm, EnsembleLinear
+from rl_plasticity.ensemble import LINEAR_LAYERS, NORM_LAYERS, EnsembleLayerNorm, EnsembleLinear, chain_blocks
 
 
 @dataclass
@@ -53,7 +53,7 @@ def weights_and_vectors(network: nn.Module) -> tuple[list[WeightMatrix], list[Ve
     seen: set[int] = set()
     for mod_name, module in network.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
-        if isinstance(module, (nn.Linear, EnsembleLinear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if isinstance(module, LINEAR_LAYERS):
             ens = isinstance(module, EnsembleLinear)
             kind = "ensemble" if ens else ("linear" if isinstance(module, nn.Linear) else "conv")
             weights.append(WeightMatrix(prefix + "weight", module.weight, kind))
@@ -61,7 +61,7 @@ def weights_and_vectors(network: nn.Module) -> tuple[list[WeightMatrix], list[Ve
             if module.bias is not None:
                 vectors.append(Vector(prefix + "bias", module.bias, "bias", ens))
                 seen.add(id(module.bias))
-        elif isinstance(module, (nn.LayerNorm, EnsembleLayerNorm)):
+        elif isinstance(module, NORM_LAYERS):
             ens = isinstance(module, EnsembleLayerNorm)
             if module.weight is not None:
                 vectors.append(Vector(prefix + "weight", module.weight, "ln_gain", ens))
@@ -77,9 +77,9 @@ def weights_and_vectors(network: nn.Module) -> tuple[list[WeightMatrix], list[Ve
 
 
 def hidden_activations(network: nn.Module) -> list[nn.Module]:
-    """The ReLU and CReLU modules of `network`, in order: their outputs are the hidden features
-    (a CReLU layer of n units gives 2n features, [relu(z), relu(−z)])."""
-    return [m for m in network.modules() if isinstance(m, (nn.ReLU, CReLU))]
+    """The activations (ReLU, CReLU) of `network`'s `chain_blocks`, in order: their outputs are
+    the hidden features (a CReLU layer of n units gives 2n features, [relu(z), relu(−z)])."""
+    return [block.activation for block in chain_blocks(network) if block.activation is not None]
 
 
 class FeatureRecorder:

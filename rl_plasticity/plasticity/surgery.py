@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from rl_plasticity.ensemble import CReLU, EnsembleLayerNorm, EnsembleLinear
+from rl_plasticity.ensemble import EnsembleLayerNorm, EnsembleLinear, chain_blocks
 
 _LINEAR = (nn.Linear, EnsembleLinear)
 _NORM = (nn.LayerNorm, EnsembleLayerNorm)
@@ -101,27 +101,13 @@ class HiddenLayer:
 
 
 def hidden_layers(network: nn.Module) -> list[HiddenLayer]:
-    """Linear → [LayerNorm] → ReLU → Linear chains of `network`, in forward order."""
-    layers: list[HiddenLayer] = []
-    linear: Optional[nn.Module] = None
-    norm: Optional[nn.Module] = None
-    pending: Optional[tuple[nn.Module, Optional[nn.Module]]] = None
-    for module in network.modules():
-        if isinstance(module, _LINEAR):
-            if pending is not None:
-                layers.append(HiddenLayer(pending[0], pending[1], module))
-                pending = None
-            linear, norm = module, None
-        elif isinstance(module, _NORM):
-            norm = module
-        elif isinstance(module, CReLU):
-            raise TypeError(f"{type(network).__name__}: CReLU units (two features per linear unit) cannot be "
-                            f"re-initialised unit by unit; use agent.activation=relu")
-        elif isinstance(module, nn.ReLU):
-            if linear is None:
-                raise TypeError(f"{type(network).__name__}: an activation without a linear layer before it")
-            pending, linear = (linear, norm), None
-    return layers
+    """Linear → [LayerNorm] → ReLU → Linear chains of `network` (`chain_blocks`), in forward order."""
+    blocks = chain_blocks(network)
+    if any(block.crelu for block in blocks):
+        raise TypeError(f"{type(network).__name__}: CReLU units (two features per linear unit) cannot be "
+                        f"re-initialised unit by unit; use agent.activation=relu")
+    return [HiddenLayer(block.linear, block.norm, after.linear)
+            for block, after in zip(blocks, blocks[1:]) if block.relu]
 
 
 def linear_layers(network: nn.Module) -> list[nn.Module]:
