@@ -144,7 +144,8 @@ class SACSeedGroup(_StackedSeeds):
     """The SAC agents of several seeds updated together (see the module docstring).
 
     `update(batches)` takes one `Batch` per seed (leading dimension = replay ratio, as
-    `SACAgent.update`) and returns each seed's metrics.  Every agent stays usable on its own
+    `SACAgent.update`) and returns each seed's metrics.  Each update is `sac.sac_update_step`,
+    the sequence a single agent runs, over all seeds at once.  Every agent stays usable on its own
     (acting, diagnostics, checkpoints); an agent whose networks a reset rebuilt is bound to
     the stacks again after its update.
     """
@@ -235,10 +236,11 @@ class PPOSeedGroup(_StackedSeeds):
     `SACSeedGroup`.  Every minibatch step runs all seeds at once: one batched forward per
     network (`baddbmm` per layer), the seeds' PPO losses summed (their parameters are
     disjoint, so each seed's gradient is its own loss's), one autograd pass into the stacked
-    gradients, then per seed what `PPOAgent._update_minibatch` does after its backward
-    (regularizer gradients, the spectral step, gradient clipping), one fused Adam call over
-    every seed's tensors and, after the step, each seed's effective-rank step, continual
-    backprop and reset.  Each seed draws its own minibatch order from its own generator.
+    gradients, then `ppo.ppo_optimizer_step`, the step `PPOAgent` takes too (per seed its
+    regularizer gradients, the spectral step, gradient clipping; one fused Adam call over every
+    seed's tensors) and, after the step, each seed's effective-rank step, continual backprop
+    and reset.  The epochs and minibatches are `ppo.ppo_epochs`, as for one agent; each seed
+    draws its own minibatch order from its own generator.
     """
 
     def __init__(self, agents: Sequence[Any], rngs: Sequence[SeedRNG] | None = None):
