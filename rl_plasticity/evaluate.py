@@ -88,6 +88,23 @@ def _unknown_key(key: str, choices: Sequence[str], valid_text: str) -> ConfigErr
     return ConfigError(f"unknown key '{key}'.{hint} Valid keys: {valid_text}")
 
 
+USAGE = ("python -m rl_plasticity.evaluate checkpoint=<file or run dir> [episodes=N] [key=value ...] "
+         "(--help lists the keys)")
+
+
+def _not_key_value(arg: str, keys: Sequence[str]) -> str:
+    """The one-line answer to an argument that is not `key=value`: a flag spelling of a key
+    (`--episodes 3`, `--video-dir=x`) gets its key=value spelling, a bare path `checkpoint=`."""
+    name, has_value, value = arg.lstrip("-").partition("=")
+    key = name.replace("-", "_")
+    if arg.startswith("-") and key in keys:
+        return (f"options are key=value, as for rl_plasticity.train: write {key}={value if has_value else '<value>'} "
+                f"instead of '{arg}'. Usage: {USAGE}")
+    if not arg.startswith("-") and Path(arg).expanduser().exists():
+        return f"write checkpoint={arg} (options are key=value, as for rl_plasticity.train). Usage: {USAGE}"
+    return f"expected key=value, got '{arg}'. Usage: {USAGE}"
+
+
 def parse_args(args: Sequence[str]) -> tuple[EvaluateConfig, dict[str, Any]]:
     """Split `key=value` arguments into the command's own config and overrides of the stored config.
 
@@ -100,8 +117,7 @@ def parse_args(args: Sequence[str]) -> tuple[EvaluateConfig, dict[str, Any]]:
     hints = typing.get_type_hints(EvaluateConfig)
     for arg in args:
         if "=" not in arg or arg.startswith("-"):
-            raise ConfigError(f"expected key=value, got '{arg}'. Usage: python -m rl_plasticity.evaluate "
-                              f"checkpoint=<file or run dir> [episodes=N] [key=value ...] (--help lists the keys)")
+            raise ConfigError(_not_key_value(arg, [*defaults, *STORED_KEYS]))
         key, raw = arg.split("=", 1)
         key = key.strip().lstrip("+")
         if key in defaults:
@@ -377,6 +393,9 @@ def run(cfg: EvaluateConfig, overrides: dict[str, Any]) -> list[dict[str, Any]]:
 
 HELP = """\
 python -m rl_plasticity.evaluate checkpoint=<file or run dir> [key=value ...]
+
+Options are key=value, as for rl_plasticity.train: values in Hydra's syntax (null, true, 0.05,
+[a,b]); checkpoint= and video_dir= are taken verbatim (Hydra multirun dirs hold '=' and ',').
 
 Rebuilds env and agent from the config stored in each checkpoint and runs the deterministic
 policy.  A file writes <file>.eval.json beside it (step_000100000.pt -> step_000100000.eval.json);
