@@ -12,6 +12,8 @@ from typing import IO, Iterator, Mapping
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from rl_plasticity import names
+
 
 def _fmt_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
@@ -68,10 +70,10 @@ class Logger:
 
     def episode(self, episode_return: float, length: int, step: int) -> None:
         self.last_return = episode_return
-        self.writer.add_scalar("charts/episode_return", episode_return, step)
-        self.writer.add_scalar("charts/episode_length", length, step)
+        self.writer.add_scalar(names.EPISODE_RETURN, episode_return, step)
+        self.writer.add_scalar(names.EPISODE_LENGTH, length, step)
         if self.mirror is not None:
-            self.mirror.log({"charts/episode_return": episode_return, "charts/episode_length": length}, step)
+            self.mirror.log({names.EPISODE_RETURN: episode_return, names.EPISODE_LENGTH: length}, step)
 
     def progress(self, step: int, updates: int, learning_starts: int = 0) -> None:
         """Console: one progress line (see `ConsoleProgress`)."""
@@ -256,15 +258,15 @@ def dashboard_layout(networks: list[str], losses: tuple[str, ...] = ("critic", "
     speed, losses, values and per network its plasticity diagnostics (network-wide, per layer) and
     its curvature diagnostics, one unit per chart.  Charts of what a run does not measure (CBP's
     replaced units without CBP, curvature with `plasticity.curvature_every` null) stay empty."""
-    returns = {"episode and evaluation return": _chart("charts/episode_return", "eval/return_mean"),
-               "env steps per second": _chart("charts/sps"),
-               "gradient updates per second": _chart("charts/updates_per_s")}
+    returns = {"episode and evaluation return": _chart(names.EPISODE_RETURN, names.EVAL_RETURN),
+               "env steps per second": _chart(names.ENV_STEPS_PER_S),
+               "gradient updates per second": _chart(names.UPDATES_PER_S)}
     for tag in env_tags:
         returns[ENV_TITLES.get(tag, tag)] = _chart(tag)
     layout = {
         "Return": returns,
         "Losses": {name: _chart(f"losses/{name}") for name in losses},
-        "Value": {"Q overestimation (return units)": _chart("value/overestimation"),
+        "Value": {"Q overestimation (return units)": _chart(names.OVERESTIMATION),
                   **{VALUE_TITLES.get(v, v): _chart(f"value/{v}") for v in values}},
     }
     for net in networks:
@@ -280,8 +282,8 @@ def dashboard_layout(networks: list[str], losses: tuple[str, ...] = ("critic", "
             for title, metrics in CURVATURE_CHARTS}
     if networks:
         layout["Curvature: task starts"] = {
-            "task starts measured (1 at each)": _chart("curvature_task/change"),
-            "gradient updates between the task change and its measurement": _chart("curvature_task/updates_since_change")}
+            "task starts measured (1 at each)": _chart(names.TASK_CHANGE),
+            "gradient updates between the task change and its measurement": _chart(names.UPDATES_SINCE_CHANGE)}
     return layout
 
 

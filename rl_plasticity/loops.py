@@ -12,6 +12,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from rl_plasticity import names
 from rl_plasticity.buffers import Batch, ReplayBuffer
 from rl_plasticity.logging import Logger, RateMeter
 from rl_plasticity.plasticity.mixin import DATA_METRICS
@@ -51,8 +52,8 @@ def log_curvature(agent: Any, logger: Logger, probe: Any, seed: int, step: int, 
     values, spectra = agent.plasticity_curvature(probe, seed)
     if task_start:
         values.update({"curvature_task/" + k[len("curvature/"):]: v for k, v in list(values.items())})
-        values["curvature_task/change"] = torch.tensor(1.0)
-        values["curvature_task/updates_since_change"] = torch.tensor(float(updates_since_change))
+        values[names.TASK_CHANGE] = torch.tensor(1.0)
+        values[names.UPDATES_SINCE_CHANGE] = torch.tensor(float(updates_since_change))
     logger.scalars(values, step)
     add_histogram = getattr(getattr(logger, "writer", None), "add_histogram_raw", None)
     if add_histogram is None:
@@ -162,8 +163,8 @@ def evaluate_and_log(agent: Any, eval_env: gym.Env, logger: Logger, step: int, e
     """`evaluate` with evaluation seeds apart from training's, written as `eval/` and `value/` tags."""
     result = evaluate(agent, eval_env, episodes, seed + EVAL_SEED_OFFSET, gamma)
     returns = result["returns"]
-    summary = {"eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std()),
-               "value/overestimation": float(result["overestimation"].mean())}
+    summary = {names.EVAL_RETURN: float(returns.mean()), names.EVAL_RETURN_STD: float(returns.std()),
+               names.OVERESTIMATION: float(result["overestimation"].mean())}
     logger.scalars(summary, step)
     logger.flush()
     return summary
@@ -375,8 +376,8 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
                 log_curvature(agent, logger, buffer.probe(probe_rows, seed), seed, step, task_start=False)
                 last_curvature = agent.update_count
             logger.scalars(values, step)  # the only host sync of the update metrics
-            logger.scalar("charts/sps", sps, step)
-            logger.scalar("charts/updates_per_s", ups, step)
+            logger.scalar(names.ENV_STEPS_PER_S, sps, step)
+            logger.scalar(names.UPDATES_PER_S, ups, step)
             logger.progress(step, agent.update_count, s.prefill_steps)
         else:
             logger.tick(step, agent.update_count, s.prefill_steps)
@@ -585,8 +586,8 @@ def on_policy_steps(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: 
                 log_curvature(agent, logger, curvature_rows(data, seed), seed, step, task_start=False)
                 last_curvature = agent.update_count
             logger.scalars(values, step)
-            logger.scalar("charts/sps", sps, step)
-            logger.scalar("charts/updates_per_s", ups, step)
+            logger.scalar(names.ENV_STEPS_PER_S, sps, step)
+            logger.scalar(names.UPDATES_PER_S, ups, step)
             logger.progress(step, agent.update_count)
         if s.eval_episodes > 0 and (_crossed(before, step, s.eval_every) or step == usable):
             if before_eval is not None:
