@@ -24,10 +24,10 @@ UPDATES_SINCE_CHANGE = "curvature_task/updates_since_change"
 CHECKPOINT_RETURN = "eval/checkpoint_return"  # evaluate's curve over a run's checkpoints
 
 
-def eval_task_tag(task: str) -> str:
-    """The tag of the mean evaluation return on one task of a non-stationary env (`eval.all_tasks`),
-    beside `eval/return_mean`: `eval/<task>/return_mean`."""
-    return f"eval/{task}/return_mean"
+def eval_task_tag(task: str, statistic: str = "return_mean") -> str:
+    """The tag of an evaluation statistic on one task of a non-stationary env (`eval.all_tasks`),
+    named as the evaluation's own (`eval/return_mean`, `eval/return_std`): `eval/<task>/return_mean`."""
+    return f"eval/{task}/{statistic}"
 
 
 # -- config keys --------------------------------------------------------------------------------
