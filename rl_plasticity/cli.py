@@ -6,7 +6,6 @@ the key, the close matches and the valid choices.
 """
 from __future__ import annotations
 
-import difflib
 import re
 import sys
 import textwrap
@@ -16,7 +15,8 @@ from typing import Any, Mapping, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from rl_plasticity.config import ConfigError
+from rl_plasticity.config import ConfigError, check_type
+from rl_plasticity.names import did_you_mean
 
 CONFIG_MODULE = "rl_plasticity.configs"
 GROUPS = ("agent", "env", "plasticity")
@@ -55,36 +55,21 @@ def group_choices(group: str) -> list[str]:
 
 
 def _unknown(what: str, name: str, choices: Sequence[str]) -> ConfigError:
-    close = difflib.get_close_matches(name, choices, n=5, cutoff=0.5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return ConfigError(f"unknown {what} '{name}'.{hint} Valid choices: {', '.join(choices)}")
+    return ConfigError(f"unknown {what} '{name}'.{did_you_mean(name, choices)} Valid choices: {', '.join(choices)}")
 
 
-def type_ok(default: Any, value: Any) -> bool:
-    """Whether `value` may replace `default` (bools stay bools, ints accept no floats, ...)."""
+def check_like(key: str, default: Any, value: Any) -> Any:
+    """`value` if it may replace `default` (bools stay bools, ints accept no floats, lists stay
+    lists, ...; None on either side always may), else ConfigError naming `key`: the type of a YAML
+    default, checked by the one type checker (config.check_type)."""
     if default is None or value is None:
-        return True
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(default, str):
-        return isinstance(value, str)
-    if isinstance(default, (ListConfig, list)):
-        return isinstance(value, (ListConfig, list))
-    if isinstance(default, (DictConfig, dict)):
-        return isinstance(value, (DictConfig, dict))
-    return True
-
-
-def _type_name(default: Any) -> str:
-    for t, name in ((bool, "true or false"), (int, "an integer"), (float, "a number"), (str, "a string"),
-                    (ListConfig, "a list"), (DictConfig, "a mapping")):
-        if isinstance(default, t):
-            return name
-    return type(default).__name__
+        return value
+    for kind, annotation in ((bool, bool), (int, int), (float, float), (str, str), ((ListConfig, list, tuple), list),
+                             ((DictConfig, dict), dict)):
+        if isinstance(default, kind):
+            check_type(key, value, annotation)
+            break
+    return value
 
 
 def check_overrides(args: Sequence[str], config_name: str = "train") -> None:
@@ -134,8 +119,7 @@ def check_overrides(args: Sequence[str], config_name: str = "train") -> None:
         default = node[leaf]
         values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
         for v in values:
-            if not type_ok(default, v):
-                raise ConfigError(f"{key} must be {_type_name(default)}, got {v!r}")
+            check_like(key, default, v)
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import difflib
 import json
 import os
 import re
@@ -30,14 +29,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from rl_plasticity.cli import type_ok
+from rl_plasticity.cli import check_like
 from rl_plasticity.config import ConfigError, check_type
+from rl_plasticity.names import CHECKPOINT_RETURN, NOT_LEARNING_KEYS, did_you_mean
 from rl_plasticity.video import default_gl_backend, record_episodes, render_options, select_gl_backend
 
 # Keys of the stored config an evaluation may change; `env.<key>` may be any key of the stored env.
 STORED_KEYS = ("seed", "device", "threads")
 CSV_NAME = "checkpoint_returns.csv"
-TB_TAG = "eval/checkpoint_return"
+TB_TAG = CHECKPOINT_RETURN
 
 
 @dataclasses.dataclass
@@ -83,9 +83,24 @@ def _valid_keys_text() -> str:
 
 
 def _unknown_key(key: str, choices: Sequence[str], valid_text: str) -> ConfigError:
-    close = difflib.get_close_matches(key, choices, n=3, cutoff=0.75)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return ConfigError(f"unknown key '{key}'.{hint} Valid keys: {valid_text}")
+    return ConfigError(f"unknown key '{key}'.{did_you_mean(key, choices, n=3, cutoff=0.75)} Valid keys: {valid_text}")
+
+
+USAGE = ("python -m rl_plasticity.evaluate checkpoint=<file or run dir> [episodes=N] [key=value ...] "
+         "(--help lists the keys)")
+
+
+def _not_key_value(arg: str, keys: Sequence[str]) -> str:
+    """The one-line answer to an argument that is not `key=value`: a flag spelling of a key
+    (`--episodes 3`, `--video-dir=x`) gets its key=value spelling, a bare path `checkpoint=`."""
+    name, has_value, value = arg.lstrip("-").partition("=")
+    key = name.replace("-", "_")
+    if arg.startswith("-") and key in keys:
+        return (f"options are key=value, as for rl_plasticity.train: write {key}={value if has_value else '<value>'} "
+                f"instead of '{arg}'. Usage: {USAGE}")
+    if not arg.startswith("-") and Path(arg).expanduser().exists():
+        return f"write checkpoint={arg} (options are key=value, as for rl_plasticity.train). Usage: {USAGE}"
+    return f"expected key=value, got '{arg}'. Usage: {USAGE}"
 
 
 def parse_args(args: Sequence[str]) -> tuple[EvaluateConfig, dict[str, Any]]:
@@ -100,8 +115,7 @@ def parse_args(args: Sequence[str]) -> tuple[EvaluateConfig, dict[str, Any]]:
     hints = typing.get_type_hints(EvaluateConfig)
     for arg in args:
         if "=" not in arg or arg.startswith("-"):
-            raise ConfigError(f"expected key=value, got '{arg}'. Usage: python -m rl_plasticity.evaluate "
-                              f"checkpoint=<file or run dir> [episodes=N] [key=value ...] (--help lists the keys)")
+            raise ConfigError(_not_key_value(arg, [*defaults, *STORED_KEYS]))
         key, raw = arg.split("=", 1)
         key = key.strip().lstrip("+")
         if key in defaults:
@@ -144,8 +158,10 @@ def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[s
             raise _unknown_key(key, [*STORED_KEYS, *env_keys],
                                f"{', '.join(f.name for f in dataclasses.fields(EvaluateConfig))}; "
                                f"and of this checkpoint's config: {', '.join([*STORED_KEYS, *env_keys])}")
-        if not type_ok(node[leaf], value):
-            raise ConfigError(f"{key} must be like the checkpoint's value {node[leaf]!r}, got {value!r}")
+        try:
+            check_like(key, node[leaf], value)
+        except ConfigError:
+            raise ConfigError(f"{key} must be like the checkpoint's value {node[leaf]!r}, got {value!r}") from None
         node[leaf] = float(value) if isinstance(node[leaf], float) and isinstance(value, int) else value
     return out
 
@@ -301,7 +317,7 @@ def evaluate_checkpoint(path: str | Path, cfg: EvaluateConfig, overrides: Option
 def _suffix(overrides: dict[str, Any], max_episode_steps: Optional[int] = None) -> str:
     """`_env.friction=0.05` for settings that change results (not device/threads/episodes), so that
     evaluations under different settings are written side by side instead of over each other."""
-    parts = [f"{k}={v}" for k, v in sorted(overrides.items()) if k not in ("device", "threads")]
+    parts = [f"{k}={v}" for k, v in sorted(overrides.items()) if k not in NOT_LEARNING_KEYS]
     if max_episode_steps is not None:
         parts.append(f"max_episode_steps={max_episode_steps}")
     return re.sub(r"[^\w.=,+-]", "-", "_" + ",".join(parts)) if parts else ""
@@ -377,6 +393,9 @@ def run(cfg: EvaluateConfig, overrides: dict[str, Any]) -> list[dict[str, Any]]:
 
 HELP = """\
 python -m rl_plasticity.evaluate checkpoint=<file or run dir> [key=value ...]
+
+Options are key=value, as for rl_plasticity.train: values in Hydra's syntax (null, true, 0.05,
+[a,b]); checkpoint= and video_dir= are taken verbatim (Hydra multirun dirs hold '=' and ',').
 
 Rebuilds env and agent from the config stored in each checkpoint and runs the deterministic
 policy.  A file writes <file>.eval.json beside it (step_000100000.pt -> step_000100000.eval.json);

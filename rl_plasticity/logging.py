@@ -12,6 +12,8 @@ from typing import IO, Iterator, Mapping
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from rl_plasticity import names
+
 
 def _fmt_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
@@ -38,13 +40,15 @@ class Logger:
         self.console = ConsoleProgress(progress_every_s, start_step, start_updates)
 
     def dashboard(self, networks: list[str], losses: tuple[str, ...] = ("critic", "actor", "alpha", "plasticity"),
-                  values: tuple[str, ...] = ("q_mean", "alpha", "entropy"), env_tags: tuple[str, ...] = ()) -> None:
+                  values: tuple[str, ...] = ("q_mean", "alpha", "entropy"),
+                  env_tags: Mapping[str, str] | tuple[str, ...] = (), task_returns: tuple[str, ...] = ()) -> None:
         """Register a custom-scalars layout so the run opens as a dashboard (CUSTOM SCALARS tab).
 
         `losses` and `values` name the agent's `losses/*` and `value/*` tags; `env_tags` (a
-        non-stationary env's `env/friction`, `env/task`) get a chart each beside the returns.
-        See `dashboard_layout`."""
-        self.writer.add_custom_scalars(dashboard_layout(networks, losses, values, env_tags))
+        non-stationary env's `env/friction`, `env/task`, each with its chart title: the env's
+        `episode_tags`) get a chart each beside the returns; `task_returns` (`eval.all_tasks`'s
+        `eval/<task>/return_mean`) one chart together.  See `dashboard_layout`."""
+        self.writer.add_custom_scalars(dashboard_layout(networks, losses, values, env_tags, task_returns))
 
     def text(self, tag: str, text: str) -> None:
         self.writer.add_text(tag, text, 0)
@@ -68,10 +72,10 @@ class Logger:
 
     def episode(self, episode_return: float, length: int, step: int) -> None:
         self.last_return = episode_return
-        self.writer.add_scalar("charts/episode_return", episode_return, step)
-        self.writer.add_scalar("charts/episode_length", length, step)
+        self.writer.add_scalar(names.EPISODE_RETURN, episode_return, step)
+        self.writer.add_scalar(names.EPISODE_LENGTH, length, step)
         if self.mirror is not None:
-            self.mirror.log({"charts/episode_return": episode_return, "charts/episode_length": length}, step)
+            self.mirror.log({names.EPISODE_RETURN: episode_return, names.EPISODE_LENGTH: length}, step)
 
     def progress(self, step: int, updates: int, learning_starts: int = 0) -> None:
         """Console: one progress line (see `ConsoleProgress`)."""
@@ -232,7 +236,6 @@ CURVATURE_CHARTS = (
     ("gradient diversity: condition number of per-sample gradients", ("grad_condition",)),
     ("gradient norm ‖∇θ‖ of the unregularized loss", ("grad_norm",)),
 )
-ENV_TITLES = {"env/friction": "ground friction (Slippery Ant)", "env/task": "task index (continual DMC)"}
 VALUE_TITLES = {"q_mean": "mean Q on the batch", "alpha": "temperature α", "entropy": "policy entropy −log π",
                 "log_std": "policy log σ (mean)"}
 
@@ -251,20 +254,24 @@ def _layer_chart(net: str, metric: str) -> list:
 
 def dashboard_layout(networks: list[str], losses: tuple[str, ...] = ("critic", "actor", "alpha", "plasticity"),
                      values: tuple[str, ...] = ("q_mean", "alpha", "entropy"),
-                     env_tags: tuple[str, ...] = ()) -> dict[str, dict[str, list]]:
+                     env_tags: Mapping[str, str] | tuple[str, ...] = (),
+                     task_returns: tuple[str, ...] = ()) -> dict[str, dict[str, list]]:
     """The custom-scalars layout {category: {chart title: ["Multiline", [tag regexes]]}}: returns,
     speed, losses, values and per network its plasticity diagnostics (network-wide, per layer) and
     its curvature diagnostics, one unit per chart.  Charts of what a run does not measure (CBP's
     replaced units without CBP, curvature with `plasticity.curvature_every` null) stay empty."""
-    returns = {"episode and evaluation return": _chart("charts/episode_return", "eval/return_mean"),
-               "env steps per second": _chart("charts/sps"),
-               "gradient updates per second": _chart("charts/updates_per_s")}
-    for tag in env_tags:
-        returns[ENV_TITLES.get(tag, tag)] = _chart(tag)
+    returns = {"episode and evaluation return": _chart(names.EPISODE_RETURN, names.EVAL_RETURN),
+               "env steps per second": _chart(names.ENV_STEPS_PER_S),
+               "gradient updates per second": _chart(names.UPDATES_PER_S)}
+    if task_returns:
+        returns["evaluation return on each task"] = _chart(*task_returns)
+    titles = env_tags if isinstance(env_tags, Mapping) else {tag: tag for tag in env_tags}
+    for tag, title in titles.items():
+        returns[title] = _chart(tag)
     layout = {
         "Return": returns,
         "Losses": {name: _chart(f"losses/{name}") for name in losses},
-        "Value": {"Q overestimation (return units)": _chart("value/overestimation"),
+        "Value": {"Q overestimation (return units)": _chart(names.OVERESTIMATION),
                   **{VALUE_TITLES.get(v, v): _chart(f"value/{v}") for v in values}},
     }
     for net in networks:
@@ -280,8 +287,8 @@ def dashboard_layout(networks: list[str], losses: tuple[str, ...] = ("critic", "
             for title, metrics in CURVATURE_CHARTS}
     if networks:
         layout["Curvature: task starts"] = {
-            "task starts measured (1 at each)": _chart("curvature_task/change"),
-            "gradient updates between the task change and its measurement": _chart("curvature_task/updates_since_change")}
+            "task starts measured (1 at each)": _chart(names.TASK_CHANGE),
+            "gradient updates between the task change and its measurement": _chart(names.UPDATES_SINCE_CHANGE)}
     return layout
 
 

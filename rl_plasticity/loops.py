@@ -12,6 +12,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from rl_plasticity import names
 from rl_plasticity.buffers import Batch, ReplayBuffer
 from rl_plasticity.logging import Logger, RateMeter
 from rl_plasticity.plasticity.mixin import DATA_METRICS
@@ -51,8 +52,8 @@ def log_curvature(agent: Any, logger: Logger, probe: Any, seed: int, step: int, 
     values, spectra = agent.plasticity_curvature(probe, seed)
     if task_start:
         values.update({"curvature_task/" + k[len("curvature/"):]: v for k, v in list(values.items())})
-        values["curvature_task/change"] = torch.tensor(1.0)
-        values["curvature_task/updates_since_change"] = torch.tensor(float(updates_since_change))
+        values[names.TASK_CHANGE] = torch.tensor(1.0)
+        values[names.UPDATES_SINCE_CHANGE] = torch.tensor(float(updates_since_change))
     logger.scalars(values, step)
     add_histogram = getattr(getattr(logger, "writer", None), "add_histogram_raw", None)
     if add_histogram is None:
@@ -123,6 +124,7 @@ class OffPolicySchedule:
     seed: int
     gamma: float = 0.99              # for the discounted returns of value/overestimation
     diagnostics_every: int = 16_000  # gradient updates between plasticity diagnostics
+    eval_all_tasks: bool = False     # also evaluate on every task of the env (evaluate_tasks_and_log)
 
 
 def evaluate(agent: OffPolicyAgent, env: gym.Env, episodes: int, seed: int,
@@ -162,8 +164,27 @@ def evaluate_and_log(agent: Any, eval_env: gym.Env, logger: Logger, step: int, e
     """`evaluate` with evaluation seeds apart from training's, written as `eval/` and `value/` tags."""
     result = evaluate(agent, eval_env, episodes, seed + EVAL_SEED_OFFSET, gamma)
     returns = result["returns"]
-    summary = {"eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std()),
-               "value/overestimation": float(result["overestimation"].mean())}
+    summary = {names.EVAL_RETURN: float(returns.mean()), names.EVAL_RETURN_STD: float(returns.std()),
+               names.OVERESTIMATION: float(result["overestimation"].mean())}
+    logger.scalars(summary, step)
+    logger.flush()
+    return summary
+
+
+def evaluate_tasks_and_log(agent: Any, eval_env: gym.Env, logger: Logger, step: int, episodes: int,
+                           seed: int) -> dict[str, float]:
+    """`eval.all_tasks`: the evaluation of `evaluate_and_log` (same episodes, same seeds) on each
+    task of a non-stationary env with a fixed set of tasks (continual DMC's `env.tasks`), held in
+    turn, logged as `eval/<task>/return_mean` and `eval/<task>/return_std`.  The env is left holding
+    the last task; the loops make it follow the training env again before the next evaluation."""
+    from rl_plasticity.envs.nonstationary import hold_task_named, task_names
+
+    summary: dict[str, float] = {}
+    for task in task_names(eval_env):
+        hold_task_named(eval_env, task)
+        returns = evaluate(agent, eval_env, episodes, seed + EVAL_SEED_OFFSET)["returns"]
+        summary[names.eval_task_tag(task)] = float(returns.mean())
+        summary[names.eval_task_tag(task, "return_std")] = float(returns.std())
     logger.scalars(summary, step)
     logger.flush()
     return summary
@@ -252,8 +273,10 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
                      env_metrics: Callable[[], dict[str, float]] | None = None) -> LoopSteps:
     """Prefill with uniform random actions, then act and ask for `replay_ratio` updates per env
     step: yields the step's batches (leading dimension `replay_ratio`), is sent the metrics.
-    `env_metrics()` (a non-stationary env's `env/friction`, `env/task`) is logged at every episode
-    end; `before_eval()` runs before each evaluation (the evaluation env follows the training env's task).
+    `env_metrics()` (a non-stationary env's `env/friction`, `env/task`; by default what `env`
+    reports through envs/nonstationary.py) is logged at every episode end.  Before each evaluation
+    the evaluation env follows the training env's task (`follow_training`), then `before_eval()`
+    runs if given; with `schedule.eval_all_tasks` every task is evaluated too.
 
     Checkpoints may fall in the middle of an episode: the caller saves and restores the env's
     state, and the loop state passed to `save_checkpoint` holds the rest (current observation,
@@ -280,10 +303,14 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
     still essentially those the old task left.  Another change before the rows are complete
     restarts the wait; the wait survives a checkpoint.
     """
+    from rl_plasticity.envs.nonstationary import follow_training, metrics_source  # no MuJoCo import with loops
+
     s = schedule
     control = control or LoopControl()
     r = control.resume
     metrics: dict[str, torch.Tensor] = {}
+    if env_metrics is None:
+        env_metrics = metrics_source(env)
     if r is None:
         env.action_space.seed(s.seed)
         obs, _ = env.reset(seed=s.seed)
@@ -375,15 +402,18 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
                 log_curvature(agent, logger, buffer.probe(probe_rows, seed), seed, step, task_start=False)
                 last_curvature = agent.update_count
             logger.scalars(values, step)  # the only host sync of the update metrics
-            logger.scalar("charts/sps", sps, step)
-            logger.scalar("charts/updates_per_s", ups, step)
+            logger.scalar(names.ENV_STEPS_PER_S, sps, step)
+            logger.scalar(names.UPDATES_PER_S, ups, step)
             logger.progress(step, agent.update_count, s.prefill_steps)
         else:
             logger.tick(step, agent.update_count, s.prefill_steps)
         if s.eval_episodes > 0 and (step % s.eval_every == 0 or step == s.total_steps):
+            follow_training(eval_env, env)
             if before_eval is not None:
                 before_eval()
             last_eval = evaluate_and_log(agent, eval_env, logger, step, s.eval_episodes, s.seed, s.gamma)
+            if s.eval_all_tasks:
+                evaluate_tasks_and_log(agent, eval_env, logger, step, s.eval_episodes, s.seed)
         if step % s.checkpoint_every == 0 or step == s.total_steps or stop:
             check_finite(agent, metrics, step)
             save_checkpoint(step, loop_state(step))
@@ -422,6 +452,7 @@ class OnPolicySchedule:
     gamma: float = 0.99
     gae_lambda: float = 0.95
     diagnostics_every: int = 16_000  # gradient updates between plasticity diagnostics
+    eval_all_tasks: bool = False     # also evaluate on every task of the env (evaluate_tasks_and_log)
 
 
 def _crossed(before: int, after: int, every: int) -> bool:
@@ -444,9 +475,11 @@ def on_policy_steps(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: 
     """Collect rollouts of `rollout_steps` vector steps, update after each, until `total_steps`.
 
     `envs` must auto-reset in the same step (gymnasium's SAME_STEP mode), so that a truncated
-    episode's final observation is at hand for bootstrapping.  `env_metrics()` (a non-stationary env's `env/friction`,
-    `env/task`) gives each sub-env's scalars, logged at every episode end; `before_eval()` runs
-    before each evaluation (the evaluation env follows the training env's current task).
+    episode's final observation is at hand for bootstrapping.  `env_metrics()` (a non-stationary
+    env's `env/friction`, `env/task`; by default what each sub-env reports through
+    envs/nonstationary.py) gives each sub-env's scalars, logged at every episode end.  Before each
+    evaluation the evaluation env follows the first sub-env's task (`follow_training`), then
+    `before_eval()` runs if given; with `schedule.eval_all_tasks` every task is evaluated too.
     A stop request checkpoints after the current vector step, partial rollout included.
     Diagnostics (`plasticity/...`) are measured on `PROBE_SIZE` rows drawn (`probe_seed`) from the
     rollout just trained on, its raw observations normalised with the current statistics; the
@@ -455,11 +488,15 @@ def on_policy_steps(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: 
     observations (`probe`); a run resumed from one uses those as its reference.
     """
     from rl_plasticity.buffers import RolloutBuffer
+    from rl_plasticity.envs.nonstationary import episode_metrics, find_nonstationary, follow_training
 
     s = schedule
     control = control or LoopControl()
     r = control.resume
     n_envs = envs.num_envs
+    subenvs = list(getattr(envs, "envs", []))  # a SyncVectorEnv's own envs: their tasks and metrics
+    if env_metrics is None and subenvs and find_nonstationary(subenvs[0]) is not None:
+        env_metrics = lambda: [episode_metrics(e) for e in subenvs]  # noqa: E731
     obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     rollout = RolloutBuffer(s.rollout_steps, n_envs, obs_dim, action_dim)
     raw_obs = np.zeros((s.rollout_steps, n_envs, obs_dim), dtype=np.float32)  # the rollout's raw observations
@@ -585,13 +622,17 @@ def on_policy_steps(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: 
                 log_curvature(agent, logger, curvature_rows(data, seed), seed, step, task_start=False)
                 last_curvature = agent.update_count
             logger.scalars(values, step)
-            logger.scalar("charts/sps", sps, step)
-            logger.scalar("charts/updates_per_s", ups, step)
+            logger.scalar(names.ENV_STEPS_PER_S, sps, step)
+            logger.scalar(names.UPDATES_PER_S, ups, step)
             logger.progress(step, agent.update_count)
         if s.eval_episodes > 0 and (_crossed(before, step, s.eval_every) or step == usable):
+            if subenvs:
+                follow_training(eval_env, subenvs[0])
             if before_eval is not None:
                 before_eval()
             last_eval = evaluate_and_log(agent, eval_env, logger, step, s.eval_episodes, s.seed, s.gamma)
+            if s.eval_all_tasks:
+                evaluate_tasks_and_log(agent, eval_env, logger, step, s.eval_episodes, s.seed)
         if _crossed(before, step, s.checkpoint_every) or step == usable:
             check_finite(agent, metrics, step)
             save_checkpoint(step, loop_state())

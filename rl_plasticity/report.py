@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import difflib
 import logging
 import math
 import os
@@ -48,9 +47,10 @@ import numpy as np
 import yaml
 
 from rl_plasticity.cli import fail
+from rl_plasticity.names import EVAL_RETURN, TASK_CHANGE, did_you_mean
 
 EVENT_PREFIX = "events.out.tfevents."
-RETURN_TAG = "eval/return_mean"
+RETURN_TAG = EVAL_RETURN
 CONFIG_TAG = "config/text_summary"  # SummaryWriter.add_text("config", ...) stores it under this tag
 DEFAULT_REPS = 10_000
 # Fewer runs than this in a group: its standard errors and IQM confidence intervals carry a caveat.
@@ -80,7 +80,7 @@ CURVATURE_METRICS = (
     ("gradient–Hessian overlap (top subspace)", "overlap_top"),
     ("gradient diversity (effective rank)", "grad_erank"),
 )
-TASK_CHANGE_TAG = "curvature_task/change"  # written at every task start the loops measure
+TASK_CHANGE_TAG = TASK_CHANGE  # written at every task start the loops measure
 DENSITY_SUFFIX = "/hessian_density"
 
 
@@ -1103,8 +1103,7 @@ def _check_key(key: str, runs: Sequence[Run], option: str) -> None:
     if any(key in r.config for r in runs):
         return
     known = sorted(set().union(*(r.config for r in runs)))
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-    fail(f"{option}: no run's config has the key '{key}'." + (f" Did you mean: {', '.join(close)}?" if close else ""))
+    fail(f"{option}: no run's config has the key '{key}'." + did_you_mean(key, known, n=3, cutoff=0.6))
 
 
 def collect_runs(paths: Sequence[str], metric: str) -> tuple[list[Run], list[tuple[Path, str]]]:

@@ -141,3 +141,49 @@ def test_ppo_on_continual_dmc_runs_and_logs_the_task(tmp_path):
                    "log.every=512", f"run_dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert [e.value for e in read_events(tmp_path).Scalars("env/task")] == [0.0, 0.0, 0.0]
+
+
+ALL_TASKS = ["env=continual-dmc", "env.tasks=[walker-stand,walker-walk]", "env.steps_per_task=500",
+             "env.action_repeat=4", "agent.prefill_steps=100", "agent.replay_ratio=1", "agent.batch_size=32",
+             "agent.hidden_sizes=[32,32]", "eval.every=250", "eval.episodes=1", "log.every=250",
+             "checkpoint.every=750", "checkpoint.save_replay=false", "total_steps=750"]
+
+
+def test_eval_all_tasks_logs_every_tasks_return_and_changes_nothing_else(tmp_path):
+    plain, every = tmp_path / "plain", tmp_path / "every"
+    for run_dir, extra in ((plain, []), (every, ["eval.all_tasks=true"])):
+        result = train(*ALL_TASKS, *extra, f"run_dir={run_dir}")
+        assert result.returncode == 0, result.stderr
+    acc, ref = read_events(every), read_events(plain)
+    names = ["walker-stand", "walker-walk"]
+    for task in names:
+        for stat in ("return_mean", "return_std"):
+            assert [e.step for e in acc.Scalars(f"eval/{task}/{stat}")] == [250, 500, 750]
+    assert not any(t.startswith(("eval/walker-stand", "eval/walker-walk")) for t in ref.Tags()["scalars"])
+    # 250 agent steps per episode: task 0 until the episode end at step 500, then task 1.
+    trained = {e.step: names[int(e.value)] for e in acc.Scalars("env/task")}
+    assert trained == {250: "walker-stand", 500: "walker-walk", 750: "walker-walk"}
+    # On the task being trained, the all-tasks evaluation is training's own: same episodes, same seeds.
+    for e in acc.Scalars("eval/return_mean"):
+        (same,) = [x.value for x in acc.Scalars(f"eval/{trained[e.step]}/return_mean") if x.step == e.step]
+        assert same == e.value
+    # The other task's return is measured too, and differs (another reward on the same body).
+    other = {e.step: e.value for e in acc.Scalars("eval/walker-walk/return_mean")}
+    assert all(other[e.step] != e.value for e in acc.Scalars("eval/return_mean") if trained[e.step] == "walker-stand")
+    # The dashboard charts the tasks' returns together, and the env's task under its own title.
+    from tests.test_dashboard import registered_layout
+
+    charts = {chart.title: list(chart.multiline.tag) for c in registered_layout(every).category for chart in c.chart}
+    assert charts["evaluation return on each task"] == ["^eval/walker\\-stand/return_mean$",
+                                                        "^eval/walker\\-walk/return_mean$"]
+    assert charts["task index (continual DMC)"] == ["^env/task$"]
+    # Training and its own evaluation are exactly those of the run without it.
+    for tag in ("charts/episode_return", "eval/return_mean", "env/task", "losses/critic", "value/overestimation"):
+        assert [(e.step, e.value) for e in acc.Scalars(tag)] == [(e.step, e.value) for e in ref.Scalars(tag)], tag
+
+
+def test_eval_all_tasks_on_an_env_without_a_set_of_tasks_is_one_error(tmp_path):
+    result = train("env=cartpole-balance", "eval.all_tasks=true", "total_steps=10", f"run_dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: eval.all_tasks=true needs an env with a fixed set of tasks "
+                                     "(env=continual-dmc); env cartpole-balance has none. Use eval.all_tasks=false")

@@ -169,6 +169,25 @@ def test_bad_input_ends_with_one_clear_message(args, expected, sac_run, tmp_path
         assert "Valid keys: checkpoint, episodes" in err
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--checkpoint", "x.pt"], "write checkpoint=<value> instead of '--checkpoint'"),
+    (["--episodes=3"], "write episodes=3 instead of '--episodes=3'"),
+    (["--video-dir=/tmp/v"], "write video_dir=/tmp/v instead of '--video-dir=/tmp/v'"),
+    (["{file}"], "write checkpoint={file} (options are key=value"),
+    (["episodes"], "expected key=value, got 'episodes'"),
+])
+def test_flags_and_bare_paths_get_their_key_value_spelling(args, expected, tmp_path, capsys):
+    """evaluate speaks train's key=value language; a flag or a bare path gets one line saying how."""
+    names = {"file": tmp_path / "step_000000001.pt"}
+    names["file"].write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.format(**names) for a in args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and expected.format(**names) in err, err
+    assert "Usage: python -m rl_plasticity.evaluate checkpoint=" in err
+
+
 def test_help_gives_every_key_its_meaning(capsys):
     from rl_plasticity.evaluate import _defaults
 

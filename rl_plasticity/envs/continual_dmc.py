@@ -89,6 +89,7 @@ class ContinualTasks(gym.Env):
 
     # What generic code asks of a non-stationary env (envs/nonstationary.py).
     state_key = "continual"  # where envs/state.py saves `state_dict()`, beside each task's env state
+    episode_tags = {"env/task": "task index (continual DMC)"}  # episode_metrics' tags, chart titles
 
     def episode_metrics(self) -> dict[str, float]:
         return {"env/task": float(self.task_index)}
@@ -103,6 +104,15 @@ class ContinualTasks(gym.Env):
 
     def describe(self) -> dict[str, Any]:
         return {"task": self.task}
+
+    def task_names(self) -> list[str]:
+        """Each task once, in the order of `env.tasks` (`eval.all_tasks` evaluates on each)."""
+        return list(dict.fromkeys(self.names))
+
+    def hold_task_named(self, name: str) -> None:
+        if name not in self.names:
+            raise ConfigError(f"unknown task '{name}'. Valid choices: {', '.join(self.task_names())}")
+        self.hold_task(self.names.index(name))
 
     def hold_task(self, index: int) -> None:
         if not 0 <= int(index) < len(self.envs):

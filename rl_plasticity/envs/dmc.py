@@ -8,7 +8,6 @@ may stop bootstrapping.
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import warnings
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import gymnasium as gym
 
 from rl_plasticity.envs.standard import standardize
+from rl_plasticity.names import did_you_mean
 
 
 class _DropMjcfDeprecation(logging.Filter):
@@ -43,9 +43,7 @@ class UnknownEnvError(ValueError):
 
 
 def unknown_env_message(name: str, choices: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(name, choices, n=5, cutoff=0.5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return f"unknown env '{name}'.{hint} Valid choices: {', '.join(sorted(choices))}"
+    return f"unknown env '{name}'.{did_you_mean(name, choices)} Valid choices: {', '.join(sorted(choices))}"
 
 
 def make_dmc(domain: str, task: str, action_repeat: int = 1, render_size: tuple[int, int] | None = None,

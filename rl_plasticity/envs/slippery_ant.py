@@ -151,6 +151,7 @@ class SlipperyAnt(gym.Wrapper):
 
     # What generic code asks of a non-stationary env (envs/nonstationary.py).
     state_key = "slippery_ant"  # where envs/state.py saves `state_dict()` in a checkpoint's env state
+    episode_tags = {"env/friction": "ground friction (Slippery Ant)"}  # episode_metrics' tags, chart titles
 
     def episode_metrics(self) -> dict[str, float]:
         return {"env/friction": self._friction}

@@ -67,17 +67,16 @@ class SACExperiment(Experiment):
                  run: RunConfig, device: torch.device):
         from rl_plasticity.buffers import ReplayBuffer
         from rl_plasticity.envs import make_env
-        from rl_plasticity.envs.nonstationary import episode_metrics
 
         self.agent_cfg, self.plasticity_cfg = agent_cfg, plasticity_cfg
         self.env = make_env(container["env"])
         self.eval_env = make_env(container["env"])
+        self.dashboard = _env_dashboard(container, self.env, self.eval_env)
         self.obs_dim, self.action_dim = self.env.observation_space.shape[0], self.env.action_space.shape[0]
         self.agent = self.make_agent(self.obs_dim, self.action_dim, agent_cfg, plasticity_cfg, device, run.seed,
                                      compile=run.compile, cudagraphs=run.cudagraphs)
         self.buffer = ReplayBuffer(self.obs_dim, self.action_dim, agent_cfg.buffer_size, device, seed=run.seed)
         self.summary = f"replay ratio {agent_cfg.replay_ratio} | replay buffer {self.buffer.nbytes / 2**20:.0f} MiB"
-        self.dashboard = {"env_tags": tuple(episode_metrics(self.env))}
 
     @staticmethod
     def make_agent(obs_dim: int, action_dim: int, agent_cfg: Any, plasticity_cfg: PlasticityConfig,
@@ -86,7 +85,6 @@ class SACExperiment(Experiment):
                         compile=compile, cudagraphs=cudagraphs)
 
     def steps(self, logger, checkpoint, run, evaluation, log, ckpt, control):
-        from rl_plasticity.envs.nonstationary import episode_metrics, find_nonstationary, follower
         from rl_plasticity.loops import OffPolicySchedule, off_policy_steps
 
         agent_cfg, env = self.agent_cfg, self.env
@@ -94,13 +92,11 @@ class SACExperiment(Experiment):
             total_steps=run.total_steps, prefill_steps=agent_cfg.prefill_steps, replay_ratio=agent_cfg.replay_ratio,
             batch_size=agent_cfg.batch_size, eval_every=evaluation.every, eval_episodes=evaluation.episodes,
             log_every=log.every, checkpoint_every=ckpt.every, seed=run.seed, gamma=agent_cfg.gamma,
-            diagnostics_every=self.plasticity_cfg.log_every,
+            diagnostics_every=self.plasticity_cfg.log_every, eval_all_tasks=evaluation.all_tasks,
         )
-        nonstationary = find_nonstationary(env) is not None
-        # A non-stationary env: evaluation runs on the task (friction) the agent currently trains on.
-        return off_policy_steps(self.agent, self.buffer, env, self.eval_env, logger, schedule, checkpoint, control,
-                                before_eval=follower(self.eval_env, env),
-                                env_metrics=(lambda: episode_metrics(env)) if nonstationary else None)
+        # A non-stationary env reports its task and is followed by the evaluation env through the
+        # protocol of envs/nonstationary.py, which the loop uses itself.
+        return off_policy_steps(self.agent, self.buffer, env, self.eval_env, logger, schedule, checkpoint, control)
 
     def env_state(self) -> list[dict[str, Any]]:
         from rl_plasticity.envs.state import capture_env
@@ -134,7 +130,6 @@ class PPOExperiment(Experiment):
     def __init__(self, container: dict[str, Any], agent_cfg: PPOConfig, plasticity_cfg: PlasticityConfig,
                  run: RunConfig, device: torch.device):
         from rl_plasticity.envs import make_env, make_vector_env
-        from rl_plasticity.envs.nonstationary import episode_metrics
 
         self.agent_cfg, self.plasticity_cfg, self.seed = agent_cfg, plasticity_cfg, run.seed
         env_cfg = dict(container["env"])
@@ -153,7 +148,7 @@ class PPOExperiment(Experiment):
         self.summary = (f"{n} env(s) | rollout {batch} | {agent_cfg.epochs} epochs × {agent_cfg.num_minibatches} "
                         f"minibatches")
         self.dashboard = {"losses": ("policy", "value", "entropy", "approx_kl", "clip_fraction", "plasticity"),
-                          "values": ("log_std",), "env_tags": tuple(episode_metrics(self.envs.envs[0]))}
+                          "values": ("log_std",), **_env_dashboard(container, self.envs.envs[0], self.eval_env)}
 
     @staticmethod
     def make_agent(obs_dim: int, action_dim: int, agent_cfg: Any, plasticity_cfg: PlasticityConfig,
@@ -161,7 +156,6 @@ class PPOExperiment(Experiment):
         return PPOAgent(obs_dim, action_dim, agent_cfg, device, plasticity=plasticity_cfg, seed=seed)
 
     def steps(self, logger, checkpoint, run, evaluation, log, ckpt, control):
-        from rl_plasticity.envs.nonstationary import episode_metrics, find_nonstationary, follower
         from rl_plasticity.loops import OnPolicySchedule, on_policy_steps
 
         agent_cfg, envs = self.agent_cfg, self.envs
@@ -169,12 +163,11 @@ class PPOExperiment(Experiment):
             total_steps=run.total_steps, rollout_steps=agent_cfg.rollout_steps, eval_every=evaluation.every,
             eval_episodes=evaluation.episodes, log_every=log.every, checkpoint_every=ckpt.every, seed=run.seed,
             gamma=agent_cfg.gamma, gae_lambda=agent_cfg.gae_lambda, diagnostics_every=self.plasticity_cfg.log_every,
+            eval_all_tasks=evaluation.all_tasks,
         )
-        nonstationary = find_nonstationary(envs.envs[0]) is not None
-        env_metrics = (lambda: [episode_metrics(e) for e in envs.envs]) if nonstationary else None
-        # A non-stationary env: evaluation runs on the task (friction) the first sub-env is in.
-        return on_policy_steps(self.agent, envs, self.eval_env, logger, schedule, checkpoint, env_metrics,
-                               before_eval=follower(self.eval_env, envs.envs[0]), control=control)
+        # A non-stationary env: each sub-env reports its task, and evaluation follows the first
+        # sub-env's, through envs/nonstationary.py (the loop uses it itself).
+        return on_policy_steps(self.agent, envs, self.eval_env, logger, schedule, checkpoint, control=control)
 
     def env_state(self) -> list[dict[str, Any]]:
         from rl_plasticity.envs.state import capture_env
@@ -190,6 +183,24 @@ class PPOExperiment(Experiment):
     def close(self) -> None:
         self.envs.close()
         self.eval_env.close()
+
+
+def _env_dashboard(container: dict[str, Any], env: Any, eval_env: Any) -> dict[str, Any]:
+    """Logger.dashboard's env charts: the tags `env` reports at episode ends, with their titles,
+    and with `eval.all_tasks` each task's evaluation return; ConfigError when `eval.all_tasks` asks
+    for tasks the env does not have."""
+    from rl_plasticity.config import ConfigError
+    from rl_plasticity.envs.nonstationary import episode_tags, task_names
+    from rl_plasticity.names import eval_task_tag
+
+    out: dict[str, Any] = {"env_tags": episode_tags(env)}
+    if container.get("eval", {}).get("all_tasks"):
+        tasks = task_names(eval_env)
+        if not tasks:
+            raise ConfigError(f"eval.all_tasks=true needs an env with a fixed set of tasks (env=continual-dmc); "
+                              f"env {container['env'].get('name')} has none. Use eval.all_tasks=false")
+        out["task_returns"] = tuple(eval_task_tag(t) for t in tasks)
+    return out
 
 
 EXPERIMENTS: dict[str, type[Experiment]] = {"sac": SACExperiment, "ppo": PPOExperiment}

@@ -9,14 +9,14 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from rl_plasticity.config import ConfigError
+from rl_plasticity.names import NOT_LEARNING_KEYS
 from rl_plasticity.rundir import RunLock, check_trainable
 from rl_plasticity.run.layout import EXISTING_RUN_DIRS, run_in_progress, seed_runs
 from rl_plasticity.run.settings import settings
 
 
 # Keys that may differ between a run and its resumption (they do not change what is learned).
-RESUMABLE_CHANGES = ("total_steps", "device", "threads", "run_dir", "resume", "compile", "cudagraphs", "num_seeds",
-                     "batch_seeds", "eval", "log", "checkpoint")
+RESUMABLE_CHANGES = NOT_LEARNING_KEYS
 
 
 # Dotted keys that choose an implementation of the same algorithm (equal to float tolerance).

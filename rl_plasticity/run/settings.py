@@ -30,6 +30,7 @@ class RunConfig:
 class EvalConfig:
     every: int = 10_000
     episodes: int = 5
+    all_tasks: bool = False
 
 
 @dataclasses.dataclass
