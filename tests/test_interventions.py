@@ -356,6 +356,56 @@ def test_adam_element_steps_match_an_adam_with_a_step_per_element():
     assert p.detach()[mask].sub(0.5).abs().max() > 0
 
 
+def test_adam_element_steps_leave_at_the_horizon_and_skip_parameters_without_gradient():
+    """Two parameters reset at different steps (two cohorts in one, one in the other); one of them
+    gets no gradient on some updates (the optimizer does not step it, neither does the correction).
+    Every entry follows a float64 per-element Adam; a cohort leaves the tracking at the first step
+    with max(β₁, β₂)^s < 2⁻²⁵ (s = 165 at β₂ = 0.9), after which torch's update is the same."""
+    torch.manual_seed(0)
+    p, q = nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(6))
+    opt = torch.optim.Adam([p, q], lr=1e-2, betas=(0.5, 0.9), eps=1e-8, fused=True)
+    steps = AdamElementSteps([opt])
+    refs = {}
+    for name, t in (("p", p), ("q", q)):
+        refs[name] = {"x": t.detach().double().clone(), "m": torch.zeros(t.shape, dtype=torch.float64),
+                      "v": torch.zeros(t.shape, dtype=torch.float64), "s": torch.zeros(t.shape, dtype=torch.float64)}
+    masks = {3: ("p", torch.arange(20).reshape(5, 4) % 3 == 0), 7: ("q", torch.arange(6) < 2),
+             9: ("p", torch.arange(20).reshape(5, 4) % 3 == 1)}
+    left_at = {}
+    for k in range(230):
+        if k in masks:
+            name, mask = masks[k]
+            t = p if name == "p" else q
+            steps.reset(t, mask)
+            r = refs[name]
+            r["m"][mask], r["v"][mask], r["s"][mask] = 0.0, 0.0, 0.0
+        skip_q = k % 5 == 4
+        p.grad = torch.randn(5, 4)
+        q.grad = None if skip_q else torch.randn(6)
+        steps.before_step()
+        opt.step()
+        steps.after_step()
+        for name, t in (("p", p), ("q", q)):
+            if t.grad is None:
+                continue
+            r, g = refs[name], t.grad.double()
+            r["s"] += 1
+            r["m"] = 0.5 * r["m"] + 0.5 * g
+            r["v"] = 0.9 * r["v"] + 0.1 * g.square()
+            r["x"] -= 1e-2 / (1 - 0.5 ** r["s"]) * r["m"] / (r["v"].sqrt() / (1 - 0.9 ** r["s"]).sqrt() + 1e-8)
+            torch.testing.assert_close(t.detach().double(), r["x"], rtol=0, atol=2e-6)
+        for name, t in (("p", p), ("q", q)):
+            if name not in left_at and k > 9 and t not in steps.tracked:
+                left_at[name] = k
+        cohorts = {len(set(steps.tracked[p][1].tolist()))} if p in steps.tracked else {0}
+        if k == 170:
+            assert cohorts == {1}  # the cohort of step 3 left, the one of step 9 is still young
+    # p's last cohort was reset before step 9 (t0 = 9) and leaves after the step with s = 165;
+    # q (reset at t0 = 7, not stepped on one update in five) leaves later, after its own 165 steps.
+    assert left_at["p"] == 9 + 165 - 1
+    assert left_at["q"] == [k for k in range(7, 230) if k % 5 != 4][165 - 1]
+
+
 # -- composition, config, checkpoints, seeds ------------------------------------------------------
 def test_unknown_intervention_names_the_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown intervention 'foo'.*Valid choices: cbp, er_step, injection, partial_reset, "
