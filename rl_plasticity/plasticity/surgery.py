@@ -148,6 +148,7 @@ class _Plan:
     s: torch.Tensor                                      # (cohorts,) float64: t − t₀ after the last step
     hyper: torch.Tensor                                  # (4, cohorts) float64: lr, β₁, β₂, ε
     lrs: list[float]                                     # lr per parameter when `hyper` was built
+    eps: Optional[float]                                 # ε when every parameter has the same one
     before: torch.Tensor                                 # (N,) the entries' values before the step
     exp_avg: torch.Tensor                                # (N,) gathered m after the step
     exp_avg_sq: torch.Tensor                             # (N,) gathered v after the step
@@ -278,7 +279,7 @@ class AdamElementSteps:
             s = torch.tensor([a - b for a, b in zip(t, cohort_t0)], dtype=torch.float64, device=device)
             empty = torch.empty(start, dtype=dtype, device=device)
             plans.append(_Plan(params, [owners[p] for p in params], index, slices, cohort_param, cohort_t0,
-                               torch.cat(entry_cohort).to(device), s, s, [], empty, torch.empty_like(empty),
+                               torch.cat(entry_cohort).to(device), s, s, [], None, empty, torch.empty_like(empty),
                                torch.empty_like(empty), [True] * len(params)))
             self._hyper(plans[-1])
         self._countdown = self._steps_to_next_exit(plans)
@@ -291,6 +292,8 @@ class AdamElementSteps:
         plan.lrs = [float(g["lr"]) for g in groups]
         rows = [(plan.lrs[i], *groups[i]["betas"], groups[i]["eps"]) for i in plan.cohort_param]
         plan.hyper = torch.tensor(rows, dtype=torch.float64, device=plan.s.device).reshape(-1, 4).t().contiguous()
+        epsilons = {float(g["eps"]) for g in groups}
+        plan.eps = epsilons.pop() if len(epsilons) == 1 else None
 
     def _beta_max(self, plan: _Plan, i: int) -> float:
         return max(plan.owners[i][1]["betas"])
@@ -346,8 +349,10 @@ class AdamElementSteps:
             if not all(plan.stepping):
                 step_size = step_size * torch.tensor([float(plan.stepping[i]) for i in plan.cohort_param],
                                                      dtype=torch.float64, device=plan.s.device)
-            table = torch.stack((step_size, (1.0 - torch.pow(beta2, plan.s)).rsqrt(), eps)).to(plan.before.dtype)
-            step_size, inv_bc2_sqrt, eps = table.index_select(1, plan.entry_cohort)
+            dtype, cohort = plan.before.dtype, plan.entry_cohort
+            step_size = step_size.to(dtype).index_select(0, cohort)
+            inv_bc2_sqrt = (1.0 - torch.pow(beta2, plan.s)).rsqrt_().to(dtype).index_select(0, cohort)
+            eps = plan.eps if plan.eps is not None else eps.to(dtype).index_select(0, cohort)
             for i, p in enumerate(plan.params):
                 state, _ = plan.owners[i]
                 torch.index_select(self._flat(state["exp_avg"]), 0, plan.index[i], out=plan.exp_avg[plan.slices[i]])
