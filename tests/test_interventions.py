@@ -19,6 +19,7 @@ from rl_plasticity.plasticity.interventions import INTERVENTIONS, ReDo
 from rl_plasticity.plasticity.layers import FeatureRecorder
 from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
 from rl_plasticity.plasticity.surgery import AdamElementSteps, fresh_bias
+from rl_plasticity.plasticity.surgery import linear_layers as linear_layers_of
 from tests.test_cli import train
 from tests.test_seeds import _agents, _rollout
 
@@ -696,9 +697,98 @@ def test_injection_refuses_what_it_cannot_do():
             interventions=["injection"], injection={"at": 5}))
     with pytest.raises(ConfigError, match="injection.at must be set"):
         PPOAgent(6, 2, PPOConfig(hidden_sizes=(8,)), plasticity=PlasticityConfig(interventions=["injection"]))
-    with pytest.raises(ConfigError, match="does not compose with 'redo'"):
-        PPOAgent(6, 2, PPOConfig(hidden_sizes=(8,)), plasticity=PlasticityConfig(
-            interventions=["redo", "injection"], injection={"at": 5}))
+    for clash in ("cbp", "er_step"):
+        with pytest.raises(ConfigError, match=f"does not compose with '{clash}': .*It composes with any regularizer"):
+            PPOAgent(6, 2, PPOConfig(hidden_sizes=(8,)), plasticity=PlasticityConfig(
+                interventions=[clash, "injection"], injection={"at": 5}))
+
+
+def _injected_sac(interventions, **cfg):
+    """A SAC agent (no LayerNorm, one critic) with `interventions` after an injection of 2-layer heads."""
+    torch.manual_seed(0)
+    pcfg = PlasticityConfig(interventions=["injection", *interventions], injection={"at": 10**9, "layers": 2}, **cfg)
+    agent = SACAgent(5, 3, SACConfig(hidden_sizes=(16, 16), replay_ratio=1, batch_size=16, fused=False,
+                                     num_critics=1), plasticity=pcfg)
+    agent.update(sac_batch(updates=1, seed=0))
+    agent.intervention("injection").inject()
+    agent.update(sac_batch(updates=1, seed=1))
+    return agent
+
+
+def _seq(net):
+    return net.layers if hasattr(net, "layers") else net
+
+
+def _frozen(agent):
+    heads = [_seq(n)[-1] for n in (agent.actor.net, agent.critic.net, agent.critic_target.net)]
+    return [p.detach().clone() for h in heads for part in (h.frozen, h.fresh_frozen) for p in part.parameters()]
+
+
+def test_injection_composes_with_shrink_perturb_on_the_trainable_parameters():
+    agent = _injected_sac(["shrink_perturb"], shrink_perturb={"every": 10**9})
+    frozen = _frozen(agent)
+    trainable = [p.detach().clone() for p in agent.actor.net.parameters() if p.requires_grad]
+    agent.intervention("shrink_perturb").after_update(agent.plasticity_updates, None)
+    assert all(torch.equal(a, b) for a, b in zip(_frozen(agent), frozen))
+    now = [p for p in agent.actor.net.parameters() if p.requires_grad]
+    assert len(now) == len(trainable) and all(not torch.equal(a, b) for a, b in zip(now, trainable))
+    agent.update(sac_batch(updates=2, seed=2))  # and training goes on
+
+
+def test_injection_composes_with_partial_reset_of_the_fresh_head():
+    agent = _injected_sac(["partial_reset"], partial_reset={"every": 10**9, "layers": 1})
+    frozen = _frozen(agent)
+    head = _seq(agent.critic.net)[-1]
+    trunk = [p.detach().clone() for m in list(_seq(agent.critic.net))[:-1] for p in m.parameters()]
+    fresh = [p.detach().clone() for p in head.fresh.parameters()]
+    torch.manual_seed(5)
+    agent.intervention("partial_reset").after_update(agent.plasticity_updates, None)
+    assert all(torch.equal(a, b) for a, b in zip(_frozen(agent), frozen))
+    assert all(torch.equal(p, q) for p, q in zip((p for m in list(_seq(agent.critic.net))[:-1]
+                                                  for p in m.parameters()), trunk))
+    last = linear_layers_of(head.fresh)[-1]
+    changed = [not torch.equal(p, q) for p, q in zip(head.fresh.parameters(), fresh)]
+    assert changed == [any(p is q for q in last.parameters()) for p in head.fresh.parameters()]
+    target_last = linear_layers_of(_seq(agent.critic_target.net)[-1].fresh)[-1]
+    assert all(torch.equal(p, q) for p, q in zip(last.parameters(), target_last.parameters()))
+    agent.update(sac_batch(updates=2, seed=2))
+
+
+def test_injection_composes_with_redo_on_the_trunk_and_the_fresh_head():
+    """A planted dead unit of the fresh head's hidden layer is recycled; one of the trunk's last
+    hidden layer (read by the frozen heads too) is not; θ and θ'' do not change."""
+    agent = _injected_sac(["redo"], redo={"every": 10**9, "tau": 0.0})
+    head, trunk_in = _seq(agent.actor.net)[-1], _seq(agent.actor.net)[0]
+    fresh_in, fresh_out = linear_layers_of(head.fresh)
+    with torch.no_grad():
+        fresh_in.weight[4].zero_()
+        fresh_in.bias[4] = -1.0
+        trunk_in.weight[7].zero_()
+        trunk_in.bias[7] = -1.0
+    frozen = _frozen(agent)
+    batch = sac_batch(updates=1, seed=3)
+    agent.intervention("redo").after_update(agent.plasticity_updates, agent.plasticity_inputs((batch.obs[0], batch.action[0])))
+    assert all(torch.equal(a, b) for a, b in zip(_frozen(agent), frozen))
+    assert fresh_in.weight[4].abs().sum() > 0 and fresh_in.bias[4] == 0 and torch.all(fresh_out.weight[:, 4] == 0)
+    assert torch.all(trunk_in.weight[7] == 0) and trunk_in.bias[7] == -1.0
+    assert agent.plasticity_element_steps.tracked  # the recycled entries restart Adam per element
+    agent.update(sac_batch(updates=2, seed=2))
+
+
+def test_injection_keeps_the_per_element_adam_steps_of_earlier_surgery():
+    torch.manual_seed(0)
+    pcfg = PlasticityConfig(interventions=["redo", "injection"], redo={"every": 1, "tau": 0.5},
+                            injection={"at": 10**9, "layers": 1})
+    agent = SACAgent(5, 3, SACConfig(hidden_sizes=(16, 16), replay_ratio=1, batch_size=16, fused=False,
+                                     num_critics=1), plasticity=pcfg)
+    agent.update(sac_batch(updates=1, seed=0))
+    before = {id(p): (i.clone(), t.clone()) for p, (i, t) in agent.plasticity_element_steps.tracked.items()}
+    trunk = {id(p) for m in list(_seq(agent.actor.net))[:-1] for p in m.parameters()}
+    assert trunk & set(before)
+    agent.intervention("injection").inject()
+    after = {id(p): v for p, v in agent.plasticity_element_steps.tracked.items()}
+    for k in trunk & set(before):
+        assert torch.equal(after[k][0], before[k][0]) and torch.equal(after[k][1], before[k][1])
 
 
 @pytest.mark.parametrize("kind", ["sac", "ppo"])

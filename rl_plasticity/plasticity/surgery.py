@@ -384,6 +384,15 @@ class AdamElementSteps:
         else:
             self._countdown = self._steps_to_next_exit(self._plans)
 
+    def adopt(self, other: "AdamElementSteps") -> None:
+        """Take over `other`'s tracked entries of the parameters the optimizers still hold (after
+        a change of the networks' structure that keeps those parameters, e.g. plasticity injection)."""
+        held = {id(p) for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
+        for p, entry in other.tracked.items():
+            if id(p) in held:
+                self.tracked[p] = entry
+        self._plans = None
+
     # -- checkpointing: entries keyed by optimizer index and parameter index within it ----------
     def _index(self) -> dict[str, torch.Tensor]:
         keys = {}
