@@ -12,8 +12,8 @@ plasticity/interventions.py at their default periods: `redo` (every 1000 updates
 preset; its default acts only at task changes): each costs the time of one call spread over its
 period plus, measured in alternating rounds, what it adds to every update in between (the
 per-element Adam step correction of the entries re-initialised by the calls at the default τ;
-and, separately, the correction's cost per Adam step with many entries tracked, τ = 0.5, against the
-same Adam steps without it); and `injection` (once; afterwards every update runs
+and, separately, the correction's cost per Adam step with many entries tracked (one call at τ = 0.5,
+and at τ = 100: every unit) against the same Adam steps without it); and `injection` (once; afterwards every update runs
 three heads on the autograd path, agent.fused=false, so its ratio is against `none` on that path
 too).  Also times one diagnostics
 call on a 256-sample probe batch and reports its share at the default frequency
@@ -168,13 +168,17 @@ def main() -> None:
             print(f"{name:14s} one call {1e3 * seconds:.1f} ms every {every} updates = {spread:+.4f}%; between calls "
                   f"{between:+.1f}% ({tracked} entries on per-element Adam steps; rounds "
                   f"{min(ratios):.2f}-{max(ratios):.2f}x); overhead {results[name]:+.1f}%", flush=True)
-            if name == "redo":  # the correction's cost per tracked entry, with many tracked (τ = 0.5)
-                agent.intervention("redo").cfg.tau = 0.5
-                call_seconds(agent, name, batch, repeats=1)
-                tracked = sum(int(i.numel()) for i, _ in steps.tracked.values())
-                per = correction_seconds(agent)
-                print(f"{'':14s} per-element Adam correction: {1e3 * per:.2f} ms per update for {tracked} tracked entries "
-                      f"= {100 * per / statistics.median(t_base):.1f}% of an update", flush=True)
+            if name == "redo":  # the correction's cost per tracked entry, after one call at larger τ
+                for tau in (0.5, 100.0):  # 100: every unit recycled (as CBP's steady state tracks nearly all)
+                    many = make("redo")
+                    timed(many, batch, 2)
+                    many.intervention("redo").cfg.tau = tau
+                    call_seconds(many, name, batch, repeats=1)
+                    tracked = sum(int(i.numel()) for i, _ in many.plasticity_element_steps.tracked.values())
+                    per = correction_seconds(many)
+                    print(f"{'':14s} per-element Adam correction after one call at τ {tau}: {1e3 * per:.2f} ms per "
+                          f"Adam step for {tracked} tracked entries ({1e9 * per / tracked:.0f} ns each) = "
+                          f"{100 * per / statistics.median(t_base):.1f}% of an update", flush=True)
             continue
         if name == "injection":
             seconds = call_seconds(agent, name, batch, repeats=1)
