@@ -364,8 +364,11 @@ def test_adam_element_steps_leave_at_the_horizon_and_skip_parameters_without_gra
     with max(β₁, β₂)^s < 2⁻²⁵ (s = 165 at β₂ = 0.9), after which torch's update is the same."""
     torch.manual_seed(0)
     p, q = nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(6))
-    opt = torch.optim.Adam([p, q], lr=1e-2, betas=(0.5, 0.9), eps=1e-8, fused=True)
+    # Two groups with different ε: the per-cohort ε path of the correction.
+    opt = torch.optim.Adam([{"params": [p]}, {"params": [q], "eps": 1e-3}], lr=1e-2, betas=(0.5, 0.9), eps=1e-8,
+                           fused=True)
     steps = AdamElementSteps([opt])
+    eps = {"p": 1e-8, "q": 1e-3}
     refs = {}
     for name, t in (("p", p), ("q", q)):
         refs[name] = {"x": t.detach().double().clone(), "m": torch.zeros(t.shape, dtype=torch.float64),
@@ -393,7 +396,7 @@ def test_adam_element_steps_leave_at_the_horizon_and_skip_parameters_without_gra
             r["s"] += 1
             r["m"] = 0.5 * r["m"] + 0.5 * g
             r["v"] = 0.9 * r["v"] + 0.1 * g.square()
-            r["x"] -= 1e-2 / (1 - 0.5 ** r["s"]) * r["m"] / (r["v"].sqrt() / (1 - 0.9 ** r["s"]).sqrt() + 1e-8)
+            r["x"] -= 1e-2 / (1 - 0.5 ** r["s"]) * r["m"] / (r["v"].sqrt() / (1 - 0.9 ** r["s"]).sqrt() + eps[name])
             torch.testing.assert_close(t.detach().double(), r["x"], rtol=0, atol=2e-6)
         for name, t in (("p", p), ("q", q)):
             if name not in left_at and k > 9 and t not in steps.tracked:
@@ -576,6 +579,23 @@ def test_cli_composes_a_regularizer_with_two_interventions(agent, tmp_path):
     assert sum(ivs["redo"]["recycled"].values()) > 0
     assert ivs["shrink_perturb"]["count"] >= 1
     assert state["config"]["plasticity"]["name"] in ("spectral", "l2")
+
+
+def test_cli_composes_injection_with_the_unit_level_interventions(tmp_path):
+    """SAC from the command line: injection after update 50, then ReDo, partial resets and
+    shrink-and-perturb on the injected networks; the checkpoint holds what each did."""
+    result = train("agent=sac", "env=gym", "env.id=Pendulum-v1", "plasticity=l2", "total_steps=200",
+                   "agent.prefill_steps=100", "agent.replay_ratio=2", "agent.batch_size=32", "agent.hidden_sizes=[32,32]",
+                   "agent.fused=false", "plasticity.interventions=[injection,redo,partial_reset,shrink_perturb]",
+                   "plasticity.injection.at=50", "plasticity.redo.every=40", "plasticity.redo.tau=0.5",
+                   "plasticity.partial_reset.every=70", "plasticity.shrink_perturb.every=60", "eval.episodes=0",
+                   "log.every=100", "checkpoint.every=100000", f"run_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(sorted((tmp_path / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    ivs = state["agent"]["plasticity"]["interventions"]
+    assert ivs["injection"]["injected"]
+    assert sum(ivs["redo"]["recycled"].values()) > 0
+    assert ivs["partial_reset"]["count"] >= 2 and ivs["shrink_perturb"]["count"] >= 3
 
 
 def test_cli_names_valid_interventions_on_one_line():
