@@ -446,17 +446,28 @@ def test_every_intervention_is_covered_here():
     assert set(FAST) == set(INTERVENTIONS)
 
 
-@pytest.mark.parametrize("name", sorted(FAST))
+def _fast(name):
+    """FAST[name], or for 'a+b+…' the interventions a, b, … together with their keys."""
+    merged = {"interventions": []}
+    for part in name.split("+"):
+        for key, value in FAST[part].items():
+            merged[key] = merged[key] + value if key == "interventions" else value
+    return merged
+
+
+@pytest.mark.parametrize("name", sorted(FAST) + ["injection+redo+partial_reset+shrink_perturb"])
 def test_checkpoint_round_trip_gives_bitwise_equal_next_updates(name):
-    cfg = SACConfig(hidden_sizes=(16, 16), replay_ratio=2, batch_size=16, fused=name != "injection")
-    pcfg = PlasticityConfig(name="l2", coef=1e-3, **FAST[name])
+    cfg = SACConfig(hidden_sizes=(16, 16), replay_ratio=2, batch_size=16, fused="injection" not in name)
+    pcfg = PlasticityConfig(name="l2", coef=1e-3, **_fast(name))
     torch.manual_seed(0)
     a = SACAgent(5, 3, cfg, plasticity=pcfg, seed=0)
     for i in range(3):
         a.update(sac_batch(seed=i))
     state = copy.deepcopy(a.state_dict())
-    if name in ("cbp", "redo"):
+    if name in ("cbp", "redo") or "+redo" in name:
         assert state["plasticity"]["adam_element_steps"]  # re-initialised entries are being corrected
+    if "injection" in name:
+        assert state["plasticity"]["interventions"]["injection"]["injected"]
     torch.manual_seed(1)
     b = SACAgent(5, 3, cfg, plasticity=pcfg, seed=1)
     b.load_state_dict(state)
