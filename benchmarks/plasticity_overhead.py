@@ -12,7 +12,8 @@ plasticity/interventions.py at their default periods: `redo` (every 1000 updates
 preset; its default acts only at task changes): each costs the time of one call spread over its
 period plus, measured in alternating rounds, what it adds to every update in between (the
 per-element Adam step correction of the entries re-initialised by the calls at the default τ;
-and, separately, the correction's cost per update with many entries tracked, τ = 0.5); and `injection` (once; afterwards every update runs
+and, separately, the correction's cost per Adam step with many entries tracked (one call at τ = 0.5,
+and at τ = 100: every unit) against the same Adam steps without it); and `injection` (once; afterwards every update runs
 three heads on the autograd path, agent.fused=false, so its ratio is against `none` on that path
 too).  Also times one diagnostics
 call on a 256-sample probe batch and reports its share at the default frequency
@@ -37,6 +38,7 @@ import torch
 
 from rl_plasticity.agents.sac import SACAgent, SACConfig
 from rl_plasticity.buffers import Batch
+from rl_plasticity.optim import adam_step
 from rl_plasticity.plasticity.mixin import PlasticityConfig
 
 OBS, ACT = 17, 6  # cheetah-run
@@ -96,6 +98,29 @@ def timed(agent: SACAgent, batch: Batch, calls: int) -> float:
     return (time.perf_counter() - start) / (calls * batch.obs.shape[0])
 
 
+def correction_seconds(agent: SACAgent, repeats: int = 20, rounds: int = 5) -> float:
+    """Seconds the per-element Adam step correction adds to one optimizer step: Adam steps on fixed
+    random gradients with `before_step()` / `after_step()` around them against the same steps
+    without (alternating, median of the differences)."""
+    steps, g = agent.plasticity_element_steps, torch.Generator().manual_seed(1)
+    params = [p for group in agent.optimizer.param_groups for p in group["params"]]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 1e-2
+
+    def run(corrected: bool) -> float:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            if corrected:
+                steps.before_step()
+            adam_step(agent.optimizer)
+            if corrected:
+                steps.after_step()
+        return (time.perf_counter() - start) / repeats
+
+    run(True)
+    return statistics.median(run(True) - run(False) for _ in range(rounds))
+
+
 def reset_seconds(agent: SACAgent, repeats: int = 5) -> float:
     """Seconds of one full reset (`reset_networks`, what `agent.reset_interval` triggers)."""
     start = time.perf_counter()
@@ -143,19 +168,17 @@ def main() -> None:
             print(f"{name:14s} one call {1e3 * seconds:.1f} ms every {every} updates = {spread:+.4f}%; between calls "
                   f"{between:+.1f}% ({tracked} entries on per-element Adam steps; rounds "
                   f"{min(ratios):.2f}-{max(ratios):.2f}x); overhead {results[name]:+.1f}%", flush=True)
-            if name == "redo":  # the correction's cost per tracked entry, with many tracked (τ = 0.5)
-                agent.intervention("redo").cfg.tau = 0.5
-                call_seconds(agent, name, batch, repeats=1)
-                tracked = sum(int(i.numel()) for i, _ in steps.tracked.values())
-                start = time.perf_counter()
-                for _ in range(20):
-                    steps.before_step()
-                    for p in steps.tracked:
-                        agent.optimizer.state[p]["step"] += 1
-                    steps.after_step()
-                per = (time.perf_counter() - start) / 20
-                print(f"{'':14s} per-element Adam correction: {1e3 * per:.2f} ms per update for {tracked} tracked entries "
-                      f"= {100 * per / statistics.median(t_base):.1f}% of an update", flush=True)
+            if name == "redo":  # the correction's cost per tracked entry, after one call at larger τ
+                for tau in (0.5, 100.0):  # 100: every unit recycled (as CBP's steady state tracks nearly all)
+                    many = make("redo")
+                    timed(many, batch, 2)
+                    many.intervention("redo").cfg.tau = tau
+                    call_seconds(many, name, batch, repeats=1)
+                    tracked = sum(int(i.numel()) for i, _ in many.plasticity_element_steps.tracked.values())
+                    per = correction_seconds(many)
+                    print(f"{'':14s} per-element Adam correction after one call at τ {tau}: {1e3 * per:.2f} ms per "
+                          f"Adam step for {tracked} tracked entries ({1e9 * per / tracked:.0f} ns each) = "
+                          f"{100 * per / statistics.median(t_base):.1f}% of an update", flush=True)
             continue
         if name == "injection":
             seconds = call_seconds(agent, name, batch, repeats=1)

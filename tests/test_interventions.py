@@ -19,6 +19,7 @@ from rl_plasticity.plasticity.interventions import INTERVENTIONS, ReDo
 from rl_plasticity.plasticity.layers import FeatureRecorder
 from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
 from rl_plasticity.plasticity.surgery import AdamElementSteps, fresh_bias
+from rl_plasticity.plasticity.surgery import linear_layers as linear_layers_of
 from tests.test_cli import train
 from tests.test_seeds import _agents, _rollout
 
@@ -356,6 +357,59 @@ def test_adam_element_steps_match_an_adam_with_a_step_per_element():
     assert p.detach()[mask].sub(0.5).abs().max() > 0
 
 
+def test_adam_element_steps_leave_at_the_horizon_and_skip_parameters_without_gradient():
+    """Two parameters reset at different steps (two cohorts in one, one in the other); one of them
+    gets no gradient on some updates (the optimizer does not step it, neither does the correction).
+    Every entry follows a float64 per-element Adam; a cohort leaves the tracking at the first step
+    with max(β₁, β₂)^s < 2⁻²⁵ (s = 165 at β₂ = 0.9), after which torch's update is the same."""
+    torch.manual_seed(0)
+    p, q = nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(6))
+    # Two groups with different ε: the per-cohort ε path of the correction.
+    opt = torch.optim.Adam([{"params": [p]}, {"params": [q], "eps": 1e-3}], lr=1e-2, betas=(0.5, 0.9), eps=1e-8,
+                           fused=True)
+    steps = AdamElementSteps([opt])
+    eps = {"p": 1e-8, "q": 1e-3}
+    refs = {}
+    for name, t in (("p", p), ("q", q)):
+        refs[name] = {"x": t.detach().double().clone(), "m": torch.zeros(t.shape, dtype=torch.float64),
+                      "v": torch.zeros(t.shape, dtype=torch.float64), "s": torch.zeros(t.shape, dtype=torch.float64)}
+    masks = {3: ("p", torch.arange(20).reshape(5, 4) % 3 == 0), 7: ("q", torch.arange(6) < 2),
+             9: ("p", torch.arange(20).reshape(5, 4) % 3 == 1)}
+    left_at = {}
+    for k in range(230):
+        if k in masks:
+            name, mask = masks[k]
+            t = p if name == "p" else q
+            steps.reset(t, mask)
+            r = refs[name]
+            r["m"][mask], r["v"][mask], r["s"][mask] = 0.0, 0.0, 0.0
+        skip_q = k % 5 == 4
+        p.grad = torch.randn(5, 4)
+        q.grad = None if skip_q else torch.randn(6)
+        steps.before_step()
+        opt.step()
+        steps.after_step()
+        for name, t in (("p", p), ("q", q)):
+            if t.grad is None:
+                continue
+            r, g = refs[name], t.grad.double()
+            r["s"] += 1
+            r["m"] = 0.5 * r["m"] + 0.5 * g
+            r["v"] = 0.9 * r["v"] + 0.1 * g.square()
+            r["x"] -= 1e-2 / (1 - 0.5 ** r["s"]) * r["m"] / (r["v"].sqrt() / (1 - 0.9 ** r["s"]).sqrt() + eps[name])
+            torch.testing.assert_close(t.detach().double(), r["x"], rtol=0, atol=2e-6)
+        for name, t in (("p", p), ("q", q)):
+            if name not in left_at and k > 9 and t not in steps.tracked:
+                left_at[name] = k
+        cohorts = {len(set(steps.tracked[p][1].tolist()))} if p in steps.tracked else {0}
+        if k == 170:
+            assert cohorts == {1}  # the cohort of step 3 left, the one of step 9 is still young
+    # p's last cohort was reset before step 9 (t0 = 9) and leaves after the step with s = 165;
+    # q (reset at t0 = 7, not stepped on one update in five) leaves later, after its own 165 steps.
+    assert left_at["p"] == 9 + 165 - 1
+    assert left_at["q"] == [k for k in range(7, 230) if k % 5 != 4][165 - 1]
+
+
 # -- composition, config, checkpoints, seeds ------------------------------------------------------
 def test_unknown_intervention_names_the_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown intervention 'foo'.*Valid choices: cbp, er_step, injection, partial_reset, "
@@ -392,17 +446,28 @@ def test_every_intervention_is_covered_here():
     assert set(FAST) == set(INTERVENTIONS)
 
 
-@pytest.mark.parametrize("name", sorted(FAST))
+def _fast(name):
+    """FAST[name], or for 'a+b+…' the interventions a, b, … together with their keys."""
+    merged = {"interventions": []}
+    for part in name.split("+"):
+        for key, value in FAST[part].items():
+            merged[key] = merged[key] + value if key == "interventions" else value
+    return merged
+
+
+@pytest.mark.parametrize("name", sorted(FAST) + ["injection+redo+partial_reset+shrink_perturb"])
 def test_checkpoint_round_trip_gives_bitwise_equal_next_updates(name):
-    cfg = SACConfig(hidden_sizes=(16, 16), replay_ratio=2, batch_size=16, fused=name != "injection")
-    pcfg = PlasticityConfig(name="l2", coef=1e-3, **FAST[name])
+    cfg = SACConfig(hidden_sizes=(16, 16), replay_ratio=2, batch_size=16, fused="injection" not in name)
+    pcfg = PlasticityConfig(name="l2", coef=1e-3, **_fast(name))
     torch.manual_seed(0)
     a = SACAgent(5, 3, cfg, plasticity=pcfg, seed=0)
     for i in range(3):
         a.update(sac_batch(seed=i))
     state = copy.deepcopy(a.state_dict())
-    if name in ("cbp", "redo"):
+    if name in ("cbp", "redo") or "+redo" in name:
         assert state["plasticity"]["adam_element_steps"]  # re-initialised entries are being corrected
+    if "injection" in name:
+        assert state["plasticity"]["interventions"]["injection"]["injected"]
     torch.manual_seed(1)
     b = SACAgent(5, 3, cfg, plasticity=pcfg, seed=1)
     b.load_state_dict(state)
@@ -527,6 +592,23 @@ def test_cli_composes_a_regularizer_with_two_interventions(agent, tmp_path):
     assert state["config"]["plasticity"]["name"] in ("spectral", "l2")
 
 
+def test_cli_composes_injection_with_the_unit_level_interventions(tmp_path):
+    """SAC from the command line: injection after update 50, then ReDo, partial resets and
+    shrink-and-perturb on the injected networks; the checkpoint holds what each did."""
+    result = train("agent=sac", "env=gym", "env.id=Pendulum-v1", "plasticity=l2", "total_steps=200",
+                   "agent.prefill_steps=100", "agent.replay_ratio=2", "agent.batch_size=32", "agent.hidden_sizes=[32,32]",
+                   "agent.fused=false", "plasticity.interventions=[injection,redo,partial_reset,shrink_perturb]",
+                   "plasticity.injection.at=50", "plasticity.redo.every=40", "plasticity.redo.tau=0.5",
+                   "plasticity.partial_reset.every=70", "plasticity.shrink_perturb.every=60", "eval.episodes=0",
+                   "log.every=100", "checkpoint.every=100000", f"run_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(sorted((tmp_path / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    ivs = state["agent"]["plasticity"]["interventions"]
+    assert ivs["injection"]["injected"]
+    assert sum(ivs["redo"]["recycled"].values()) > 0
+    assert ivs["partial_reset"]["count"] >= 2 and ivs["shrink_perturb"]["count"] >= 3
+
+
 def test_cli_names_valid_interventions_on_one_line():
     result = train("plasticity=spectral", "plasticity.interventions=[redo,bogus]")
     assert result.returncode != 0
@@ -646,9 +728,98 @@ def test_injection_refuses_what_it_cannot_do():
             interventions=["injection"], injection={"at": 5}))
     with pytest.raises(ConfigError, match="injection.at must be set"):
         PPOAgent(6, 2, PPOConfig(hidden_sizes=(8,)), plasticity=PlasticityConfig(interventions=["injection"]))
-    with pytest.raises(ConfigError, match="does not compose with 'redo'"):
-        PPOAgent(6, 2, PPOConfig(hidden_sizes=(8,)), plasticity=PlasticityConfig(
-            interventions=["redo", "injection"], injection={"at": 5}))
+    for clash in ("cbp", "er_step"):
+        with pytest.raises(ConfigError, match=f"does not compose with '{clash}': .*It composes with any regularizer"):
+            PPOAgent(6, 2, PPOConfig(hidden_sizes=(8,)), plasticity=PlasticityConfig(
+                interventions=[clash, "injection"], injection={"at": 5}))
+
+
+def _injected_sac(interventions, **cfg):
+    """A SAC agent (no LayerNorm, one critic) with `interventions` after an injection of 2-layer heads."""
+    torch.manual_seed(0)
+    pcfg = PlasticityConfig(interventions=["injection", *interventions], injection={"at": 10**9, "layers": 2}, **cfg)
+    agent = SACAgent(5, 3, SACConfig(hidden_sizes=(16, 16), replay_ratio=1, batch_size=16, fused=False,
+                                     num_critics=1), plasticity=pcfg)
+    agent.update(sac_batch(updates=1, seed=0))
+    agent.intervention("injection").inject()
+    agent.update(sac_batch(updates=1, seed=1))
+    return agent
+
+
+def _seq(net):
+    return net.layers if hasattr(net, "layers") else net
+
+
+def _frozen(agent):
+    heads = [_seq(n)[-1] for n in (agent.actor.net, agent.critic.net, agent.critic_target.net)]
+    return [p.detach().clone() for h in heads for part in (h.frozen, h.fresh_frozen) for p in part.parameters()]
+
+
+def test_injection_composes_with_shrink_perturb_on_the_trainable_parameters():
+    agent = _injected_sac(["shrink_perturb"], shrink_perturb={"every": 10**9})
+    frozen = _frozen(agent)
+    trainable = [p.detach().clone() for p in agent.actor.net.parameters() if p.requires_grad]
+    agent.intervention("shrink_perturb").after_update(agent.plasticity_updates, None)
+    assert all(torch.equal(a, b) for a, b in zip(_frozen(agent), frozen))
+    now = [p for p in agent.actor.net.parameters() if p.requires_grad]
+    assert len(now) == len(trainable) and all(not torch.equal(a, b) for a, b in zip(now, trainable))
+    agent.update(sac_batch(updates=2, seed=2))  # and training goes on
+
+
+def test_injection_composes_with_partial_reset_of_the_fresh_head():
+    agent = _injected_sac(["partial_reset"], partial_reset={"every": 10**9, "layers": 1})
+    frozen = _frozen(agent)
+    head = _seq(agent.critic.net)[-1]
+    trunk = [p.detach().clone() for m in list(_seq(agent.critic.net))[:-1] for p in m.parameters()]
+    fresh = [p.detach().clone() for p in head.fresh.parameters()]
+    torch.manual_seed(5)
+    agent.intervention("partial_reset").after_update(agent.plasticity_updates, None)
+    assert all(torch.equal(a, b) for a, b in zip(_frozen(agent), frozen))
+    assert all(torch.equal(p, q) for p, q in zip((p for m in list(_seq(agent.critic.net))[:-1]
+                                                  for p in m.parameters()), trunk))
+    last = linear_layers_of(head.fresh)[-1]
+    changed = [not torch.equal(p, q) for p, q in zip(head.fresh.parameters(), fresh)]
+    assert changed == [any(p is q for q in last.parameters()) for p in head.fresh.parameters()]
+    target_last = linear_layers_of(_seq(agent.critic_target.net)[-1].fresh)[-1]
+    assert all(torch.equal(p, q) for p, q in zip(last.parameters(), target_last.parameters()))
+    agent.update(sac_batch(updates=2, seed=2))
+
+
+def test_injection_composes_with_redo_on_the_trunk_and_the_fresh_head():
+    """A planted dead unit of the fresh head's hidden layer is recycled; one of the trunk's last
+    hidden layer (read by the frozen heads too) is not; θ and θ'' do not change."""
+    agent = _injected_sac(["redo"], redo={"every": 10**9, "tau": 0.0})
+    head, trunk_in = _seq(agent.actor.net)[-1], _seq(agent.actor.net)[0]
+    fresh_in, fresh_out = linear_layers_of(head.fresh)
+    with torch.no_grad():
+        fresh_in.weight[4].zero_()
+        fresh_in.bias[4] = -1.0
+        trunk_in.weight[7].zero_()
+        trunk_in.bias[7] = -1.0
+    frozen = _frozen(agent)
+    batch = sac_batch(updates=1, seed=3)
+    agent.intervention("redo").after_update(agent.plasticity_updates, agent.plasticity_inputs((batch.obs[0], batch.action[0])))
+    assert all(torch.equal(a, b) for a, b in zip(_frozen(agent), frozen))
+    assert fresh_in.weight[4].abs().sum() > 0 and fresh_in.bias[4] == 0 and torch.all(fresh_out.weight[:, 4] == 0)
+    assert torch.all(trunk_in.weight[7] == 0) and trunk_in.bias[7] == -1.0
+    assert agent.plasticity_element_steps.tracked  # the recycled entries restart Adam per element
+    agent.update(sac_batch(updates=2, seed=2))
+
+
+def test_injection_keeps_the_per_element_adam_steps_of_earlier_surgery():
+    torch.manual_seed(0)
+    pcfg = PlasticityConfig(interventions=["redo", "injection"], redo={"every": 1, "tau": 0.5},
+                            injection={"at": 10**9, "layers": 1})
+    agent = SACAgent(5, 3, SACConfig(hidden_sizes=(16, 16), replay_ratio=1, batch_size=16, fused=False,
+                                     num_critics=1), plasticity=pcfg)
+    agent.update(sac_batch(updates=1, seed=0))
+    before = {id(p): (i.clone(), t.clone()) for p, (i, t) in agent.plasticity_element_steps.tracked.items()}
+    trunk = {id(p) for m in list(_seq(agent.actor.net))[:-1] for p in m.parameters()}
+    assert trunk & set(before)
+    agent.intervention("injection").inject()
+    after = {id(p): v for p, v in agent.plasticity_element_steps.tracked.items()}
+    for k in trunk & set(before):
+        assert torch.equal(after[k][0], before[k][0]) and torch.equal(after[k][1], before[k][1])
 
 
 @pytest.mark.parametrize("kind", ["sac", "ppo"])

@@ -142,10 +142,31 @@ class Intervention:
         return {}
 
 
-def _features(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    with FeatureRecorder(net) as rec:
+def _features(net: nn.Module, x: torch.Tensor, view: Optional[nn.Module] = None) -> list[torch.Tensor]:
+    """Hidden features of `net` on `x`: of every activation of `view` (default: of `net`)."""
+    with FeatureRecorder(net if view is None else view) as rec:
         net(x)
     return rec.features
+
+
+def trainable_view(network: nn.Module) -> nn.Module:
+    """The network as the unit-level interventions see it.  Without plasticity injection, the
+    network itself; after it, an `nn.Sequential` of the same module objects in forward order that
+    leaves out the frozen heads: the trunk, then the fresh head θ' (`InjectedHead.fresh`)."""
+    seq = network.layers if isinstance(getattr(network, "layers", None), nn.Sequential) else network
+    if not isinstance(seq, nn.Sequential) or len(seq) == 0 or not isinstance(seq[-1], InjectedHead):
+        return network
+    return nn.Sequential(*list(seq)[:-1], *seq[-1].fresh)
+
+
+def head_boundary(network: nn.Module) -> Optional[nn.Module]:
+    """After plasticity injection: the first linear layer of the fresh head (the units before it
+    are read by all three heads); None without injection."""
+    view = trainable_view(network)
+    if view is network:
+        return None
+    seq = network.layers if isinstance(getattr(network, "layers", None), nn.Sequential) else network
+    return linear_layers(seq[-1].fresh)[0]
 
 
 class FullReset(Intervention):
@@ -169,15 +190,25 @@ class FullReset(Intervention):
 
 class PartialReset(Intervention):
     """Reset of the last k layers (Nikishin et al. 2022, "The primacy bias in deep RL", §4:
-    "periodically re-initialize the last layers", with the number of reset layers an ablation;
-    their SAC resets every 2·10⁵ updates).
+    "periodically re-initialize the last layers", with the number of reset layers an ablation).
 
     Every `every` updates, in each network of `networks` (SAC: actor and critic separately
     selectable): the last `layers` linear layers get weights and biases drawn anew from their
     initial distribution, LayerNorms between them gain 1 and bias 0; the optimizer state of
     those tensors is cleared (moments 0, step 0).  A network with a target copy (SAC's critic)
     has the same layers of its target set to the fresh values, as a full reset does.
-    Defaults: every 200,000 updates, the last layer, actor and critic."""
+    Defaults: every 200,000 updates, the last layer, actor and critic.  After plasticity
+    injection the layers are counted on the trainable network (`trainable_view`: the trunk, then
+    the fresh head θ'), so the frozen heads θ and θ'' stay as they are.
+
+    What their code (github.com/evgenii-nikishin/rl_with_resets) does, for comparison: SAC on DMC
+    states (`train_dense.py`) builds a whole new agent (every layer of actor and critic, target,
+    temperature, optimizer state: the `reset` intervention) every `reset_interval` = 2·10⁵
+    environment steps, i.e. 200,000 updates at their default replay ratio 1 (3,200,000 at the
+    replay ratio 16 of configs/agent/sac.yaml); DrQ (`train_pixels.py`) resets everything but the
+    encoder every 10⁵ environment steps; SPR on Atari (`SPR_with_resets.gin`) resets the final
+    layer only (`reset_head`).  So `layers` = 1 is their SPR choice, and `every` = 200,000 is
+    their SAC period at replay ratio 1."""
 
     name = "partial_reset"
     random_surgery = True
@@ -188,9 +219,9 @@ class PartialReset(Intervention):
             raise ConfigError(f"plasticity.partial_reset.networks: unknown network '{unknown[0]}'. "
                               f"Valid choices: {', '.join(networks)}")
         for n in self.cfg.networks:
-            if len(linear_layers(networks[n])) < self.cfg.layers:
+            if len(linear_layers(trainable_view(networks[n]))) < self.cfg.layers:
                 raise ConfigError(f"plasticity.partial_reset.layers={self.cfg.layers}: network '{n}' has only "
-                                  f"{len(linear_layers(networks[n]))} linear layers")
+                                  f"{len(linear_layers(trainable_view(networks[n])))} trainable linear layers")
         self.count = getattr(self, "count", 0)
 
     def due(self, update):
@@ -216,7 +247,7 @@ class PartialReset(Intervention):
         touched = 0
         for name in self.cfg.networks:
             net = nets[name]
-            chosen = self.chosen_modules(net, self.cfg.layers)
+            chosen = self.chosen_modules(trainable_view(net), self.cfg.layers)
             for m in chosen:
                 if isinstance(m, _NORM):
                     if m.weight is not None:
@@ -259,14 +290,27 @@ class ReDo(Intervention):
     s_i ≤ τ is dormant.  Dormant units get fresh incoming weights from the layer's initial
     distribution (incoming bias 0; a LayerNorm before the ReLU: gain 1, bias 0) and zero outgoing
     weights, and the optimizer's moments and (per-element) step of all those entries are reset.
-    Defaults: F = 1000, τ = 0.025 (the paper's default; some of its settings use 0.1)."""
+    Defaults: F = 1000, τ = 0.025 (the paper's default; some of its settings use 0.1).  After
+    plasticity injection it recycles the units of the trunk and of the fresh head θ'
+    (`trainable_view`), except the trunk's last hidden layer: the frozen heads read those units
+    too, so fresh incoming weights would change their outputs.  Their
+    public code (github.com/google/dopamine, `labs/redo`) agrees where it fixes a value: its SAC
+    config `tfagents/configs/sac_mujoco_dense_config.gin` recycles every 1000 updates, actor and
+    both critics but not the target critics (`reset_target_models=False`), and scores units on
+    256 samples of the training batch (`log_batch_size`; the DQN agents' `batch_size_statistics`
+    is 256 too), as here on SAC's 256-sample update batch; τ is not fixed in its configs (the
+    class default `dead_neuron_threshold` is 0, set per run)."""
 
     name = "redo"
     random_surgery = True
     needs_inputs = True
 
     def attach(self, networks):
-        self.layers = {n: hidden_layers(net) for n, net in networks.items()}
+        self.views = {n: trainable_view(net) for n, net in networks.items()}
+        self.layers = {n: hidden_layers(view) for n, view in self.views.items()}
+        # After plasticity injection, the units before the head are read by the frozen heads too:
+        # new incoming weights would change θ's and θ''s outputs however θ' is zeroed, so they stay.
+        self.skip = {n: [layer.linear_out is head_boundary(networks[n]) for layer in self.layers[n]] for n in networks}
         self.recycled: dict[str, int] = getattr(self, "recycled", None) or {n: 0 for n in networks}
 
     def due(self, update):
@@ -283,8 +327,10 @@ class ReDo(Intervention):
         steps = self.host.plasticity_element_steps
         total = 0
         for name, net in self.host._plasticity_networks.items():
-            feats = _features(net, inputs[name])  # every score before any surgery
-            for layer, f in zip(self.layers[name], feats):
+            feats = _features(net, inputs[name], self.views[name])  # every score before any surgery
+            for layer, f, skip in zip(self.layers[name], feats, self.skip[name]):
+                if skip:
+                    continue
                 dormant = self.scores(f) <= self.cfg.tau
                 for member in range(dormant.shape[0]):
                     units = dormant[member].nonzero().flatten()
@@ -310,8 +356,14 @@ class ShrinkPerturb(Intervention):
     (weights by the layer's scheme, biases likewise, LayerNorm gains 1 and biases 0), every `every`
     updates and, with `task_change`, at the first update after each task change of the
     environment.  The optimizer state is kept (the paper shrinks and perturbs the weights only).
-    Defaults λ = 0.8, σ = 0.2: the interpolation toward a fresh initialisation used for deep RL by
-    D'Oro et al. 2023 (SR-SPR); Ash & Adams sweep λ and σ; `every` null (task changes only)."""
+    Frozen parameters (after plasticity injection: the heads θ and θ'') are left alone.
+    Defaults λ = 0.8, σ = 0.2: the interpolation θ ← αθ + (1 − α)φ toward a fresh initialisation φ
+    with α = 0.8 that D'Oro et al. 2023 ("Sample-efficient RL by breaking the replay ratio
+    barrier") use in SR-SPR on Atari (a secondary summary of the paper states it; not checked
+    against the paper text here); their SR-SAC
+    on DMC (github.com/proceduralia/high_replay_ratio_continuous_control) resets fully instead, so
+    no published SAC value exists for these two; Ash & Adams sweep λ and σ; `every` null (task
+    changes only)."""
 
     name = "shrink_perturb"
     random_surgery = True
@@ -352,7 +404,8 @@ class ShrinkPerturb(Intervention):
             for module in net.modules():
                 if isinstance(module, _NORM) or id(module) in linears:
                     for p, fresh in self.fresh(module):
-                        p.mul_(lam).add_(fresh, alpha=sigma)
+                        if p.requires_grad:  # after plasticity injection: not the frozen heads θ, θ''
+                            p.mul_(lam).add_(fresh, alpha=sigma)
         self.pending = False
         self.count += 1
         return {"applied": 1.0}
@@ -506,21 +559,29 @@ class PlasticityInjection(Intervention):
     `at` must be set (the paper injects once, a quarter into training on Atari).
 
     It changes the networks' structure, so it needs the autograd update paths: SAC with
-    agent.fused=false, several seeds with batch_seeds=false; and it composes with regularizers
-    and full resets, not with the unit-level interventions (cbp, redo, partial_reset,
-    shrink_perturb, er_step), whose layer walk would mix the three heads."""
+    agent.fused=false, several seeds with batch_seeds=false.  It composes with every regularizer,
+    full resets, and the unit-level interventions that act on trainable parameters: redo,
+    partial_reset and shrink_perturb see the trunk and the fresh head θ' (`trainable_view`) and
+    leave θ and θ'' frozen; per-element Adam steps of entries re-initialised before the injection
+    carry over.  It does not compose with `cbp` and `er_step` (see INCOMPATIBLE)."""
 
     name = "injection"
     random_surgery = True
-    INCOMPATIBLE = ("cbp", "redo", "partial_reset", "shrink_perturb", "er_step")
+    INCOMPATIBLE = {
+        "cbp": "continual backprop keeps a utility and age per hidden unit built with the networks (an injection "
+               "would restart them) and moves a replaced unit's mean contribution into the next layer's bias, "
+               "which for the units before the head are the biases of the frozen heads too",
+        "er_step": "the effective-rank step's Adam holds every parameter of the network, the frozen heads too, and "
+                   "its objective, the effective rank of every hidden layer's features, would count three heads",
+    }
 
     def attach(self, networks):
         if self.cfg.at is None:
             raise ConfigError("plasticity.injection.at must be set: the gradient update after which to inject")
         clash = [n for n in self.host.plasticity_cfg.interventions if n in self.INCOMPATIBLE]
         if clash:
-            raise ConfigError(f"plasticity injection does not compose with '{clash[0]}' (it changes the networks' "
-                              f"structure); it composes with any regularizer and full resets")
+            raise ConfigError(f"plasticity injection does not compose with '{clash[0]}': {self.INCOMPATIBLE[clash[0]]}. "
+                              f"It composes with any regularizer and with reset, redo, partial_reset, shrink_perturb")
         if getattr(getattr(self.host, "cfg", None), "fused", False):
             raise ConfigError("plasticity injection changes the networks' structure: it needs agent.fused=false")
         unknown = [n for n in self.cfg.networks if n not in networks]
@@ -596,7 +657,9 @@ class PlasticityInjection(Intervention):
                 tseq.append(InjectedHead(t_old, copy.deepcopy(fresh).requires_grad_(False),
                                          copy.deepcopy(fresh_frozen)))
         self.injected = True
+        steps = self.host.plasticity_element_steps
         self.host.plasticity_structure_changed()
+        self.host.plasticity_element_steps.adopt(steps)
 
     def after_update(self, update, inputs):
         self.inject()

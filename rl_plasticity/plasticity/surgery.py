@@ -115,6 +115,32 @@ def linear_layers(network: nn.Module) -> list[nn.Module]:
     return [m for m in network.modules() if isinstance(m, _LINEAR)]
 
 
+@dataclasses.dataclass
+class _Plan:
+    """The tracked entries of every parameter on one (device, dtype), laid end to end, so that the
+    correction's arithmetic runs once over all of them (gathers and scatters stay per parameter).
+
+    Entries reset at the same optimizer step of the same parameter form a cohort; the bias
+    corrections depend only on a cohort's s = t − t₀, so they are computed per cohort (float64)
+    and gathered per entry (`entry_cohort`)."""
+
+    params: list[torch.Tensor]
+    owners: list[tuple[dict[str, Any], dict[str, Any]]]  # (Adam state, param group) per parameter
+    index: list[torch.Tensor]                            # flat indices per parameter
+    slices: list[slice]                                  # its entries in the buffers
+    cohort_param: list[int]                              # per cohort: position in `params`
+    cohort_t0: list[float]                               # per cohort: the optimizer step of the reset
+    entry_cohort: torch.Tensor                           # (N,) int64
+    s: torch.Tensor                                      # (cohorts,) float64: t − t₀ after the last step
+    hyper: torch.Tensor                                  # (4, cohorts) float64: lr, β₁, β₂, ε
+    lrs: list[float]                                     # lr per parameter when `hyper` was built
+    eps: Optional[float]                                 # ε when every parameter has the same one
+    before: torch.Tensor                                 # (N,) the entries' values before the step
+    exp_avg: torch.Tensor                                # (N,) gathered m after the step
+    exp_avg_sq: torch.Tensor                             # (N,) gathered v after the step
+    stepping: list[bool]                                 # per parameter: stepped by this update
+
+
 class AdamElementSteps:
     """Per-element Adam steps for the entries interventions re-initialise (see the module docstring).
 
@@ -123,7 +149,15 @@ class AdamElementSteps:
     optimizer step.  Only the re-initialised entries are tracked (flat indices and the optimizer
     step t₀ of their reset), so the correction costs in proportion to them, not to the tensor.  An
     entry leaves once β^s < 2⁻²⁵ for both betas: from then on 1 − β^s is 1 in float32 for its own
-    s and for the tensor's t alike, so torch's update is the per-element one to float32 rounding."""
+    s and for the tensor's t alike, so torch's update is the per-element one to float32 rounding.
+
+    Cost per update: one gather of the tracked entries' values before the step, two of their
+    moments after it and one scatter, per tracked parameter; the arithmetic runs once over the
+    entries of all parameters (`_Plan`), with the bias corrections computed per cohort (entries of
+    one parameter reset at the same step).  No value is read back from the device per update: a
+    parameter is stepped by the optimizer exactly when it has a gradient (torch's Adam and
+    `optim.adam_step_many` skip the others), so its step count is followed on the host and read
+    from the optimizer state only when the tracked set changes (a reset, a load, entries leaving)."""
 
     HORIZON_EPS = 2.0 ** -25
 
@@ -136,9 +170,10 @@ class AdamElementSteps:
         # be registered before their optimizers exist.
         self._optimizers = optimizers if callable(optimizers) else list(optimizers)
         self.tracked: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}  # param -> (flat index, t₀)
-        self._oldest: dict[torch.Tensor, float] = {}  # param -> min t₀, kept on the host (no sync per update)
-        self._before: dict[torch.Tensor, tuple[torch.Tensor, float]] = {}
-        self._owner_cache: dict[torch.Tensor, Any] = {}
+        self._plans: Optional[list[_Plan]] = None  # built from `tracked` when first needed
+        self._t: dict[torch.Tensor, float] = {}    # param -> its optimizer step, followed on the host
+        self._countdown = 0                        # updates until the next check for entries leaving
+        self._armed = False                        # before_step ran since the last after_step
 
     def _owners(self, param: torch.Tensor) -> list[tuple[torch.optim.Optimizer, dict[str, Any]]]:
         out = []
@@ -174,8 +209,7 @@ class AdamElementSteps:
                 born.masked_fill_(mask.reshape(-1), float(state["step"]))
                 index = (born >= 0).nonzero().flatten()
                 self.tracked[param] = (index, born[index])
-                self._oldest[param] = float(born[index].min())
-                self._owner_cache.pop(param, None)
+                self._plans = None
 
     @torch.no_grad()
     def reset_whole(self, param: torch.Tensor) -> None:
@@ -193,53 +227,157 @@ class AdamElementSteps:
                     state["step"].zero_()
                 else:
                     state["step"] = 0
-        self.tracked.pop(param, None)
-        self._oldest.pop(param, None)
-        self._owner_cache.pop(param, None)
+        if self.tracked.pop(param, None) is not None:
+            self._plans = None
 
     def _adam_state(self, param: torch.Tensor) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
-        """(state, param group) of the Adam holding `param` (cached per tracked tensor)."""
-        if param not in self._owner_cache:
-            found = None
-            for opt, group in self._owners(param):
-                if isinstance(opt, torch.optim.Adam) and opt.state.get(param):
-                    found = (opt.state[param], group)
-            self._owner_cache[param] = found
-        return self._owner_cache[param]
+        """(state, param group) of the Adam holding `param` with state, if any."""
+        found = None
+        for opt, group in self._owners(param):
+            if isinstance(opt, torch.optim.Adam) and opt.state.get(param):
+                found = (opt.state[param], group)
+        return found
+
+    # -- the correction ---------------------------------------------------------------------------
+    def _build(self) -> list[_Plan]:
+        """Plans from `tracked` (one host read of each tracked parameter's optimizer step)."""
+        by_kind: dict[tuple[Any, Any], list[torch.Tensor]] = {}
+        owners = {}
+        for p in self.tracked:
+            owner = self._adam_state(p)
+            if owner is not None:
+                owners[p] = owner
+                by_kind.setdefault((p.device, p.dtype), []).append(p)
+        self._t = {p: float(owners[p][0]["step"]) for p in owners}
+        plans = []
+        for (device, dtype), params in by_kind.items():
+            index, slices, cohort_param, cohort_t0, entry_cohort, start = [], [], [], [], [], 0
+            for i, p in enumerate(params):
+                idx, t0 = self.tracked[p]
+                born, inverse = torch.unique(t0, return_inverse=True)
+                entry_cohort.append(inverse + len(cohort_t0))
+                cohort_t0.extend(born.tolist())
+                cohort_param.extend([i] * born.numel())
+                index.append(idx)
+                slices.append(slice(start, start + idx.numel()))
+                start += idx.numel()
+            t = [self._t[params[i]] for i in cohort_param]
+            s = torch.tensor([a - b for a, b in zip(t, cohort_t0)], dtype=torch.float64, device=device)
+            empty = torch.empty(start, dtype=dtype, device=device)
+            plans.append(_Plan(params, [owners[p] for p in params], index, slices, cohort_param, cohort_t0,
+                               torch.cat(entry_cohort).to(device), s, s, [], None, empty, torch.empty_like(empty),
+                               torch.empty_like(empty), [True] * len(params)))
+            self._hyper(plans[-1])
+        self._countdown = self._steps_to_next_exit(plans)
+        return plans
+
+    @staticmethod
+    def _hyper(plan: _Plan) -> None:
+        """(Re)build the per-cohort lr, β₁, β₂, ε (lr may be changed by a schedule)."""
+        groups = [g for _, g in plan.owners]
+        plan.lrs = [float(g["lr"]) for g in groups]
+        rows = [(plan.lrs[i], *groups[i]["betas"], groups[i]["eps"]) for i in plan.cohort_param]
+        plan.hyper = torch.tensor(rows, dtype=torch.float64, device=plan.s.device).reshape(-1, 4).t().contiguous()
+        epsilons = {float(g["eps"]) for g in groups}
+        plan.eps = epsilons.pop() if len(epsilons) == 1 else None
+
+    def _beta_max(self, plan: _Plan, i: int) -> float:
+        return max(plan.owners[i][1]["betas"])
+
+    def _steps_to_next_exit(self, plans: list[_Plan]) -> int:
+        """A lower bound on the updates until some cohort has β^s < HORIZON_EPS for both betas
+        (each update advances a cohort's s by at most one)."""
+        best = None
+        for plan in plans:
+            for i, t0 in zip(plan.cohort_param, plan.cohort_t0):
+                b, s = self._beta_max(plan, i), self._t[plan.params[i]] - t0
+                need = max(0, math.ceil(math.log(self.HORIZON_EPS) / math.log(b) - s) - 1) if 0 < b < 1 else 0
+                best = need if best is None else min(best, need)
+        return 0 if best is None else best
+
+    def _plans_now(self) -> list[_Plan]:
+        if self._plans is None:
+            self._plans = self._build()
+        return self._plans
 
     @torch.no_grad()
     def before_step(self) -> None:
-        self._before = {}
-        for p, (index, _) in self.tracked.items():
-            owner = self._adam_state(p)
-            if owner is not None:
-                self._before[p] = (self._flat(p.detach())[index], float(owner[0]["step"]))
+        self._armed = bool(self.tracked)
+        if not self._armed:
+            return
+        for plan in self._plans_now():
+            for i, p in enumerate(plan.params):
+                plan.stepping[i] = p.grad is not None  # what torch's Adam and adam_step_many step
+                torch.index_select(self._flat(p.detach()), 0, plan.index[i], out=plan.before[plan.slices[i]])
 
     @torch.no_grad()
     def after_step(self) -> None:
-        if not self._before:
+        if not self._armed or self._plans is None:
+            self._armed = False
             return
-        for param, (before, step_before) in self._before.items():
-            state, group = self._adam_state(param)
-            t = float(state["step"])
-            if t == step_before:
-                continue  # the optimizer did not step this tensor (no gradient)
-            index, t0 = self.tracked[param]
-            beta1, beta2 = group["betas"]
-            s = (t - t0).to(param.dtype)
-            step_size = float(group["lr"]) / (1.0 - torch.pow(beta1, s))
-            bc2_sqrt = (1.0 - torch.pow(beta2, s)).sqrt()
-            m, v = self._flat(state["exp_avg"])[index], self._flat(state["exp_avg_sq"])[index]
-            self._flat(param.data).index_copy_(0, index, before - step_size * m / (v.sqrt() / bc2_sqrt + group["eps"]))
-            if max(beta1, beta2) ** (t - self._oldest[param]) < self.HORIZON_EPS:  # some are old enough: drop them
-                young = torch.pow(max(beta1, beta2), t - t0) >= self.HORIZON_EPS
-                if bool(young.any()):
-                    self.tracked[param] = (index[young], t0[young])
-                    self._oldest[param] = float(t0[young].min())
-                else:
-                    del self.tracked[param]
-                    del self._oldest[param]
-        self._before = {}
+        self._armed = False
+        for plan in self._plans:
+            if not any(plan.stepping):
+                continue
+            for i, p in enumerate(plan.params):
+                if plan.stepping[i]:
+                    self._t[p] += 1.0
+            if all(plan.stepping):
+                plan.s.add_(1.0)
+            else:
+                plan.s.add_(torch.tensor([float(plan.stepping[i]) for i in plan.cohort_param],
+                                         dtype=torch.float64, device=plan.s.device))
+            if [float(g["lr"]) for _, g in plan.owners] != plan.lrs:
+                self._hyper(plan)
+            lr, beta1, beta2, eps = plan.hyper
+            # Per cohort: lr / (1 − β₁^s), 1 / √(1 − β₂^s), ε; a parameter not stepped keeps its values.
+            step_size = lr / (1.0 - torch.pow(beta1, plan.s))
+            if not all(plan.stepping):
+                step_size = step_size * torch.tensor([float(plan.stepping[i]) for i in plan.cohort_param],
+                                                     dtype=torch.float64, device=plan.s.device)
+            dtype, cohort = plan.before.dtype, plan.entry_cohort
+            step_size = step_size.to(dtype).index_select(0, cohort)
+            inv_bc2_sqrt = (1.0 - torch.pow(beta2, plan.s)).rsqrt_().to(dtype).index_select(0, cohort)
+            eps = plan.eps if plan.eps is not None else eps.to(dtype).index_select(0, cohort)
+            for i, p in enumerate(plan.params):
+                state, _ = plan.owners[i]
+                torch.index_select(self._flat(state["exp_avg"]), 0, plan.index[i], out=plan.exp_avg[plan.slices[i]])
+                torch.index_select(self._flat(state["exp_avg_sq"]), 0, plan.index[i], out=plan.exp_avg_sq[plan.slices[i]])
+            # θ ← θ_before − lr/(1 − β₁^s) · m / (√v / √(1 − β₂^s) + ε)
+            denom = plan.exp_avg_sq.sqrt_().mul_(inv_bc2_sqrt).add_(eps)
+            new = plan.before.addcdiv_(plan.exp_avg.mul_(step_size), denom, value=-1.0)
+            for i, p in enumerate(plan.params):
+                self._flat(p.data).scatter_(0, plan.index[i], new[plan.slices[i]])
+        self._countdown -= 1
+        if self._countdown <= 0:
+            self._drop_old()
+
+    def _drop_old(self) -> None:
+        """Entries with β^s < HORIZON_EPS for both betas (s after this step) leave the tracking."""
+        changed = False
+        for plan in self._plans:
+            for i, p in enumerate(plan.params):
+                index, t0 = self.tracked[p]
+                young = torch.pow(self._beta_max(plan, i), self._t[p] - t0) >= self.HORIZON_EPS
+                if not bool(young.all()):
+                    changed = True
+                    if bool(young.any()):
+                        self.tracked[p] = (index[young], t0[young])
+                    else:
+                        del self.tracked[p]
+        if changed:
+            self._plans = None
+        else:
+            self._countdown = self._steps_to_next_exit(self._plans)
+
+    def adopt(self, other: "AdamElementSteps") -> None:
+        """Take over `other`'s tracked entries of the parameters the optimizers still hold (after
+        a change of the networks' structure that keeps those parameters, e.g. plasticity injection)."""
+        held = {id(p) for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
+        for p, entry in other.tracked.items():
+            if id(p) in held:
+                self.tracked[p] = entry
+        self._plans = None
 
     # -- checkpointing: entries keyed by optimizer index and parameter index within it ----------
     def _index(self) -> dict[str, torch.Tensor]:
@@ -256,8 +394,7 @@ class AdamElementSteps:
 
     def load_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         params = self._index()
-        self._owner_cache = {}
+        self._plans = None
         self.tracked = {params[k]: (v["index"].to(params[k].device).clone(),
                                     v["step"].to(params[k].device, torch.float64).clone())
                         for k, v in state.items()}
-        self._oldest = {p: float(t0.min()) for p, (_, t0) in self.tracked.items()}
