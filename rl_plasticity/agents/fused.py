@@ -168,6 +168,14 @@ class MLPPlan:
         nothing to them.  The input gradient is returned for `input_rows` × `input_cols`
         (summed over members when the input was shared), or None when neither is given.
         """
+        # Per block, from the output back (d: the gradient at the block's output a):
+        #   activation  a = relu(y): d_y = d·[a > 0]; CReLU: `crelu_backward`;
+        #   LayerNorm   y = x̂ γ + β, x̂ = (z − mean)·rstd: d_γ = Σ_rows d_y x̂, d_β = Σ_rows d_y,
+        #               d_x̂ = d_y γ, and d_z = rstd (d_x̂ − mean(d_x̂) − x̂ mean(d_x̂ x̂)) over the
+        #               width, which ATen's native_layer_norm_backward computes;
+        #   linear      z = h W + b (W (in, out)): d_W = hᵀ d_z, d_b = Σ_rows d_z, d_h = d_z Wᵀ
+        #               (an nn.Linear stores Wᵀ (out, in), whose gradient is d_zᵀ h).
+        # Parameter gradients sum over the first `param_rows` rows only; d_h flows through all.
         batched = self.batched
         rows = slice(start, None)
         d = grad_out
