@@ -259,24 +259,24 @@ def drive(steps: LoopSteps, update: Callable[[Any], dict[str, torch.Tensor]]) ->
 
 def run_off_policy(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, eval_env: gym.Env, logger: Logger,
                    schedule: OffPolicySchedule, save_checkpoint: Callable[[int, dict[str, Any]], None],
-                   control: LoopControl | None = None, before_eval: Callable[[], None] | None = None,
+                   control: LoopControl | None = None,
                    env_metrics: Callable[[], dict[str, float]] | None = None) -> LoopResult:
     """Prefill with uniform random actions, then act and run `replay_ratio` updates per env step
     (see `off_policy_steps`)."""
     return drive(off_policy_steps(agent, buffer, env, eval_env, logger, schedule, save_checkpoint, control,
-                                  before_eval, env_metrics), agent.update)
+                                  env_metrics), agent.update)
 
 
 def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, eval_env: gym.Env, logger: Logger,
                      schedule: OffPolicySchedule, save_checkpoint: Callable[[int, dict[str, Any]], None],
-                     control: LoopControl | None = None, before_eval: Callable[[], None] | None = None,
+                     control: LoopControl | None = None,
                      env_metrics: Callable[[], dict[str, float]] | None = None) -> LoopSteps:
     """Prefill with uniform random actions, then act and ask for `replay_ratio` updates per env
     step: yields the step's batches (leading dimension `replay_ratio`), is sent the metrics.
     `env_metrics()` (a non-stationary env's `env/friction`, `env/task`; by default what `env`
     reports through envs/nonstationary.py) is logged at every episode end.  Before each evaluation
-    the evaluation env follows the training env's task (`follow_training`), then `before_eval()`
-    runs if given; with `schedule.eval_all_tasks` every task is evaluated too.
+    the evaluation env follows the training env's task (`follow_training`); with
+    `schedule.eval_all_tasks` it is then evaluated on every task too.
 
     Checkpoints may fall in the middle of an episode: the caller saves and restores the env's
     state, and the loop state passed to `save_checkpoint` holds the rest (current observation,
@@ -409,8 +409,6 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
             logger.tick(step, agent.update_count, s.prefill_steps)
         if s.eval_episodes > 0 and (step % s.eval_every == 0 or step == s.total_steps):
             follow_training(eval_env, env)
-            if before_eval is not None:
-                before_eval()
             last_eval = evaluate_and_log(agent, eval_env, logger, step, s.eval_episodes, s.seed, s.gamma)
             if s.eval_all_tasks:
                 evaluate_tasks_and_log(agent, eval_env, logger, step, s.eval_episodes, s.seed)
@@ -462,24 +460,24 @@ def _crossed(before: int, after: int, every: int) -> bool:
 def run_on_policy(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: gym.Env, logger: Logger,
                   schedule: OnPolicySchedule, save_checkpoint: Callable[[int, dict[str, Any]], None],
                   env_metrics: Callable[[], list[dict[str, float]]] | None = None,
-                  before_eval: Callable[[], None] | None = None, control: LoopControl | None = None) -> LoopResult:
+                  control: LoopControl | None = None) -> LoopResult:
     """Collect rollouts and update after each (see `on_policy_steps`)."""
-    return drive(on_policy_steps(agent, envs, eval_env, logger, schedule, save_checkpoint, env_metrics, before_eval,
+    return drive(on_policy_steps(agent, envs, eval_env, logger, schedule, save_checkpoint, env_metrics,
                                  control), agent.update)
 
 
 def on_policy_steps(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: gym.Env, logger: Logger,
                     schedule: OnPolicySchedule, save_checkpoint: Callable[[int, dict[str, Any]], None],
                     env_metrics: Callable[[], list[dict[str, float]]] | None = None,
-                    before_eval: Callable[[], None] | None = None, control: LoopControl | None = None) -> LoopSteps:
+                    control: LoopControl | None = None) -> LoopSteps:
     """Collect rollouts of `rollout_steps` vector steps, update after each, until `total_steps`.
 
     `envs` must auto-reset in the same step (gymnasium's SAME_STEP mode), so that a truncated
     episode's final observation is at hand for bootstrapping.  `env_metrics()` (a non-stationary
     env's `env/friction`, `env/task`; by default what each sub-env reports through
     envs/nonstationary.py) gives each sub-env's scalars, logged at every episode end.  Before each
-    evaluation the evaluation env follows the first sub-env's task (`follow_training`), then
-    `before_eval()` runs if given; with `schedule.eval_all_tasks` every task is evaluated too.
+    evaluation the evaluation env follows the first sub-env's task (`follow_training`); with
+    `schedule.eval_all_tasks` it is then evaluated on every task too.
     A stop request checkpoints after the current vector step, partial rollout included.
     Diagnostics (`plasticity/...`) are measured on `PROBE_SIZE` rows drawn (`probe_seed`) from the
     rollout just trained on, its raw observations normalised with the current statistics; the
@@ -628,8 +626,6 @@ def on_policy_steps(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: 
         if s.eval_episodes > 0 and (_crossed(before, step, s.eval_every) or step == usable):
             if subenvs:
                 follow_training(eval_env, subenvs[0])
-            if before_eval is not None:
-                before_eval()
             last_eval = evaluate_and_log(agent, eval_env, logger, step, s.eval_episodes, s.seed, s.gamma)
             if s.eval_all_tasks:
                 evaluate_tasks_and_log(agent, eval_env, logger, step, s.eval_episodes, s.seed)
