@@ -171,7 +171,9 @@ class AdamElementSteps:
     one parameter reset at the same step).  No value is read back from the device per update: a
     parameter is stepped by the optimizer exactly when it has a gradient (torch's Adam and
     `optim.adam_step_many` skip the others), so its step count is followed on the host and read
-    from the optimizer state only when the tracked set changes (a reset, a load, entries leaving)."""
+    from the optimizer state only when the tracked set changes (a reset, a load, entries leaving).
+    Every optimizer step of a tracked parameter is meant to run between `before_step()` and
+    `after_step()` (the agents and the README's loop do): a step outside them is not corrected."""
 
     HORIZON_EPS = 2.0 ** -25
 
@@ -367,10 +369,14 @@ class AdamElementSteps:
             self._drop_old()
 
     def _drop_old(self) -> None:
-        """Entries with β^s < HORIZON_EPS for both betas (s after this step) leave the tracking."""
+        """Entries with β^s < HORIZON_EPS for both betas (s after this step) leave the tracking.
+        Also (one host read per tracked parameter, at these checks only) takes the optimizer's
+        step count again should an optimizer step have run outside before_step/after_step."""
         changed = False
         for plan in self._plans:
             for i, p in enumerate(plan.params):
+                if float(plan.owners[i][0]["step"]) != self._t[p]:
+                    self._t[p], changed = float(plan.owners[i][0]["step"]), True
                 index, t0 = self.tracked[p]
                 young = torch.pow(self._beta_max(plan, i), self._t[p] - t0) >= self.HORIZON_EPS
                 if not bool(young.all()):
