@@ -592,12 +592,18 @@ def test_cli_composes_a_regularizer_with_two_interventions(agent, tmp_path):
     assert state["config"]["plasticity"]["name"] in ("spectral", "l2")
 
 
-def test_cli_composes_injection_with_the_unit_level_interventions(tmp_path):
-    """SAC from the command line: injection after update 50, then ReDo, partial resets and
+@pytest.mark.parametrize("agent", ["sac", "ppo"])
+def test_cli_composes_injection_with_the_unit_level_interventions(agent, tmp_path):
+    """From the command line: injection after update 50, then ReDo, partial resets and
     shrink-and-perturb on the injected networks; the checkpoint holds what each did."""
-    result = train("agent=sac", "env=gym", "env.id=Pendulum-v1", "plasticity=l2", "total_steps=200",
-                   "agent.prefill_steps=100", "agent.replay_ratio=2", "agent.batch_size=32", "agent.hidden_sizes=[32,32]",
-                   "agent.fused=false", "plasticity.interventions=[injection,redo,partial_reset,shrink_perturb]",
+    if agent == "sac":
+        args = ["agent=sac", "env=gym", "env.id=Pendulum-v1", "total_steps=200", "agent.prefill_steps=100",
+                "agent.replay_ratio=2", "agent.batch_size=32", "agent.fused=false"]
+    else:
+        args = ["agent=ppo", "env=slippery-ant", "env.change_every=100", "total_steps=256", "agent.rollout_steps=128",
+                "agent.num_minibatches=4", "agent.epochs=25"]  # 200 minibatch updates
+    result = train(*args, "plasticity=l2", "agent.hidden_sizes=[32,32]",
+                   "plasticity.interventions=[injection,redo,partial_reset,shrink_perturb]",
                    "plasticity.injection.at=50", "plasticity.redo.every=40", "plasticity.redo.tau=0.5",
                    "plasticity.partial_reset.every=70", "plasticity.shrink_perturb.every=60", "eval.episodes=0",
                    "log.every=100", "checkpoint.every=100000", f"run_dir={tmp_path}")

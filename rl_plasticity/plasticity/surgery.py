@@ -139,6 +139,9 @@ class _Plan:
     exp_avg: torch.Tensor                                # (N,) gathered m after the step
     exp_avg_sq: torch.Tensor                             # (N,) gathered v after the step
     stepping: list[bool]                                 # per parameter: stepped by this update
+    views: list[tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=list)
+    # per parameter, made once: flat parameter, flat m, flat v (the optimizer's tensors), its
+    # slices of before, exp_avg, exp_avg_sq, and the optimizer's m (to notice a replaced state)
 
 
 class AdamElementSteps:
@@ -157,7 +160,9 @@ class AdamElementSteps:
     one parameter reset at the same step).  No value is read back from the device per update: a
     parameter is stepped by the optimizer exactly when it has a gradient (torch's Adam and
     `optim.adam_step_many` skip the others), so its step count is followed on the host and read
-    from the optimizer state only when the tracked set changes (a reset, a load, entries leaving)."""
+    from the optimizer state only when the tracked set changes (a reset, a load, entries leaving).
+    Every optimizer step of a tracked parameter is meant to run between `before_step()` and
+    `after_step()` (the agents and the README's loop do): a step outside them is not corrected."""
 
     HORIZON_EPS = 2.0 ** -25
 
@@ -268,6 +273,10 @@ class AdamElementSteps:
                                torch.cat(entry_cohort).to(device), s, s, [], None, empty, torch.empty_like(empty),
                                torch.empty_like(empty), [True] * len(params)))
             self._hyper(plans[-1])
+            plan = plans[-1]
+            plan.views = [(self._flat(p.data), self._flat(st["exp_avg"]), self._flat(st["exp_avg_sq"]),
+                           plan.before[sl], plan.exp_avg[sl], plan.exp_avg_sq[sl], st["exp_avg"])
+                          for p, (st, _), sl in zip(plan.params, plan.owners, plan.slices)]
         self._countdown = self._steps_to_next_exit(plans)
         return plans
 
@@ -305,10 +314,15 @@ class AdamElementSteps:
         self._armed = bool(self.tracked)
         if not self._armed:
             return
-        for plan in self._plans_now():
+        plans = self._plans_now()
+        if any(st["exp_avg"] is not view[6] or p.data_ptr() != view[0].data_ptr()
+               for plan in plans for p, (st, _), view in zip(plan.params, plan.owners, plan.views)):
+            self._plans = None  # the optimizer's state or a parameter's storage was replaced: views anew
+            plans = self._plans_now()
+        for plan in plans:
             for i, p in enumerate(plan.params):
                 plan.stepping[i] = p.grad is not None  # what torch's Adam and adam_step_many step
-                torch.index_select(self._flat(p.detach()), 0, plan.index[i], out=plan.before[plan.slices[i]])
+                torch.index_select(plan.views[i][0], 0, plan.index[i], out=plan.views[i][3])
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -339,24 +353,27 @@ class AdamElementSteps:
             step_size = step_size.to(dtype).index_select(0, cohort)
             inv_bc2_sqrt = (1.0 - torch.pow(beta2, plan.s)).rsqrt_().to(dtype).index_select(0, cohort)
             eps = plan.eps if plan.eps is not None else eps.to(dtype).index_select(0, cohort)
-            for i, p in enumerate(plan.params):
-                state, _ = plan.owners[i]
-                torch.index_select(self._flat(state["exp_avg"]), 0, plan.index[i], out=plan.exp_avg[plan.slices[i]])
-                torch.index_select(self._flat(state["exp_avg_sq"]), 0, plan.index[i], out=plan.exp_avg_sq[plan.slices[i]])
+            for index, (_, m, v, _, m_out, v_out, _) in zip(plan.index, plan.views):
+                torch.index_select(m, 0, index, out=m_out)
+                torch.index_select(v, 0, index, out=v_out)
             # θ ← θ_before − lr/(1 − β₁^s) · m / (√v / √(1 − β₂^s) + ε)
             denom = plan.exp_avg_sq.sqrt_().mul_(inv_bc2_sqrt).add_(eps)
             new = plan.before.addcdiv_(plan.exp_avg.mul_(step_size), denom, value=-1.0)
-            for i, p in enumerate(plan.params):
-                self._flat(p.data).scatter_(0, plan.index[i], new[plan.slices[i]])
+            for index, (flat, *_), sl in zip(plan.index, plan.views, plan.slices):
+                flat.scatter_(0, index, new[sl])
         self._countdown -= 1
         if self._countdown <= 0:
             self._drop_old()
 
     def _drop_old(self) -> None:
-        """Entries with β^s < HORIZON_EPS for both betas (s after this step) leave the tracking."""
+        """Entries with β^s < HORIZON_EPS for both betas (s after this step) leave the tracking.
+        Also (one host read per tracked parameter, at these checks only) takes the optimizer's
+        step count again should an optimizer step have run outside before_step/after_step."""
         changed = False
         for plan in self._plans:
             for i, p in enumerate(plan.params):
+                if float(plan.owners[i][0]["step"]) != self._t[p]:
+                    self._t[p], changed = float(plan.owners[i][0]["step"]), True
                 index, t0 = self.tracked[p]
                 young = torch.pow(self._beta_max(plan, i), self._t[p] - t0) >= self.HORIZON_EPS
                 if not bool(young.all()):
