@@ -47,7 +47,7 @@ import numpy as np
 import yaml
 
 from rl_plasticity.cli import fail
-from rl_plasticity.names import EVAL_RETURN, TASK_CHANGE, did_you_mean
+from rl_plasticity.names import EVAL_RETURN, NOT_LEARNING_KEYS, TASK_CHANGE, did_you_mean
 
 EVENT_PREFIX = "events.out.tfevents."
 RETURN_TAG = EVAL_RETURN
@@ -56,10 +56,10 @@ DEFAULT_REPS = 10_000
 # Fewer runs than this in a group: its standard errors and IQM confidence intervals carry a caveat.
 FEW_RUNS = 3
 
-# Keys that never distinguish two methods: seeds, bookkeeping, and the keys naming the environment.
-IGNORED_PREFIXES = ("eval.", "log.", "checkpoint.", "hydra.")
-IGNORED_KEYS = {"seed", "num_seeds", "batch_seeds", "run_dir", "device", "threads", "resume", "total_steps", "compile", "cudagraphs",
-                "plasticity.log_every",
+# Keys that never distinguish two methods: those that do not change learning (names.py; the
+# sections among them by prefix), seeds and the diagnostics' period, and the keys naming the env.
+IGNORED_PREFIXES = ("hydra.",) + tuple(f"{key}." for key in NOT_LEARNING_KEYS)
+IGNORED_KEYS = {*NOT_LEARNING_KEYS, "seed", "plasticity.log_every",
                 "env.friction_seed", "env.name", "env.id", "env.kind", "env.domain", "env.task"}
 
 # Diagnostic panels: (title, tag candidates under plasticity/<network>/, first present wins).
