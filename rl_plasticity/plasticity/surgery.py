@@ -27,10 +27,10 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from rl_plasticity.ensemble import EnsembleLayerNorm, EnsembleLinear, chain_blocks
+from rl_plasticity.ensemble import NORM_LAYERS, EnsembleLayerNorm, EnsembleLinear, chain_blocks
 
-_LINEAR = (nn.Linear, EnsembleLinear)
-_NORM = (nn.LayerNorm, EnsembleLayerNorm)
+_LINEAR = (nn.Linear, EnsembleLinear)  # the chain's linear layers surgery knows (no convolutions)
+_NORM = NORM_LAYERS
 
 
 def unit_rows(weight: torch.Tensor, ensemble: bool) -> torch.Tensor:
