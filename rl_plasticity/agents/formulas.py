@@ -131,6 +131,17 @@ def normalize_advantages(advantage: torch.Tensor) -> torch.Tensor:
     return (advantage - advantage.mean(-1, keepdim=True)) / (advantage.std(-1, keepdim=True) + 1e-8)
 
 
+def gaussian_sample(mean: torch.Tensor, log_std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """a = μ + σ ε with σ = exp(log σ), ε ~ N(0, I): PPO's diagonal-Gaussian policy (Schulman et
+    al. 2017, §6.1: state-independent log σ); `gaussian_log_prob(noise, log_std)` is its log π."""
+    return mean + log_std.exp() * noise
+
+
+def value_loss(value: torch.Tensor, ret: torch.Tensor) -> torch.Tensor:
+    """½ (V(s) − R)² per row: PPO's value loss (Schulman et al. 2017, §5, L^VF as a squared error)."""
+    return 0.5 * (value - ret).square()
+
+
 def clipped_surrogate(advantage: torch.Tensor, ratio: torch.Tensor, clip: float) -> torch.Tensor:
     """PPO's clipped objective per row, as a loss (Schulman et al. 2017, §3 Eq. 7):
     −min(r A, clip(r, 1 − ε, 1 + ε) A) = max(−A r, −A clip(r, 1 − ε, 1 + ε))."""

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from rl_plasticity.agents.formulas import (HALF_LOG_2PI, clipped_surrogate, gaussian_log_prob,
+from rl_plasticity.agents.formulas import (HALF_LOG_2PI, clipped_surrogate, gaussian_log_prob, gaussian_sample,
                                            normalize_advantages)
+from rl_plasticity.agents.formulas import value_loss as ppo_value_loss
 from rl_plasticity.agents.networks import (ACTIVATIONS, chain_layers, check_activation, orthogonal_init_,
                                            parameter_count)
 from rl_plasticity.config import from_node, require
@@ -139,7 +140,7 @@ def ppo_loss(mean: torch.Tensor, value: torch.Tensor, log_std: torch.Tensor, mb:
     if adv.shape[-1] > 1:
         adv = normalize_advantages(adv)
     policy_loss = clipped_surrogate(adv, ratio, cfg.clip).mean(-1)
-    value_loss = 0.5 * (value - mb["return"]).square().mean(-1)
+    value_loss = ppo_value_loss(value, mb["return"]).mean(-1)
     entropy = (log_std + 0.5 + HALF_LOG_2PI).sum(-1)
     loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
     with torch.no_grad():
@@ -260,7 +261,7 @@ class PPOAgent(PlasticityMixin):
             return clipped_surrogate(b["advantage"], ratio, clip)
 
         def critic_loss(forward, b):
-            return 0.5 * (forward(b["obs"]).squeeze(-1) - b["return"]).square()
+            return ppo_value_loss(forward(b["obs"]).squeeze(-1), b["return"])
 
         return {"actor": (self.actor, actor_loss, {"obs": d["obs"], "action": d["action"],
                                                    "log_prob": d["log_prob"], "advantage": adv}),
@@ -292,7 +293,7 @@ class PPOAgent(PlasticityMixin):
         o = torch.from_numpy(norm).to(self.device)
         mean = self.actor(o)
         noise = torch.randn_like(mean)
-        action = mean + self.log_std.exp() * noise
+        action = gaussian_sample(mean, self.log_std, noise)
         log_prob = gaussian_log_prob(noise, self.log_std)
         value = self.critic(o).squeeze(-1)
         out = torch.cat([action, log_prob.unsqueeze(-1), value.unsqueeze(-1)], -1).cpu().numpy()
@@ -310,7 +311,7 @@ class PPOAgent(PlasticityMixin):
         """Action in [-1, 1] for one raw observation (or a batch): the mean when deterministic."""
         o = torch.from_numpy(self.normalize(obs)).to(self.device)
         mean = self.actor(o)
-        action = mean if deterministic else mean + self.log_std.exp() * torch.randn_like(mean)
+        action = mean if deterministic else gaussian_sample(mean, self.log_std, torch.randn_like(mean))
         return action.clamp(-1.0, 1.0).cpu().numpy()
 
     def value(self, obs: np.ndarray) -> float:
