@@ -7,7 +7,12 @@ per env step on batches of 256 drawn uniformly from a replay buffer that never o
 γ 0.99, τ 0.005, automatic temperature from 1.0 towards entropy −|A|.  Evaluation is the same
 code for both (`rl_plasticity.loops.evaluate`): `--eval-episodes` episodes of the deterministic
 policy tanh(mean) on a separate env, episode k reset with seed + 1,000,000 + k, every
-`--eval-every` env steps and at the end; the final evaluation is the run's score.
+`--eval-every` env steps (default 1,000) and at the end.  Each run gets two scores: `last`, the
+mean of its evaluations in the last `--last-fraction` of training (default 0.2: at 16k, 17k, …, 20k
+of 20k steps), and `final`, the last evaluation alone.  At CPU budgets a policy can swing between
+consecutive evaluations (cheetah-run, `ours_paper` seed 0: 67 at 19k, 0.3 at 20k), so one snapshot
+decides `final` and five decide `last`; the window is a share of training, not a number of
+evaluations, so that runs evaluated at another cadence are scored over the same stage of training.
 
 Arms (`--arms`):
 
@@ -29,11 +34,11 @@ final return, wall time, command); a run whose file exists is skipped, so an int
 resumes and a partial grid can be completed later.  The summary (`summary.md`,
 `final_returns.csv`, `curves.csv`, `curves_<task>.png`) is rebuilt from all result files present:
 mean ± standard error and IQM with a 95% stratified-bootstrap CI (rl_plasticity.report's own
-functions) of the final return per task and arm, and over tasks where an arm has the same seeds
-on every task.
+functions) of both scores per task and arm, and over tasks where an arm has the same seeds on
+every task.
 
     python benchmarks/learning_parity.py --tasks cheetah-run walker-walk cartpole-swingup \\
-        --seeds 0 1 2 3 4 --steps 20000 --replay-ratio 4 --prefill 5000 --jobs 2
+        --seeds 0 1 2 3 4 --steps 20000 --replay-ratio 4 --prefill 5000 --eval-every 1000 --jobs 2
     python benchmarks/learning_parity.py --summarise-only --out benchmarks/results/learning_parity
 """
 from __future__ import annotations
@@ -317,6 +322,9 @@ def run_one(task: str, arm: str, seed: int, args: argparse.Namespace) -> Path:
 # ----------------------------------------------------------------------------------------------
 # Summary
 # ----------------------------------------------------------------------------------------------
+LAST_FRACTION = 0.2  # default scoring window: the evaluations in the last 20% of training
+
+
 def load_results(out: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((out / "per_run").glob("*/*/seed_*.json"))]
 
@@ -326,14 +334,49 @@ def _arm_order(arms: Sequence[str]) -> list[str]:
     return known + sorted(a for a in arms if a not in ARMS)
 
 
-def summarise(out: Path, reps: int = 10_000, seed: int = 0) -> str:
-    """Write summary.md, final_returns.csv, curves.csv and curves_<task>.png from the result files."""
-    from rl_plasticity.report import (_figure, _steps_axis, fmt, iqm_intervals, markdown_table, mean_curve,
-                                      mean_se, method_colors, write_csv)
+def window_evaluations(record: dict[str, Any], fraction: float) -> int:
+    """How many of a run's evaluations lie in the last `fraction` of its training: those at env step
+    ≥ (1 − fraction) · steps (at least one: the final evaluation).  With `--eval-every 1000` and 20k
+    steps, fraction 0.2 takes the evaluations at 16k, 17k, …, 20k."""
+    start = (1.0 - fraction) * record["steps"]
+    return max(1, sum(1 for step, _ in record["curve"] if step >= start))
 
+
+def window_score(record: dict[str, Any], fraction: float) -> float:
+    """The run's score over its last `fraction` of training: the mean of the evaluations in that window
+    (`rl_plasticity.report.final_score` with last_k = `window_evaluations`)."""
+    from rl_plasticity.report import final_score
+
+    steps = np.array([p[0] for p in record["curve"]])
+    values = np.array([p[1] for p in record["curve"]], dtype=np.float64)
+    return final_score((steps, values), window_evaluations(record, fraction))
+
+
+def check_fraction(fraction: float) -> float:
+    if not 0.0 < fraction <= 1.0:
+        raise SystemExit(f"error: --last-fraction must be in (0, 1] (the share of training whose evaluations are "
+                         f"averaged; 0.2 = the last 20%), got {fraction}")
+    return fraction
+
+
+def summarise(out: Path, reps: int = 10_000, seed: int = 0, fraction: float = LAST_FRACTION) -> str:
+    """Write summary.md, final_returns.csv, curves.csv and curves_<task>.png from the result files.
+
+    Two scores per run: `final`, the last evaluation, and `last`, the mean of the evaluations in the
+    last `fraction` of training (`window_score`), which one evaluation's dip or spike does not decide.
+    For each, per task and arm: mean ± standard error and IQM with a 95% stratified-bootstrap CI
+    (rl_plasticity.report's `mean_se` and `iqm_intervals`), and the same over tasks for an arm with
+    the same seeds on every task."""
+    from rl_plasticity.report import (_figure, _steps_axis, curve_label, fmt, iqm_intervals, markdown_table,
+                                      mean_curve, mean_se, method_colors, plot_curve, write_csv)
+
+    check_fraction(fraction)
     results = load_results(out)
     if not results:
         raise SystemExit(f"error: no results under {out / 'per_run'}")
+    for r in results:
+        r["last"] = window_score(r, fraction)
+        r["last_evals"] = window_evaluations(r, fraction)
     tasks = sorted({r["task"] for r in results})
     arms = _arm_order(sorted({r["arm"] for r in results}))
     by: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -341,42 +384,54 @@ def summarise(out: Path, reps: int = 10_000, seed: int = 0) -> str:
         by.setdefault((r["task"], r["arm"]), []).append(r)
     for runs in by.values():
         runs.sort(key=lambda r: r["seed"])
+    scores = ("final", "last")
 
-    # Per task and arm: IQM with CI over seeds (a (runs, 1) matrix each).
-    scores = {f"{t}|{a}": np.array([[r["final"]] for r in runs]) for (t, a), runs in by.items()}
-    estimates = iqm_intervals(scores, reps, seed)
+    # Per task and arm: IQM with CI over seeds (a (runs, 1) matrix each), for both scores.
+    estimates = {s: iqm_intervals({f"{t}|{a}": np.array([[r[s]] for r in runs]) for (t, a), runs in by.items()},
+                                  reps, seed) for s in scores}
     rows = []
     for t in tasks:
         for a in arms:
             runs = by.get((t, a))
             if not runs:
                 continue
-            finals = [r["final"] for r in runs]
-            mean, se = mean_se(finals)
-            iqm, lo, hi = estimates[f"{t}|{a}"]
-            rows.append([t, a, len(runs), " ".join(str(r["seed"]) for r in runs), mean, se, iqm, lo, hi,
-                         " ".join(f"{x:.0f}" for x in finals),
+            stats = []
+            for s in scores:
+                stats += [*mean_se([r[s] for r in runs]), *estimates[s][f"{t}|{a}"]]
+            evals = sorted({r["last_evals"] for r in runs})
+            rows.append([t, a, len(runs), " ".join(str(r["seed"]) for r in runs), *stats,
+                         f"{evals[0]}–{evals[-1]}" if len(evals) > 1 else evals[0],
+                         " ".join(f"{r['final']:.0f}" for r in runs), " ".join(f"{r['last']:.0f}" for r in runs),
                          float(np.mean([r["wall_s"] for r in runs])) / 60])
-    # Over tasks: arms with the same seeds on every task.
-    aggregate = {}
+    # Over tasks: arms with the same seeds on every task (a (runs, tasks) matrix of returns).
+    matrices: dict[str, dict[str, np.ndarray]] = {s: {} for s in scores}
     for a in arms:
         seeds = [tuple(r["seed"] for r in by.get((t, a), [])) for t in tasks]
-        if len(tasks) > 1 and seeds[0] and all(s == seeds[0] for s in seeds):
-            aggregate[a] = np.array([[r["final"] for r in by[(t, a)]] for t in tasks]).T
-    agg_estimates = iqm_intervals(aggregate, reps, seed)
-    for a, matrix in aggregate.items():
-        mean, se = mean_se(matrix.mean(1))
-        iqm, lo, hi = agg_estimates[a]
-        rows.append(["all tasks", a, matrix.size, " ".join(str(r["seed"]) for r in by[(tasks[0], a)]),
-                     float(matrix.mean()), se, iqm, lo, hi, "", float("nan")])
+        if len(tasks) > 1 and seeds[0] and all(x == seeds[0] for x in seeds):
+            for s in scores:
+                matrices[s][a] = np.array([[r[s] for r in by[(t, a)]] for t in tasks]).T
+    agg_estimates = {s: iqm_intervals(matrices[s], reps, seed) for s in scores}
+    for a in matrices["final"]:
+        stats = []
+        for s in scores:
+            matrix = matrices[s][a]
+            stats += [float(matrix.mean()), mean_se(matrix.mean(1))[1], *agg_estimates[s][a]]
+        rows.append(["all tasks", a, matrices["final"][a].size, " ".join(str(r["seed"]) for r in by[(tasks[0], a)]),
+                     *stats, "", "", "", float("nan")])
 
-    header = ["task", "arm", "runs", "seeds", "mean", "se", "iqm", "iqm_ci_low", "iqm_ci_high", "finals",
-              "minutes_per_run"]
+    header = ["task", "arm", "runs", "seeds",
+              "final_mean", "final_se", "final_iqm", "final_iqm_ci_low", "final_iqm_ci_high",
+              "last_mean", "last_se", "last_iqm", "last_iqm_ci_low", "last_iqm_ci_high",
+              "last_evaluations", "finals", "lasts", "minutes_per_run"]
     write_csv(out / "final_returns.csv", header, rows)
+    pct = f"{fraction:.0%}"
     table = markdown_table(
-        ["task", "arm", "runs", "final return, mean ± SE", "IQM [95% CI]", "per seed", "wall min/run"],
-        [[t, a, n, f"{fmt(m)} ± {fmt(s)}", f"{fmt(i)} [{fmt(lo)}, {fmt(hi)}]", finals,
-          fmt(w) if math.isfinite(w) else "–"] for t, a, n, _, m, s, i, lo, hi, finals, w in rows])
+        ["task", "arm", "runs", f"last {pct}: mean ± SE", f"last {pct}: IQM [95% CI]", "final: mean ± SE",
+         "final: IQM [95% CI]", f"per seed: last {pct} (final)", "wall min/run"],
+        [[t, a, n, f"{fmt(lm)} ± {fmt(ls)}", f"{fmt(li)} [{fmt(llo)}, {fmt(lhi)}]", f"{fmt(fm)} ± {fmt(fs)}",
+          f"{fmt(fi)} [{fmt(flo)}, {fmt(fhi)}]",
+          " ".join(f"{x} ({y})" for x, y in zip(lasts.split(), finals.split())), fmt(w) if math.isfinite(w) else "–"]
+         for t, a, n, _, fm, fs, fi, flo, fhi, lm, ls, li, llo, lhi, _, finals, lasts, w in rows])
 
     colors = method_colors(arms)
     curve_rows = []
@@ -389,34 +444,49 @@ def summarise(out: Path, reps: int = 10_000, seed: int = 0) -> str:
                 continue
             series = [(np.array([p[0] for p in r["curve"]]), np.array([p[1] for p in r["curve"]])) for r in runs]
             curve = mean_curve(series)
-            grid, mean, se = curve.steps, curve.mean, np.nan_to_num(curve.se)  # se: nan where one run covers a step
-            ax.plot(grid, mean, color=colors[a], label=f"{a} ({len(runs)} seeds)", marker="o", ms=3)
-            if len(runs) > 1:
-                ax.fill_between(grid, mean - se, mean + se, color=colors[a], alpha=0.2)
-            curve_rows += [[t, a, int(g), m, s] for g, m, s in zip(grid, mean, se)]
+            plot_curve(ax, curve, colors[a], curve_label(a, len(runs), curve), len(runs))
+            curve_rows += [[t, a, int(g), m, s, int(n)] for g, m, s, n in zip(curve.steps, curve.mean, curve.se,
+                                                                            curve.runs)]
+        end = max(r["steps"] for r in results if r["task"] == t)
+        ax.axvspan((1.0 - fraction) * end, end, color="0.5", alpha=0.12, lw=0, label=f"last {pct} (scored)")
         ax.set_title(f"{t}: evaluation return (mean ± s.e. over seeds)")
         ax.set_ylabel("return (deterministic policy)")
         _steps_axis(ax)
         ax.legend(loc="upper left", fontsize=8)
         fig.savefig(out / f"curves_{t}.png", dpi=110)
-    write_csv(out / "curves.csv", ["task", "arm", "step", "mean", "se"], curve_rows)
+    write_csv(out / "curves.csv", ["task", "arm", "step", "mean", "se", "runs"], curve_rows)
 
-    first = results[0]
-    settings = (f"{first['steps']:,} env steps, replay ratio {first['replay_ratio']}, {first['prefill']:,} random "
-                f"prefill steps, evaluation every {first['eval_every']:,} steps ({first['eval_episodes']} "
-                f"deterministic episodes); final return = the last evaluation")
-    mixed = {(r["steps"], r["replay_ratio"], r["prefill"], r["eval_every"], r["eval_episodes"]) for r in results}
+    budgets = sorted({(r["steps"], r["replay_ratio"], r["prefill"], r["eval_episodes"]) for r in results})
+    steps, rr, prefill, episodes = budgets[0]
+    settings = (f"{steps:,} env steps, replay ratio {rr}, {prefill:,} random prefill steps, {episodes} deterministic "
+                f"evaluation episodes per evaluation")
+    if len(budgets) > 1:
+        settings += " (WARNING: the result files mix budgets: " + "; ".join(
+            f"{s:,} steps, RR {q}, prefill {p:,}, {e} episodes" for s, q, p, e in budgets) + ")"
+    cadence = "; ".join(f"{t}: every " + " and ".join(f"{e:,}" for e in sorted({r['eval_every'] for r in results
+                                                                                 if r["task"] == t})) + " steps"
+                        for t in tasks)
     lines = ["# Learning parity: rl_plasticity SAC vs Stable-Baselines3 SAC", "",
-             settings + ("" if len(mixed) == 1 else " (WARNING: the result files mix budgets)") + ".", "",
-             "Arms: " + "; ".join(f"`{a}` {ARMS[a]['what']}" for a in arms if a in ARMS) + ".", "",
-             table, "",
-             f"IQM: `rliable.metrics.aggregate_iqm` over runs; 95% CI: percentile stratified bootstrap "
-             f"({reps:,} resamples, seed {seed}), via `rl_plasticity.report.iqm_intervals`. SE: std(ddof=1)/√n.",
-             ""]
+             settings + f". Evaluation cadence: {cadence}.", "",
+             f"Scores: **last {pct}** = the mean of a run's evaluations at env steps ≥ {1 - fraction:g} × the run's "
+             f"steps (`window_score`; one dip or spike of the policy between evaluations does not decide it); "
+             f"**final** = the last evaluation alone.", ""]
+    single = {t: [a for a in arms if any(r["last_evals"] == 1 for r in by.get((t, a), []))] for t in tasks}
+    single = {t: a for t, a in single.items() if a}
+    if single:
+        lines += [f"Where the window holds only the final evaluation (runs evaluated too rarely for it), last {pct} = "
+                  f"final: " + "; ".join(f"{t} ({', '.join(a)})" for t, a in single.items()) + ".", ""]
+    lines += ["Arms: " + "; ".join(f"`{a}` {ARMS[a]['what']}" for a in arms if a in ARMS) + ".", "",
+              table, "",
+              f"IQM: `rliable.metrics.aggregate_iqm` over runs; 95% CI: percentile stratified bootstrap "
+              f"({reps:,} resamples, seed {seed}), via `rl_plasticity.report.iqm_intervals`. SE: std(ddof=1)/√n "
+              f"(`rl_plasticity.report.mean_se`; over tasks: of the per-seed mean over tasks). `all tasks` rows: "
+              f"arms with the same seeds on every task. Fewer than 5 seeds per cell: the intervals are rough, "
+              f"and from 2 seeds they only span those two returns.", ""]
     lines += [f"![{t}](curves_{t}.png)" for t in tasks]
     commands = sorted({(r["arm"], r["command"]) for r in results if r["seed"] == min(x["seed"] for x in by[(r["task"], r["arm"])])
                        and r["task"] == tasks[0]})
-    lines += ["", "One run's command per arm (seed and task vary):", ""]
+    lines += ["", f"One run's command per arm (seed and task vary; `{tasks[0]}` shown):", ""]
     lines += [f"- `{a}`: `{c}`" for a, c in commands]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
@@ -436,7 +506,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20_000, help="env steps per run")
     p.add_argument("--replay-ratio", type=int, default=4, help="gradient updates per env step")
     p.add_argument("--prefill", type=int, default=5_000, help="uniformly random steps before learning")
-    p.add_argument("--eval-every", type=int, default=5_000)
+    p.add_argument("--eval-every", type=int, default=1_000,
+                   help="env steps between evaluations (1,000: five evaluations in the last 20%% of 20k steps)")
     p.add_argument("--eval-episodes", type=int, default=5)
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (one thread each)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
@@ -445,7 +516,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-tb", action="store_true", help="keep our runs' TensorBoard dirs under <out>/tb")
     p.add_argument("--summarise-only", action="store_true", help="only rebuild the summary from the result files")
     p.add_argument("--reps", type=int, default=10_000, help="bootstrap resamples")
-    return p.parse_args(argv)
+    p.add_argument("--last-fraction", type=float, default=LAST_FRACTION,
+                   help="the 'last' score averages the evaluations in this last share of training (default 0.2)")
+    args = p.parse_args(argv)
+    check_fraction(args.last_fraction)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -487,9 +562,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     failures.append(str(e))
                     print(f"FAILED: {e}", file=sys.stderr, flush=True)
         if failures:
-            summarise(out, args.reps)
+            summarise(out, args.reps, fraction=args.last_fraction)
             return 1
-    print(summarise(out, args.reps))
+    print(summarise(out, args.reps, fraction=args.last_fraction))
     return 0
 
 

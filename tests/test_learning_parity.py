@@ -2,6 +2,7 @@
 import csv
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -67,26 +68,70 @@ def test_configuration_arms_step_from_peer_to_paper():
     assert setting["ours_2critic_ln"] == {"agent.num_critics": "2", "agent.layer_norm": "true"}
 
 
-def test_summary_of_result_files(tmp_path):
-    """The summary reads whatever result files exist: per task and arm, and over tasks for an arm
-    with the same seeds on every task."""
+def _write_run(lp, out, task, arm, seed, curve, steps=1000, eval_every=100):
+    record = {"task": task, "arm": arm, "seed": seed, "steps": steps, "replay_ratio": 4, "prefill": 200,
+              "eval_every": eval_every, "eval_episodes": 5, "final": curve[-1][1], "wall_s": 60.0,
+              "command": f"train {arm}", "curve": curve}
+    path = lp.run_path(out, task, arm, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+def test_window_is_the_last_share_of_training():
+    lp = _load_script()
+    every_1k = {"steps": 20_000, "curve": [[s, float(s)] for s in range(1000, 20_001, 1000)]}
+    assert lp.window_evaluations(every_1k, 0.2) == 5                     # 16k, 17k, 18k, 19k, 20k
+    assert lp.window_score(every_1k, 0.2) == pytest.approx(18_000.0)
+    every_5k = {"steps": 20_000, "curve": [[s, float(s)] for s in range(5000, 20_001, 5000)]}
+    assert lp.window_evaluations(every_5k, 0.2) == 1                     # 20k only
+    assert lp.window_evaluations(every_5k, 0.25) == 2                    # 15k, 20k
+    assert lp.window_evaluations(every_5k, 1.0) == 4
+    for bad in ("0", "1.5", "-0.2"):
+        with pytest.raises(SystemExit, match="--last-fraction must be in"):
+            lp.parse_args(["--last-fraction", bad])
+
+
+def test_summary_of_hand_made_runs(tmp_path):
+    """Both scores, per task and arm and over tasks, against values computed by hand."""
     pytest.importorskip("rliable")
     lp = _load_script()
-    for t, task in enumerate(["cartpole-swingup", "cheetah-run"]):
-        for arm, seeds in (("sb3", [0, 1, 2]), ("ours_peer", [0, 1, 2]), ("ours_paper", [0, 1] if t else [0, 1, 2])):
-            for seed in seeds:
-                final = 100.0 * (t + 1) + seed + (10.0 if arm == "sb3" else 0.0)
-                record = {"task": task, "arm": arm, "seed": seed, "steps": 2000, "replay_ratio": 4, "prefill": 500,
-                          "eval_every": 1000, "eval_episodes": 5, "final": final, "wall_s": 60.0,
-                          "command": f"train {arm}", "curve": [[1000, final / 2], [2000, final]]}
-                path = lp.run_path(tmp_path, task, arm, seed)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(record))
-    text = lp.summarise(tmp_path, reps=100)
+    zeros = [[s, 0.0] for s in range(100, 800, 100)]  # evaluations before the last 20% (steps 100..700)
+    # walker-walk / sb3: evaluations at 800, 900, 1000 (the last 20% of 1,000 steps) per seed.
+    window = {0: (0, 0, 0), 1: (5, 10, 15), 2: (30, 20, 10), 3: (100, 150, 50)}
+    for seed, values in window.items():
+        _write_run(lp, tmp_path, "walker-walk", "sb3", seed, zeros + [[800 + 100 * i, float(v)] for i, v in
+                                                                      enumerate(values)])
+    # cartpole-swingup / sb3: constant curves 100, 200, 300, 400 (last 20% = final).
+    for seed in range(4):
+        _write_run(lp, tmp_path, "cartpole-swingup", "sb3", seed, [[s, 100.0 * (seed + 1)] for s in range(100, 1001, 100)])
+    # walker-walk / ours_peer, evaluated every 500 steps: the window holds only the final evaluation.
+    for seed, (mid, end) in enumerate([(5.0, 40.0), (7.0, 60.0)]):
+        _write_run(lp, tmp_path, "walker-walk", "ours_peer", seed, [[500, mid], [1000, end]], eval_every=500)
+
+    text = lp.summarise(tmp_path, reps=200, fraction=0.2)
     with (tmp_path / "final_returns.csv").open() as f:
         rows = {(r["task"], r["arm"]): r for r in csv.DictReader(f)}
-    assert float(rows[("cheetah-run", "sb3")]["mean"]) == pytest.approx(211.0)
-    assert rows[("cheetah-run", "ours_paper")]["runs"] == "2"
-    assert float(rows[("all tasks", "ours_peer")]["mean"]) == pytest.approx(151.0)
-    assert ("all tasks", "ours_paper") not in rows  # seeds differ between tasks
-    assert (tmp_path / "curves_cheetah-run.png").exists() and "cheetah-run" in text
+    sb3 = rows[("walker-walk", "sb3")]
+    # last 20%: per seed 0, 10, 20, 100; final: 0, 15, 10, 50.
+    assert sb3["lasts"] == "0 10 20 100" and sb3["finals"] == "0 15 10 50" and sb3["last_evaluations"] == "3"
+    assert float(sb3["last_mean"]) == pytest.approx(32.5)
+    assert float(sb3["last_se"]) == pytest.approx(math.sqrt((32.5**2 + 22.5**2 + 12.5**2 + 67.5**2) / 3) / 2)
+    assert float(sb3["last_iqm"]) == pytest.approx(15.0)    # 4 runs: the middle two, (10 + 20) / 2
+    assert float(sb3["final_mean"]) == pytest.approx(18.75)
+    assert float(sb3["final_iqm"]) == pytest.approx(12.5)   # sorted 0 10 15 50: (10 + 15) / 2
+    for score in ("last", "final"):
+        assert 0.0 <= float(sb3[f"{score}_iqm_ci_low"]) <= float(sb3[f"{score}_iqm"]) <= float(sb3[f"{score}_iqm_ci_high"]) <= 100.0
+    peer = rows[("walker-walk", "ours_peer")]
+    assert peer["last_evaluations"] == "1" and float(peer["last_mean"]) == float(peer["final_mean"]) == pytest.approx(50.0)
+    assert float(rows[("cartpole-swingup", "sb3")]["last_mean"]) == pytest.approx(250.0)
+    # Over tasks (sb3 has seeds 0-3 on both): per-seed means over tasks 50, 105, 160, 250.
+    both = rows[("all tasks", "sb3")]
+    assert both["runs"] == "8" and float(both["last_mean"]) == pytest.approx(141.25)
+    assert float(both["last_se"]) == pytest.approx(math.sqrt((91.25**2 + 36.25**2 + 18.75**2 + 108.75**2) / 3) / 2)
+    assert float(both["last_iqm"]) == pytest.approx(105.0)  # 8 returns, middle four: (20 + 100 + 100 + 200) / 4
+    assert ("all tasks", "ours_peer") not in rows             # ours_peer has no cartpole-swingup runs
+    assert "last 20%" in text and "walker-walk (ours_peer)" in text  # the note on a one-evaluation window
+    with (tmp_path / "curves.csv").open() as f:
+        curve = [r for r in csv.DictReader(f) if r["task"] == "walker-walk" and r["arm"] == "sb3" and r["step"] == "1000"]
+    assert float(curve[0]["mean"]) == pytest.approx(18.75) and curve[0]["runs"] == "4"
+    assert (tmp_path / "curves_walker-walk.png").stat().st_size > 0 and (tmp_path / "curves_cartpole-swingup.png").exists()
