@@ -6,7 +6,7 @@ checkpoint callback do); it only decides *when* things happen.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Generator, Optional, Protocol
+from typing import Any, Callable, Generator, Mapping, Optional, Protocol
 
 import gymnasium as gym
 import numpy as np
@@ -172,19 +172,26 @@ def evaluate_and_log(agent: Any, eval_env: gym.Env, logger: Logger, step: int, e
 
 
 def evaluate_tasks_and_log(agent: Any, eval_env: gym.Env, logger: Logger, step: int, episodes: int,
-                           seed: int) -> dict[str, float]:
+                           seed: int, current: Mapping[str, float]) -> dict[str, float]:
     """`eval.all_tasks`: the evaluation of `evaluate_and_log` (same episodes, same seeds) on each
     task of a non-stationary env with a fixed set of tasks (continual DMC's `env.tasks`), held in
-    turn, logged as `eval/<task>/return_mean` and `eval/<task>/return_std`.  The env is left holding
-    the last task; the loops make it follow the training env again before the next evaluation."""
-    from rl_plasticity.envs.nonstationary import hold_task_named, task_names
+    turn, logged as `eval/<task>/return_mean` and `eval/<task>/return_std`.  The task the env holds
+    now was just evaluated: its values are `current` (evaluate_and_log's summary), not run again.
+    The env is left holding the last task; the loops make it follow the training env again before
+    the next evaluation."""
+    from rl_plasticity.envs.nonstationary import current_task_name, hold_task_named, task_names
 
     summary: dict[str, float] = {}
+    now = current_task_name(eval_env)
     for task in task_names(eval_env):
-        hold_task_named(eval_env, task)
-        returns = evaluate(agent, eval_env, episodes, seed + EVAL_SEED_OFFSET)["returns"]
-        summary[names.eval_task_tag(task)] = float(returns.mean())
-        summary[names.eval_task_tag(task, "return_std")] = float(returns.std())
+        if task == now:
+            mean, std = current[names.EVAL_RETURN], current[names.EVAL_RETURN_STD]
+        else:
+            hold_task_named(eval_env, task)
+            returns = evaluate(agent, eval_env, episodes, seed + EVAL_SEED_OFFSET)["returns"]
+            mean, std = float(returns.mean()), float(returns.std())
+        summary[names.eval_task_tag(task)] = mean
+        summary[names.eval_task_tag(task, "return_std")] = std
     logger.scalars(summary, step)
     logger.flush()
     return summary
@@ -411,7 +418,7 @@ def off_policy_steps(agent: OffPolicyAgent, buffer: ReplayBuffer, env: gym.Env, 
             follow_training(eval_env, env)
             last_eval = evaluate_and_log(agent, eval_env, logger, step, s.eval_episodes, s.seed, s.gamma)
             if s.eval_all_tasks:
-                evaluate_tasks_and_log(agent, eval_env, logger, step, s.eval_episodes, s.seed)
+                evaluate_tasks_and_log(agent, eval_env, logger, step, s.eval_episodes, s.seed, last_eval)
         if step % s.checkpoint_every == 0 or step == s.total_steps or stop:
             check_finite(agent, metrics, step)
             save_checkpoint(step, loop_state(step))
@@ -628,7 +635,7 @@ def on_policy_steps(agent: OnPolicyAgent, envs: gym.vector.VectorEnv, eval_env: 
                 follow_training(eval_env, subenvs[0])
             last_eval = evaluate_and_log(agent, eval_env, logger, step, s.eval_episodes, s.seed, s.gamma)
             if s.eval_all_tasks:
-                evaluate_tasks_and_log(agent, eval_env, logger, step, s.eval_episodes, s.seed)
+                evaluate_tasks_and_log(agent, eval_env, logger, step, s.eval_episodes, s.seed, last_eval)
         if _crossed(before, step, s.checkpoint_every) or step == usable:
             check_finite(agent, metrics, step)
             save_checkpoint(step, loop_state())

@@ -11,7 +11,7 @@ import pytest
 from rl_plasticity.config import ConfigError
 from rl_plasticity.envs import make_env
 from rl_plasticity.envs.dmc import UnknownEnvError
-from rl_plasticity.envs.nonstationary import episode_metrics, follower
+from rl_plasticity.envs.nonstationary import episode_metrics, follow_training
 from rl_plasticity.envs.state import capture_env, restore_env
 from tests.test_cli import read_events, train
 from tests.test_resume import assert_same_parameters, final_agent, popen, wait_for
@@ -88,8 +88,7 @@ def test_the_evaluation_env_follows_the_training_task():
     train_env, eval_env = make_env(cfg(steps_per_task=1000)), make_env(cfg(steps_per_task=1000))
     train_env.reset(seed=0)
     _rollout(train_env, np.zeros((2000, 6)))
-    follow = follower(eval_env, train_env)
-    follow()
+    follow_training(eval_env, train_env)
     assert train_env.task == eval_env.task == "walker-run"
     eval_env.reset(seed=1)
     _rollout(eval_env, np.zeros((3000, 6)))  # a held task does not move on

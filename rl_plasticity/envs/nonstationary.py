@@ -18,8 +18,9 @@ A wrapper anywhere in an env's chain (`.env` links) that changes the task during
   lists them in `envs`; envs/state.py saves each of them too, under `tasks`.
 
 A wrapper whose tasks are a fixed set it can name (continual DMC's `env.tasks`; not Slippery Ant's
-endless friction schedule) also defines `task_names() -> list[str]` and `hold_task_named(name)`,
-so that an evaluation can run on every task (`eval.all_tasks`).
+endless friction schedule) also defines `task_names() -> list[str]`, `hold_task_named(name)` and
+`task` (the name of the task held now), so that an evaluation can run on every task
+(`eval.all_tasks`).
 
 The loops call `follow_training` before each evaluation and log `episode_metrics`; the dashboard
 charts `episode_tags`; none of them names an env.
@@ -74,18 +75,16 @@ def follow_training(eval_env: gym.Env, train_env: gym.Env) -> None:
         target.follow(source)
 
 
-def follower(eval_env: gym.Env, train_env: gym.Env):
-    """A callable that makes `eval_env` hold `train_env`'s current task, or None if stationary."""
-    if find_nonstationary(eval_env) is None or find_nonstationary(train_env) is None:
-        return None
-    return lambda: follow_training(eval_env, train_env)
-
-
 def task_names(env: gym.Env) -> list[str]:
     """The names of the tasks `env` can be held in for an evaluation (`eval.all_tasks`); [] for a
     stationary env or one whose tasks are not a fixed set (Slippery Ant's frictions)."""
     w = find_nonstationary(env)
     return list(w.task_names()) if w is not None and hasattr(w, "task_names") else []
+
+
+def current_task_name(env: gym.Env) -> str | None:
+    """The name of the task `env` holds now (one of `task_names(env)`), or None without such names."""
+    return find_nonstationary(env).task if task_names(env) else None
 
 
 def hold_task_named(env: gym.Env, name: str) -> None:
