@@ -357,6 +357,36 @@ def test_adam_element_steps_match_an_adam_with_a_step_per_element():
     assert p.detach()[mask].sub(0.5).abs().max() > 0
 
 
+def test_adam_element_steps_a_parameter_reset_just_before_an_update_without_its_gradient():
+    """Both parameters tracked, `a` reset at this step and not stepped by the next update (no
+    gradient): `a` keeps its values exactly (no NaN from the bias corrections of s = 0), and the
+    stepped parameter `b` gets its per-element update."""
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(5))
+    opt = torch.optim.Adam([a, b], lr=1e-2)
+    steps = AdamElementSteps([opt])
+
+    def update(with_a: bool) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = b.square().sum() + (a.square().sum() if with_a else 0.0)
+        loss.backward()
+        steps.before_step()
+        opt.step()
+        steps.after_step()
+
+    for _ in range(3):
+        update(True)
+    mask_a = torch.zeros(4, 3, dtype=torch.bool)
+    mask_a[0] = True
+    steps.reset(a, mask_a)
+    steps.reset(b, torch.tensor([True, False, False, False, False]))
+    a_before, b_before = a.detach().clone(), b.detach().clone()
+    update(False)
+    assert torch.equal(a.detach(), a_before)
+    # b[0]'s first step after its reset is a fresh Adam's: exactly lr·sign(g) to float rounding.
+    assert torch.allclose(b_before[0] - b.detach()[0], 1e-2 * torch.sign(2 * b_before[0]), rtol=1e-4)
+
+
 def test_adam_element_steps_leave_at_the_horizon_and_skip_parameters_without_gradient():
     """Two parameters reset at different steps (two cohorts in one, one in the other); one of them
     gets no gradient on some updates (the optimizer does not step it, neither does the correction).

@@ -336,22 +336,27 @@ class AdamElementSteps:
             for i, p in enumerate(plan.params):
                 if plan.stepping[i]:
                     self._t[p] += 1.0
+            stepped: Optional[torch.Tensor] = None  # per cohort 1.0/0.0 when some parameter was not stepped
             if all(plan.stepping):
                 plan.s.add_(1.0)
+                s = plan.s
             else:
-                plan.s.add_(torch.tensor([float(plan.stepping[i]) for i in plan.cohort_param],
-                                         dtype=torch.float64, device=plan.s.device))
+                stepped = torch.tensor([float(plan.stepping[i]) for i in plan.cohort_param],
+                                       dtype=torch.float64, device=plan.s.device)
+                plan.s.add_(stepped)
+                # A cohort not stepped gets step size 0 below; s = 1 keeps its bias corrections
+                # finite (a cohort reset just now has s = 0, and 1 − β^0 = 0 would give 0·∞ = NaN).
+                s = torch.where(stepped > 0, plan.s, 1.0)
             if [float(g["lr"]) for _, g in plan.owners] != plan.lrs:
                 self._hyper(plan)
             lr, beta1, beta2, eps = plan.hyper
             # Per cohort: lr / (1 − β₁^s), 1 / √(1 − β₂^s), ε; a parameter not stepped keeps its values.
-            step_size = lr / (1.0 - torch.pow(beta1, plan.s))
-            if not all(plan.stepping):
-                step_size = step_size * torch.tensor([float(plan.stepping[i]) for i in plan.cohort_param],
-                                                     dtype=torch.float64, device=plan.s.device)
+            step_size = lr / (1.0 - torch.pow(beta1, s))
+            if stepped is not None:
+                step_size = step_size * stepped
             dtype, cohort = plan.before.dtype, plan.entry_cohort
             step_size = step_size.to(dtype).index_select(0, cohort)
-            inv_bc2_sqrt = (1.0 - torch.pow(beta2, plan.s)).rsqrt_().to(dtype).index_select(0, cohort)
+            inv_bc2_sqrt = (1.0 - torch.pow(beta2, s)).rsqrt_().to(dtype).index_select(0, cohort)
             eps = plan.eps if plan.eps is not None else eps.to(dtype).index_select(0, cohort)
             for index, (_, m, v, _, m_out, v_out, _) in zip(plan.index, plan.views):
                 torch.index_select(m, 0, index, out=m_out)
