@@ -102,19 +102,21 @@ def _patch_sequential() -> None:
     import torch
 
     from rl_plasticity.agents import sac
+    from rl_plasticity.agents.formulas import actor_loss as sac_actor_loss
+    from rl_plasticity.agents.formulas import critic_td_loss, min_over_critics, temperature_loss
 
     def update_once(self, obs, action, reward, next_obs, terminated, noise):
         alpha = self.log_alpha.detach().exp()
         new_action, log_prob = self.actor.sample(obs, noise[1])
-        alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+        alpha_loss = temperature_loss(self.log_alpha, log_prob.detach(), self.target_entropy)
         target = self.td_target(reward, next_obs, terminated, alpha, noise[0])
         q = self.critic(obs, action)
-        critic_loss = (q - target).square().mean(-1).sum()
+        critic_loss = critic_td_loss(q, target)[0]
         self.optimizer.zero_grad(set_to_none=True)
         (critic_loss + alpha_loss).backward()   # no actor gradients: Adam steps critic and α only
         self.optimizer.step()
-        q_pi = sac._min_over_critics(self.critic(obs, new_action, detached=True))
-        actor_loss = (alpha * log_prob - q_pi).mean()
+        q_pi = min_over_critics(self.critic(obs, new_action, detached=True))
+        actor_loss = sac_actor_loss(alpha, log_prob, q_pi)
         self.optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()                   # actor gradients only
         self.optimizer.step()

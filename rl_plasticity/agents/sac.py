@@ -37,9 +37,6 @@ from rl_plasticity.optim import adam_step_many
 from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
 
 
-_min_over_critics = min_over_critics  # its old name here (benchmarks/learning_parity.py reads it)
-
-
 @dataclasses.dataclass
 class SACConfig:
     name: str = "sac"
