@@ -237,8 +237,9 @@ def keys_help(config: Mapping[str, Any], choices: Mapping[str, Any]) -> str:
     """The --help listing of a composed config: every key, its default and its meaning, grouped."""
     meanings, headers = key_meanings(choices)
     sections: list[list[str]] = []
-    preset = choices.get("experiment")
-    if preset:  # a preset (+experiment=NAME) sets defaults across groups: say which and why
+    presets = choices.get("experiment") or []
+    # A preset (+experiment=NAME, or several: +experiment=[A,B]) sets defaults across groups: say which and why.
+    for preset in [presets] if isinstance(presets, str) else list(presets):
         header = yaml_comments(_config_file(f"experiment/{preset}.yaml") or "")[0]
         sections.append(textwrap.wrap(f"+experiment={preset}: {header} The defaults below include it.",
                                       HELP_WIDTH, subsequent_indent="    ", break_on_hyphens=False))
@@ -279,6 +280,12 @@ def _help_groups(*, _root_: Any) -> str:
 
 def _help_keys(*, _root_: Any) -> str:
     choices = dict(_root_.hydra.runtime.choices) if "hydra" in _root_ else {}
+    if "hydra" in _root_ and "experiment" not in choices:  # several presets (+experiment=[A,B]) are no choice
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        for o in OverridesParser.create().parse_overrides(list(_root_.hydra.overrides.task)):
+            if o.key_or_group == "experiment" and isinstance(o.value(), list):
+                choices["experiment"] = [str(v) for v in o.value()]
     config = {str(k): OmegaConf.to_container(_root_[k], resolve=False) if isinstance(_root_[k], (DictConfig, ListConfig))
               else _root_[k] for k in _root_ if k != "hydra"}
     return _escape(keys_help(config, choices))

@@ -217,3 +217,14 @@ def test_multirun_over_the_paper_presets(tmp_path):
     spectral = by_name["spectralNone"]
     assert spectral["plasticity"]["coef"] == 1e-4 and spectral["agent"]["replay_ratio"] == 1  # CLI beats preset
     assert all(c["agent"]["layer_norm"] and c["agent"]["num_critics"] == 1 for c in configs)
+
+
+def test_help_names_each_of_several_presets():
+    """`+experiment=[A,B]` composes two presets (benchmarks/reproduce.py's arm + CPU scale); Hydra
+    records no group choice for a list, so --help reads them from the overrides."""
+    result = train("+experiment=[ppo_l2,cpu_slippery_ant]", "--help")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "+experiment=ppo_l2: Slippery Ant, PPO + L2" in out
+    assert "+experiment=cpu_slippery_ant: CPU scale" in out
+    assert "total_steps=500000" in out and "plasticity.coef=0.001" in out.replace(" ", "")
