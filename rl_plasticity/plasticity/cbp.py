@@ -84,6 +84,10 @@ class ContinualBackprop:
         # so counting the mature units never waits for the device.
         self.age: list[torch.Tensor] = []
         self.to_replace: list[torch.Tensor] = []  # accumulated fractional replacements, per member
+        # Per layer, an upper bound on its units' ages (the oldest's, not lowered by replacements):
+        # while it is at most the maturity no unit is eligible and the bookkeeping of
+        # replacements has nothing to do (the first `maturity` updates of a run).
+        self.oldest: list[int] = []
         for layer in self.layers:
             rows = layer.input_weights()
             members, width = rows.shape[0], rows.shape[1]
@@ -91,6 +95,7 @@ class ContinualBackprop:
             self.mean_act.append(torch.zeros(members, width, device=rows.device))
             self.age.append(torch.zeros(members, width, dtype=torch.long))
             self.to_replace.append(torch.zeros(members, dtype=torch.float64))
+            self.oldest.append(0)
         self.replaced_total = 0
 
     @torch.no_grad()
@@ -98,18 +103,23 @@ class ContinualBackprop:
              optimizers: Union[AdamElementSteps, Iterable[torch.optim.Optimizer]] = ()) -> int:
         """Update utilities and mean activations from this update's hidden `features`
         (members, batch, width) per layer, age every unit, replace the due ones; returns how many
-        units were replaced.  `optimizers`: the `AdamElementSteps` of the network's optimizers
-        (or the optimizers themselves: moments cleared, step corrections only while that object lives)."""
+        units were replaced.  The features are the layers' ReLU outputs (h ≥ 0, so mean|h| is
+        mean h, one reduction for both averages).  `optimizers`: the `AdamElementSteps` of the
+        network's optimizers (or the optimizers themselves: moments cleared, step corrections
+        only while that object lives)."""
         if len(features) != len(self.layers):
             raise ValueError(f"continual backprop: {len(features)} feature tensors for {len(self.layers)} hidden layers")
-        steps = optimizers if isinstance(optimizers, AdamElementSteps) else AdamElementSteps(optimizers)
+        steps = None
         replaced = 0
         for i, (layer, h) in enumerate(zip(self.layers, features)):
             out_w = layer.outgoing_weights()
-            contribution = h.abs().mean(1) * out_w.abs().mean(-1)
-            self.utility[i].mul_(self.decay).add_(contribution, alpha=1.0 - self.decay)
-            self.mean_act[i].mul_(self.decay).add_(h.mean(1), alpha=1.0 - self.decay)
+            mean_h = h.mean(1)  # = mean |h|: ReLU outputs
+            self.utility[i].mul_(self.decay).add_(mean_h * out_w.abs().mean(-1), alpha=1.0 - self.decay)
+            self.mean_act[i].mul_(self.decay).add_(mean_h, alpha=1.0 - self.decay)
             self.age[i] += 1
+            self.oldest[i] += 1
+            if self.oldest[i] <= self.maturity:  # nobody mature: nothing to accumulate or replace
+                continue
             mature = self.age[i] > self.maturity
             eligible = mature.sum(-1)
             self.to_replace[i] += self.replacement_rate * eligible.double()
@@ -120,6 +130,8 @@ class ContinualBackprop:
             device = self.utility[i].device
             bias = (1.0 - self.decay ** self.age[i].double()).float().clamp_min(1e-12).to(device)
             corrected = (self.utility[i] / bias).masked_fill(~mature.to(device), float("inf"))
+            if steps is None:
+                steps = optimizers if isinstance(optimizers, AdamElementSteps) else AdamElementSteps(optimizers)
             for member, n in enumerate(counts.tolist()):
                 n = min(n, int(eligible[member]))
                 if n == 0:
@@ -152,4 +164,5 @@ class ContinualBackprop:
         for dst, src in zip(self.utility + self.mean_act + self.age + self.to_replace,
                             state["utility"] + mean_act + state["age"] + state["to_replace"]):
             dst.copy_(src)
+        self.oldest = [int(a.max()) if a.numel() else 0 for a in self.age]
         self.replaced_total = int(state["replaced_total"])
