@@ -31,6 +31,28 @@ the paper's code intends (the line that computes it).  Defaults (Table 8 of
 spectral-collapse-l2-er.md; Dohare et al.'s Slippery-Ant config `lop/rl/cfg/sant/cbp.yml`):
 replacement rate 1e-4, maturity 1e4, decay 0.99.
 
+The data: h is the hidden features (post-ReLU outputs) of the update's own training forward,
+taken before the optimizer step, as in Dohare et al.'s code (repository HEAD 63c35f3):
+`lop/algos/rl/ppo.py` `PPO.learn` runs the minibatch's policy forward with
+`self.pol.logp_dist(os[ind], acts[ind], to_log_features=True)` (line 129) and its value forward
+with `self.vf.value(os[ind], to_log_features=True)` (line 139), steps the optimizer
+(`self.opt.step()`, line 147), then calls `self.pol_gnt.gen_and_test(features=
+self.pol.get_activations()+[None])` and `self.val_gnt.gen_and_test(features=
+self.vf.get_activations()+[None])` (lines 155, 161); `get_activations` returns the outputs the
+forward hooks stored during that forward (`lop/nets/policies.py` `setup_feature_logging`, lines
+65-82; `lop/nets/valuefs.py` lines 36-50), so the utilities see the pre-step features of the
+update's minibatch, not a second forward after the step.  Their supervised learner does the same
+(`lop/algos/cbp.py` `ContinualBackprop.learn`, lines 68-80).  Here: PPO (agents/ppo.py and the
+seed group) records the policy's and value network's forward of the minibatch, whatever rows
+the effective-rank step takes as its block.  Dohare et al. have no SAC; the analogue of their PPO
+choice used here (agents/sac.py, the fused path and the seed groups alike) is each network's
+forward in its own loss: the actor's on the batch's observations (the actor loss's), the
+critic's on the batch's (observation, action) pairs (the TD loss's), not the actor loss's
+critic call on (s, ã) nor the target critic's.  A Python-API host records its forward with
+`PlasticityMixin.plasticity_record`; a network not recorded gets the features of a forward on the
+update's inputs after the step instead (and features computed by any other route may be passed
+to `ContinualBackprop.step` directly).
+
 Works on any network whose hidden layers are Linear (or ensemble linear) → [LayerNorm] → ReLU →
 Linear; ensemble members are separate layers with their own utilities.
 """
