@@ -151,3 +151,28 @@ def test_compile_keys_may_change_on_resume():
     assert config_differences(saved, {**saved, "agent": {"fused": False}}) == []
     assert config_differences({"seed": 0, "agent": {}}, {"seed": 0, "agent": {"fused": True}}) == []
     assert config_differences(saved, {**saved, "agent": {"fused": True, "tau": 0.01}}) != []
+
+
+@pytest.mark.slow
+def test_compiled_update_with_cbp_hands_out_the_same_features():
+    """compile=true with continual backprop: the compiled function returns the cached activations
+    it takes them from, and CBP replaces the same units as on the uncompiled fused path."""
+    pytest.importorskip("torch._inductor")
+    pcfg = PlasticityConfig(name="cbp", cbp_maturity=2, cbp_replacement_rate=0.1)
+    agents = []
+    for compile_ in (False, True):
+        torch.manual_seed(7)
+        cfg = SACConfig(num_critics=2, hidden_sizes=(32, 32), batch_size=16, replay_ratio=2)
+        agents.append(SACAgent(OBS, ACT, cfg, "cpu", plasticity=pcfg, seed=3, compile=compile_))
+    plain, compiled = agents
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for step in range(3):
+            batch = make_batch(updates=2, size=16, seed=step)
+            for agent in agents:
+                torch.manual_seed(100 + step)  # replacements draw from the global generator
+                agent.update(batch)
+    assert compiled._losses_and_grads.active
+    for name in ("actor", "critic"):
+        assert compiled._cbp[name].replaced_total == plain._cbp[name].replaced_total > 0
+    assert_close_lists(trained(compiled), trained(plain), rtol=1e-4, atol=1e-6)

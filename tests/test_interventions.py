@@ -41,7 +41,9 @@ class Holder(PlasticityMixin):
 
     def train_step(self, x):
         self.optimizer.zero_grad()
-        self.net(x).square().mean().backward()
+        with self.plasticity_record("net"):  # continual backprop's features, when it is due
+            out = self.net(x)
+        out.square().mean().backward()
         self.plasticity_before_step()
         self.optimizer.step()
         return self.plasticity_after_update(x)

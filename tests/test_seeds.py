@@ -332,12 +332,12 @@ def test_a_diverging_seed_stops_alone(tmp_path, monkeypatch):
             agent, calls = seed_run.job.agent, [0]
             update = agent.plasticity_after_update
 
-            def poisoned(batch):
+            def poisoned(batch, features=None):
                 calls[0] += 1
                 if calls[0] == 800:  # updates start at step 100, two per step: step 500
                     with torch.no_grad():
                         agent.critic.net.layers[0].weight[0, 0, 0] = float("nan")
-                return update(batch)
+                return update(batch, features)
 
             agent.plasticity_after_update = poisoned
         return seed_run

@@ -285,13 +285,31 @@ class FusedSAC:
             return x
         return x.unsqueeze(1).expand(x.shape[0], C, *x.shape[1:]).reshape(-1, *x.shape[1:])
 
+    @staticmethod
+    def hidden_features(plan: MLPPlan, cache: list, rows: slice) -> list[torch.Tensor]:
+        """The post-activation outputs of `plan`'s hidden layers kept in `cache` by its forward,
+        rows `rows` of them, as (members, rows, width): views, no copies (nothing writes into a
+        cached activation afterwards, the backward included)."""
+        out = []
+        for block, (_, _, _, _, _, a) in zip(plan.blocks, cache):
+            if block.relu:
+                out.append(a[rows].unsqueeze(0) if a.dim() == 2 else a[:, rows])
+        return out
+
     @torch.no_grad()
     def losses_and_grads(self, obs: torch.Tensor, action: torch.Tensor, reward: torch.Tensor, next_obs: torch.Tensor,
-                         terminated: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Write d(critic + actor + alpha loss)/dθ into every `.grad`; return the update's metrics.
+                         terminated: torch.Tensor, noise: torch.Tensor,
+                         features: bool = False) -> tuple[dict[str, torch.Tensor], Optional[dict[str, list]]]:
+        """Write d(critic + actor + alpha loss)/dθ into every `.grad`; return the update's metrics
+        and, with `features`, the hidden features continual backprop reads (else None).
 
         `noise` (2, B, |A|) (with seeds: (seeds, 2, B, |A|)): standard normal draws for the next
-        action and the policy action.
+        action and the policy action.  The features are those `SACAgent._autograd_gradients`
+        records, taken from this forward's caches (`hidden_features`): the actor's on obs (the
+        last B rows of its pass), the critic's on (obs, action) (the first B rows of its pass),
+        {"actor": [...], "critic": [...]}, each (members, B, width) (with seeds: seeds, or
+        seeds · num_critics members).  Under CUDA graphs (`accelerate`) they are the graph's
+        outputs, valid until its next replay: read before the next call, as the update does.
         """
         cfg = self.cfg
         lead = () if self.seeds is None else (self.seeds,)
@@ -361,6 +379,10 @@ class FusedSAC:
 
         # Temperature.
         _grad_buffer(log_alpha).copy_(temperature_loss_backward(lp, self.target_entropy))
+        hidden = None
+        if features:
+            hidden = {"actor": self.hidden_features(self.actor, actor_cache, slice(B, None)),
+                      "critic": self.hidden_features(self.critic, critic_cache, slice(None, B))}
         return {
             "losses/critic": critic_loss,
             "losses/actor": actor_loss,
@@ -368,4 +390,4 @@ class FusedSAC:
             "value/alpha": alpha,
             "value/q_mean": q.mean((-2, -1)),
             "value/entropy": -lp.mean(-1),
-        }
+        }, hidden

@@ -330,7 +330,8 @@ class PPOAgent(PlasticityMixin):
             return self._update_minibatch(mb), mb
 
         def after_update(i: int, mb: Mapping[str, torch.Tensor], block: Optional[torch.Tensor]) -> None:
-            # The mixin reads this only when an ER step, CBP or a reset is due.
+            # The mixin reads the inputs only when an ER step, ReDo or a reset is due; CBP takes the
+            # minibatch's training features `_update_minibatch` recorded, whatever the block.
             self.plasticity_after_update(mb["obs"] if block is None else data["obs"][block])
 
         stats = ppo_epochs(self.cfg, self.plasticity_cfg, data["obs"].shape[0], [self.generator], self.device,
@@ -342,7 +343,13 @@ class PPOAgent(PlasticityMixin):
 
     def _update_minibatch(self, mb: Mapping[str, torch.Tensor]) -> torch.Tensor:
         obs = mb["obs"]
-        loss, stats = ppo_loss(self.actor(obs), self.critic(obs).squeeze(-1), self.log_std, mb, self.cfg)
+        # The hidden features of this forward, for continual backprop after the step (only when it is
+        # due); the MLPs overwrite no activation output later in their forward, so no copies.
+        with self.plasticity_record("actor", copy=False):
+            mean = self.actor(obs)
+        with self.plasticity_record("critic", copy=False):
+            value = self.critic(obs).squeeze(-1)
+        loss, stats = ppo_loss(mean, value, self.log_std, mb, self.cfg)
         loss = self.add_plasticity_losses(loss, ("actor", "critic"), defer_direct=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -18,6 +18,7 @@ step (a parameter group per network) applies all three.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import warnings
@@ -34,6 +35,7 @@ from rl_plasticity.agents.networks import ACTIVATIONS, check_activation, Critic,
 from rl_plasticity.buffers import Batch
 from rl_plasticity.config import from_node, require
 from rl_plasticity.optim import adam_step_many
+from rl_plasticity.plasticity.layers import FeatureRecorder
 from rl_plasticity.plasticity.mixin import PlasticityConfig, PlasticityMixin
 
 
@@ -89,24 +91,27 @@ def update_noise(agent: "SACAgent", updates: int, size: int) -> torch.Tensor:
     return torch.randn((updates, 2, size, agent.action_dim), device=agent.device, generator=agent.generator)
 
 
-def sac_update_step(agents: Sequence["SACAgent"], gradients: Callable[..., dict[str, torch.Tensor]],
+def sac_update_step(agents: Sequence["SACAgent"], gradients: Callable[..., tuple[dict[str, torch.Tensor], Any]],
                     plasticity_gradients: bool, lerp_target: Callable[[], None],
-                    after_update: Callable[[int, torch.Tensor, torch.Tensor], None], obs: torch.Tensor,
+                    after_update: Callable[[int, torch.Tensor, torch.Tensor, Any], None], obs: torch.Tensor,
                     action: torch.Tensor, reward: torch.Tensor, next_obs: torch.Tensor, terminated: torch.Tensor,
                     noise: torch.Tensor) -> dict[str, torch.Tensor]:
     """One SAC gradient update (Haarnoja et al. 2018b, Alg. 1's gradient step, the critic, actor and
     temperature stepped together), of one agent or of a seed group (agents/seeds.py), in order:
 
-    1. `gradients(obs, action, reward, next_obs, terminated, noise)`: the losses' gradients in
-       `.grad` and the update's metrics (the fused path, or autograd with the plasticity losses);
+    1. `gradients(obs, action, reward, next_obs, terminated, noise, features)`: the losses'
+       gradients in `.grad`, the update's metrics (the fused path, or autograd with the plasticity
+       losses) and, when `features` (a due intervention, continual backprop, takes them:
+       `plasticity_wants_features`), the hidden features of this forward (else None);
     2. per agent, the plasticity gradients when `plasticity_gradients` (the fused path's: its
        losses carry none) and the regularizers' work before the step;
     3. one Adam step over every agent's optimizer (bitwise `optimizer.step()` per agent);
     4. the target critics' Polyak step (`lerp_target`);
-    5. per agent, the update count and `after_update(i, obs, action)`: ER step, continual
-       backprop, resets and the other interventions.
+    5. per agent, the update count and `after_update(i, obs, action, features)`: ER step, continual
+       backprop (on those pre-step features), resets and the other interventions.
     """
-    metrics = gradients(obs, action, reward, next_obs, terminated, noise)
+    want = any(agent.plasticity_wants_features() for agent in agents)
+    metrics, features = gradients(obs, action, reward, next_obs, terminated, noise, want)
     for agent in agents:
         if plasticity_gradients:
             agent.add_plasticity_gradients(("critic", "actor"))
@@ -115,7 +120,7 @@ def sac_update_step(agents: Sequence["SACAgent"], gradients: Callable[..., dict[
     lerp_target()
     for i, agent in enumerate(agents):
         agent.update_count += 1
-        after_update(i, obs, action)
+        after_update(i, obs, action, features)
     return metrics
 
 
@@ -284,14 +289,21 @@ class SACAgent(PlasticityMixin):
         return sac_update_step([self], self._losses_and_grads, True, self._lerp_target, self._after_update,
                                obs, action, reward, next_obs, terminated, noise)
 
-    def _autograd_gradients(self, obs, action, reward, next_obs, terminated, noise) -> dict[str, torch.Tensor]:
-        """The losses (the plasticity losses included) and their gradients in `.grad`, by autograd."""
+    def _autograd_gradients(self, obs, action, reward, next_obs, terminated, noise,
+                            features: bool = False) -> tuple[dict[str, torch.Tensor], Any]:
+        """The losses (the plasticity losses included) and their gradients in `.grad`, by autograd;
+        the update's metrics, and with `features` the hidden features continual backprop reads:
+        the critic's on (obs, action) (its TD-loss forward) and the actor's on obs (its actor-loss
+        forward), {network: [(members, B, width) per hidden layer]}; else None."""
         alpha = self.log_alpha.detach().exp()
         target = self.td_target(reward, next_obs, terminated, alpha, noise[0])
-        q = self.critic(obs, action)
+        # The package's MLPs overwrite no activation output later in the forward: no copies.
+        with FeatureRecorder(self.critic.net, copy=False) if features else contextlib.nullcontext() as critic_rec:
+            q = self.critic(obs, action)
         critic_loss = critic_td_loss(q, target)[0]
 
-        new_action, log_prob = self.actor.sample(obs, noise[1])
+        with FeatureRecorder(self.actor.net, copy=False) if features else contextlib.nullcontext() as actor_rec:
+            new_action, log_prob = self.actor.sample(obs, noise[1])
         q_pi = min_over_critics(self.critic(obs, new_action, detached=True))
         actor_loss = sac_actor_loss(alpha, log_prob, q_pi)
         alpha_loss = temperature_loss(self.log_alpha, log_prob.detach(), self.target_entropy)
@@ -307,14 +319,14 @@ class SACAgent(PlasticityMixin):
             "value/alpha": alpha,
             "value/q_mean": q.detach().mean(),
             "value/entropy": -log_prob.detach().mean(),
-        }
+        }, ({"actor": actor_rec.features, "critic": critic_rec.features} if features else None)
 
     @torch.no_grad()
     def _lerp_target(self) -> None:
         torch._foreach_lerp_(self._target_params, self._critic_params, self.cfg.tau)
 
-    def _after_update(self, i: int, obs: torch.Tensor, action: torch.Tensor) -> None:
-        self.plasticity_after_update((obs, action))
+    def _after_update(self, i: int, obs: torch.Tensor, action: torch.Tensor, features: Any = None) -> None:
+        self.plasticity_after_update((obs, action), features)
 
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -127,15 +127,16 @@ class _StackedSeeds:
     def _bind_seed(self, i: int) -> None:
         raise NotImplementedError
 
-    def _after_update(self, i: int, batch: Any) -> None:
-        """Seed i's `plasticity_after_update(batch)`, under its own torch generators when it may
+    def _after_update(self, i: int, batch: Any, features: Any = None) -> None:
+        """Seed i's `plasticity_after_update(batch, features)` (features: seed i's hidden features
+        of the update's training forward, or None), under its own torch generators when it may
         draw from them; then its new networks bound to the stacks if a reset built them."""
         agent, rng = self.agents[i], self.rngs[i]
         if rng is not None and _needs_rng(agent):
             with rng.torch_only():
-                agent.plasticity_after_update(batch)
+                agent.plasticity_after_update(batch, features)
         else:
-            agent.plasticity_after_update(batch)
+            agent.plasticity_after_update(batch, features)
         if agent.actor is not self._bound_actor[i]:
             self._bind_seed(i)
 
@@ -223,8 +224,12 @@ class SACSeedGroup(_StackedSeeds):
     def _lerp_target(self) -> None:
         torch._foreach_lerp_(self._storage[2], self._storage[1], self.agents[0].cfg.tau)
 
-    def _seed_after_update(self, i: int, obs: torch.Tensor, action: torch.Tensor) -> None:
-        self._after_update(i, (obs[i], action[i]))
+    def _seed_after_update(self, i: int, obs: torch.Tensor, action: torch.Tensor, features: Any = None) -> None:
+        if features is not None:  # seed i's slice of the stacked features (critics: members i·C ... (i+1)·C)
+            C = self.num_critics
+            features = {"actor": [f[i:i + 1] for f in features["actor"]],
+                        "critic": [f[i * C:(i + 1) * C] for f in features["critic"]]}
+        self._after_update(i, (obs[i], action[i]), features)
 
 
 class PPOSeedGroup(_StackedSeeds):
@@ -268,6 +273,7 @@ class PPOSeedGroup(_StackedSeeds):
             self._bind_seed(i)
         self._plans = {name: MLPPlan.stacked_blocks(getattr(first, name), self._storage[name])
                        for name in ("actor", "critic")}
+        self._features: dict[str, list[torch.Tensor]] | None = None  # the last minibatch's, when recorded
 
     def _bind_seed(self, i: int) -> None:
         agent = self.agents[i]
@@ -278,8 +284,9 @@ class PPOSeedGroup(_StackedSeeds):
         _bind(agent.log_std, t, t.grad, i)
         self._bound_actor[i] = agent.actor
 
-    def _forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Network `name` of every seed on its rows, through autograd: x (N, rows, in) -> (N, rows, out)."""
+    def _forward(self, name: str, x: torch.Tensor, hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Network `name` of every seed on its rows, through autograd: x (N, rows, in) -> (N, rows, out);
+        with `hidden`, each hidden layer's post-activation output (N, rows, width) appended, detached."""
         for block in self._plans[name].blocks:
             x = torch.baddbmm(block.linear.bias, x, block.linear.weight.transpose(1, 2))
             if block.norm is not None:
@@ -287,6 +294,8 @@ class PPOSeedGroup(_StackedSeeds):
                 x = torch.addcmul(norm.bias, F.layer_norm(x, (norm.weight.shape[-1],), eps=norm.eps), norm.weight)
             if block.relu:
                 x = crelu(x) if block.crelu else torch.relu(x)
+                if hidden is not None:
+                    hidden.append(x.detach())
         return x
 
     def update(self, rollouts: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, torch.Tensor]]:
@@ -304,7 +313,10 @@ class PPOSeedGroup(_StackedSeeds):
             return self._update_minibatch(mb), mb
 
         def after_update(i: int, mb: Mapping[str, torch.Tensor], block: torch.Tensor | None) -> None:
-            self._after_update(i, mb["obs"][i] if block is None else data["obs"][i][block])
+            features = None
+            if self._features is not None:  # seed i's slice of the minibatch's training features
+                features = {name: [f[i:i + 1] for f in fs] for name, fs in self._features.items()}
+            self._after_update(i, mb["obs"][i] if block is None else data["obs"][i][block], features)
 
         stats = ppo_epochs(agents[0].cfg, agents[0].plasticity_cfg, data["obs"].shape[1],
                            [a.generator for a in agents], dev, minibatch, after_update)  # (N, 5)
@@ -320,7 +332,13 @@ class PPOSeedGroup(_StackedSeeds):
     def _update_minibatch(self, mb: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One minibatch step of every seed (`PPOAgent._update_minibatch`); stats (N, 5)."""
         obs = mb["obs"]
-        loss, stats = ppo_loss(self._forward("actor", obs), self._forward("critic", obs).squeeze(-1),
+        # The hidden features of this forward, for continual backprop after the step (when it is due).
+        self._features = None
+        if any(agent.plasticity_wants_features() for agent in self.agents):
+            self._features = {"actor": [], "critic": []}
+        hidden = self._features or {}
+        loss, stats = ppo_loss(self._forward("actor", obs, hidden.get("actor")),
+                               self._forward("critic", obs, hidden.get("critic")).squeeze(-1),
                                self._storage["log_std"][0], mb, self.agents[0].cfg)
         torch._foreach_copy_(self._leaf_grads, torch.autograd.grad(loss.sum(), self._leaves))
         ppo_optimizer_step(self.agents, plasticity_gradients=True)

@@ -31,6 +31,28 @@ the paper's code intends (the line that computes it).  Defaults (Table 8 of
 spectral-collapse-l2-er.md; Dohare et al.'s Slippery-Ant config `lop/rl/cfg/sant/cbp.yml`):
 replacement rate 1e-4, maturity 1e4, decay 0.99.
 
+The data: h is the hidden features (post-ReLU outputs) of the update's own training forward,
+taken before the optimizer step, as in Dohare et al.'s code (repository HEAD 63c35f3):
+`lop/algos/rl/ppo.py` `PPO.learn` runs the minibatch's policy forward with
+`self.pol.logp_dist(os[ind], acts[ind], to_log_features=True)` (line 129) and its value forward
+with `self.vf.value(os[ind], to_log_features=True)` (line 139), steps the optimizer
+(`self.opt.step()`, line 147), then calls `self.pol_gnt.gen_and_test(features=
+self.pol.get_activations()+[None])` and `self.val_gnt.gen_and_test(features=
+self.vf.get_activations()+[None])` (lines 155, 161); `get_activations` returns the outputs the
+forward hooks stored during that forward (`lop/nets/policies.py` `setup_feature_logging`, lines
+65-82; `lop/nets/valuefs.py` lines 36-50), so the utilities see the pre-step features of the
+update's minibatch, not a second forward after the step.  Their supervised learner does the same
+(`lop/algos/cbp.py` `ContinualBackprop.learn`, lines 68-80).  Here: PPO (agents/ppo.py and the
+seed group) records the policy's and value network's forward of the minibatch, whatever rows
+the effective-rank step takes as its block.  Dohare et al. have no SAC; the analogue of their PPO
+choice used here (agents/sac.py, the fused path and the seed groups alike) is each network's
+forward in its own loss: the actor's on the batch's observations (the actor loss's), the
+critic's on the batch's (observation, action) pairs (the TD loss's), not the actor loss's
+critic call on (s, ã) nor the target critic's.  A Python-API host records its forward with
+`PlasticityMixin.plasticity_record`; a network not recorded gets the features of a forward on the
+update's inputs after the step instead (and features computed by any other route may be passed
+to `ContinualBackprop.step` directly).
+
 Works on any network whose hidden layers are Linear (or ensemble linear) → [LayerNorm] → ReLU →
 Linear; ensemble members are separate layers with their own utilities.
 """
@@ -84,6 +106,10 @@ class ContinualBackprop:
         # so counting the mature units never waits for the device.
         self.age: list[torch.Tensor] = []
         self.to_replace: list[torch.Tensor] = []  # accumulated fractional replacements, per member
+        # Per layer, an upper bound on its units' ages (the oldest's, not lowered by replacements):
+        # while it is at most the maturity no unit is eligible and the bookkeeping of
+        # replacements has nothing to do (the first `maturity` updates of a run).
+        self.oldest: list[int] = []
         for layer in self.layers:
             rows = layer.input_weights()
             members, width = rows.shape[0], rows.shape[1]
@@ -91,6 +117,7 @@ class ContinualBackprop:
             self.mean_act.append(torch.zeros(members, width, device=rows.device))
             self.age.append(torch.zeros(members, width, dtype=torch.long))
             self.to_replace.append(torch.zeros(members, dtype=torch.float64))
+            self.oldest.append(0)
         self.replaced_total = 0
 
     @torch.no_grad()
@@ -98,18 +125,23 @@ class ContinualBackprop:
              optimizers: Union[AdamElementSteps, Iterable[torch.optim.Optimizer]] = ()) -> int:
         """Update utilities and mean activations from this update's hidden `features`
         (members, batch, width) per layer, age every unit, replace the due ones; returns how many
-        units were replaced.  `optimizers`: the `AdamElementSteps` of the network's optimizers
-        (or the optimizers themselves: moments cleared, step corrections only while that object lives)."""
+        units were replaced.  The features are the layers' ReLU outputs (h ≥ 0, so mean|h| is
+        mean h, one reduction for both averages).  `optimizers`: the `AdamElementSteps` of the
+        network's optimizers (or the optimizers themselves: moments cleared, step corrections
+        only while that object lives)."""
         if len(features) != len(self.layers):
             raise ValueError(f"continual backprop: {len(features)} feature tensors for {len(self.layers)} hidden layers")
-        steps = optimizers if isinstance(optimizers, AdamElementSteps) else AdamElementSteps(optimizers)
+        steps = None
         replaced = 0
         for i, (layer, h) in enumerate(zip(self.layers, features)):
             out_w = layer.outgoing_weights()
-            contribution = h.abs().mean(1) * out_w.abs().mean(-1)
-            self.utility[i].mul_(self.decay).add_(contribution, alpha=1.0 - self.decay)
-            self.mean_act[i].mul_(self.decay).add_(h.mean(1), alpha=1.0 - self.decay)
+            mean_h = h.mean(1)  # = mean |h|: ReLU outputs
+            self.utility[i].mul_(self.decay).add_(mean_h * out_w.abs().mean(-1), alpha=1.0 - self.decay)
+            self.mean_act[i].mul_(self.decay).add_(mean_h, alpha=1.0 - self.decay)
             self.age[i] += 1
+            self.oldest[i] += 1
+            if self.oldest[i] <= self.maturity:  # nobody mature: nothing to accumulate or replace
+                continue
             mature = self.age[i] > self.maturity
             eligible = mature.sum(-1)
             self.to_replace[i] += self.replacement_rate * eligible.double()
@@ -120,6 +152,8 @@ class ContinualBackprop:
             device = self.utility[i].device
             bias = (1.0 - self.decay ** self.age[i].double()).float().clamp_min(1e-12).to(device)
             corrected = (self.utility[i] / bias).masked_fill(~mature.to(device), float("inf"))
+            if steps is None:
+                steps = optimizers if isinstance(optimizers, AdamElementSteps) else AdamElementSteps(optimizers)
             for member, n in enumerate(counts.tolist()):
                 n = min(n, int(eligible[member]))
                 if n == 0:
@@ -152,4 +186,5 @@ class ContinualBackprop:
         for dst, src in zip(self.utility + self.mean_act + self.age + self.to_replace,
                             state["utility"] + mean_act + state["age"] + state["to_replace"]):
             dst.copy_(src)
+        self.oldest = [int(a.max()) if a.numel() else 0 for a in self.age]
         self.replaced_total = int(state["replaced_total"])

@@ -5,7 +5,12 @@ An intervention is built for the agent (the `PlasticityMixin` host: its networks
 their per-element Adam steps) and, at every (re)registration of the networks, `attach`ed to them.
 After each update the mixin asks `due(update)`; a due intervention gets
 `after_update(update, inputs)` (inputs: the update's batch per network, when it `needs_inputs`)
-and returns what it did ({metric: number}).  `draws_random(next_update)` (by default: due and
+and returns what it did ({metric: number}).  One that `needs_features` (continual backprop) is
+called `after_update(update, inputs, features=...)` with the hidden features of the update's own
+training forward, taken before the optimizer step ({network: [(members, batch, width) per hidden
+layer]}; the agents record them only when such an intervention is due, see
+`PlasticityMixin.plasticity_wants_features`); a network without them gets None there and the
+intervention falls back to a forward of its own on `inputs` (built for it then).  `draws_random(next_update)` (by default: due and
 `random_surgery`) tells the seed groups whether the coming update's surgery draws from the global
 generators (agents/seeds.py then runs it under that seed's own generators); `on_task_change()` is called by the loops when the
 environment's task changes (Slippery Ant's friction, continual DMC's task); `state_dict()` /
@@ -110,6 +115,8 @@ class Intervention:
 
     name: ClassVar[str] = ""
     needs_inputs: ClassVar[bool] = False
+    # Takes the hidden features of the update's own training forward (pre-step) as `features`.
+    needs_features: ClassVar[bool] = False
     random_surgery: ClassVar[bool] = False  # its surgery draws from the global generators
 
     def __init__(self, host: Any, cfg: Any = None):
@@ -422,13 +429,18 @@ class ShrinkPerturb(Intervention):
 
 class ContinualBackpropIntervention(Intervention):
     """Continual backprop (Dohare et al. 2024) on every hidden layer of every network, after every
-    update, on the update's batch; see plasticity/cbp.py for the algorithm, its reference and its
-    defaults (replacement rate `plasticity.cbp_replacement_rate` 1e-4, maturity
-    `plasticity.cbp_maturity` 1e4, decay `plasticity.cbp_decay` 0.99)."""
+    update, on the hidden features of the update's own training forward (taken before the
+    optimizer step, as in their code); see plasticity/cbp.py for the algorithm, its reference, this
+    data source and its defaults (replacement rate `plasticity.cbp_replacement_rate` 1e-4,
+    maturity `plasticity.cbp_maturity` 1e4, decay `plasticity.cbp_decay` 0.99).
+
+    A network whose training features were not recorded (a Python-API host that did not record
+    them: `PlasticityMixin.plasticity_record`) gets them from a forward on the update's inputs
+    after the step instead (post-step features of the same batch)."""
 
     name = "cbp"
     random_surgery = True  # a replacement may fall on any update (due every update)
-    needs_inputs = True
+    needs_features = True
 
     def attach(self, networks):
         c = self.host.plasticity_cfg
@@ -439,11 +451,14 @@ class ContinualBackpropIntervention(Intervention):
         return True
 
     @torch.no_grad()
-    def after_update(self, update, inputs):
+    def after_update(self, update, inputs, features=None):
         steps = self.host.plasticity_element_steps
         replaced = 0
         for name, net in self.host._plasticity_networks.items():
-            replaced += self.units[name].step(_features(net, inputs[name]), steps)
+            h = features.get(name) if features is not None else None
+            if h is None:  # not recorded: a forward of its own, after the step
+                h = _features(net, inputs[name])
+            replaced += self.units[name].step(h, steps)
         return {"replaced": float(replaced)}
 
     def state_dict(self):

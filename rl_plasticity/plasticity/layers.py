@@ -85,20 +85,25 @@ def hidden_activations(network: nn.Module) -> list[nn.Module]:
 class FeatureRecorder:
     """Context manager collecting the output of every hidden activation during a forward pass.
 
-    Features come back as (members, batch, width): a plain network has one member.
+    Features come back as (members, batch, width): a plain network has one member.  They are
+    copies, since in general an activation's output may be overwritten in place later in the
+    forward; `copy=False` keeps the outputs themselves (no copy), for networks whose forward
+    writes nothing in place after its activations (the package's MLPs: an in-place ReLU writes
+    into its own input, and the next linear layer only reads its output).
     """
 
-    def __init__(self, network: nn.Module, detach: bool = True):
+    def __init__(self, network: nn.Module, detach: bool = True, copy: bool = True):
         self.modules = hidden_activations(network)
         self.detach = detach
+        self.copy = copy
         self.features: list[torch.Tensor] = []
         self._handles: list = []
 
     def __enter__(self) -> "FeatureRecorder":
         def hook(_module, _inputs, output):
             out = output.detach() if self.detach else output
-            # Copy: the activation may be applied in place and its output overwritten later.
-            out = out.clone()
+            if self.copy:
+                out = out.clone()
             self.features.append(out if out.dim() == 3 else out.reshape(1, -1, out.shape[-1]))
 
         self._handles = [m.register_forward_hook(hook) for m in self.modules]

@@ -11,7 +11,13 @@ The mixin knows networks, not algorithms.  An agent
    pass `defer_direct=True` to leave it there; same gradient);
 3. calls `plasticity_after_update(batch)` after each optimizer step: the interventions
    (plasticity/interventions.py: the effective-rank step, continual backprop, ReDo,
-   shrink-and-perturb, partial and full resets) that are due run there, in order;
+   shrink-and-perturb, partial and full resets) that are due run there, in order.  Continual
+   backprop reads the hidden features of the update's own training forward, before the step
+   (Dohare et al.'s code does): the agent records them around that forward with
+   `with self.plasticity_record(name): ...` (or passes them, `plasticity_after_update(batch,
+   features)`), which costs nothing on updates where no due intervention wants them
+   (`plasticity_wants_features()`); unrecorded, CBP runs a forward of its own on the inputs,
+   after the step;
 4. implements `plasticity_inputs(batch) -> {name: input tensor}`, `plasticity_optimizers()` (whose
    state the interventions reset for what they re-initialise, per element:
    surgery.AdamElementSteps), `plasticity_targets()` (target copies of networks, if any) and, for
@@ -25,8 +31,9 @@ state, initial parameters, counters and the interventions' state are saved with
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -213,6 +220,8 @@ class PlasticityMixin:
         self.interventions: list[Intervention] = [
             INTERVENTIONS[name](self, getattr(cfg, name, None)) for name in cfg.interventions]
         self.reset_interval = reset_interval
+        self._recorded_features: dict[str, list[torch.Tensor]] = {}
+        self._registrations = 0
 
     @property
     def reset_interval(self) -> Optional[int]:
@@ -234,6 +243,7 @@ class PlasticityMixin:
         """(Re)build regularizer state, initial-parameter copies and ER optimizers for `networks`."""
         cfg = self.plasticity_cfg
         self._plasticity_networks = dict(networks)
+        self._registrations = getattr(self, "_registrations", 0) + 1  # features recorded before are stale
         self._regularizers: dict[str, Regularizer] = {
             name: REGULARIZERS[cfg.name].build(net, cfg) for name, net in networks.items()}
         self._initial_params = {name: [p.detach().clone() for p in net.parameters()] for name, net in networks.items()}
@@ -319,18 +329,58 @@ class PlasticityMixin:
         self._penalty_taken.clear()
 
     # -- after each update --------------------------------------------------------------------
-    def plasticity_after_update(self, batch: Any) -> dict[str, dict[str, float]]:
+    def plasticity_wants_features(self) -> bool:
+        """Whether a due intervention of the coming update (continual backprop) takes the hidden
+        features of its training forward: the agents record them only then."""
+        update = self.plasticity_updates + 1
+        return any(iv.needs_features and iv.due(update) for iv in self.interventions)
+
+    @contextlib.contextmanager
+    def plasticity_record(self, name: str, copy: bool = True) -> Iterator[None]:
+        """Around this update's training forward of network `name` (before the optimizer step):
+        records its hidden features (FeatureRecorder; `copy=False` for networks that overwrite no
+        activation output in place later in their forward) when `plasticity_wants_features()`,
+        for the next `plasticity_after_update`; otherwise does nothing.  The last forward of the
+        network inside the block is the one kept."""
+        if not self.plasticity_wants_features():
+            yield
+            return
+        with FeatureRecorder(self._plasticity_networks[name], copy=copy) as rec:
+            yield
+        n = len(rec.modules)
+        if len(rec.features) >= n:
+            self._recorded_features[name] = rec.features[len(rec.features) - n:]
+
+    def plasticity_after_update(self, batch: Any, features: Optional[Mapping[str, list[torch.Tensor]]] = None
+                                ) -> dict[str, dict[str, float]]:
         """Count the update, finish the per-element Adam steps of re-initialised entries, and run
-        every due intervention in order (inputs built once, only when one needs them); returns
-        what each did, by name."""
+        every due intervention in order; returns what each did, by name.
+
+        `features`: {network: [hidden features (members, batch, width) per layer]} of this
+        update's training forward, before the step (default: those `plasticity_record` took since
+        the last update), for the interventions that take them (`needs_features`).  Inputs are
+        built once, when an intervention needs them (or needs features not given for a network).
+        Features stop being passed once an intervention re-registered the networks (a reset)."""
         self.plasticity_element_steps.after_step()
         self.plasticity_updates += 1
         update = self.plasticity_updates
+        if features is None:
+            features = self._recorded_features or None
+        self._recorded_features = {}
         due = [iv for iv in self.interventions if iv.due(update)]
         if not due:
             return {}
-        inputs = self.plasticity_inputs(batch) if any(iv.needs_inputs for iv in due) else None
-        return {iv.name: iv.after_update(update, inputs) for iv in due}
+        registrations = self._registrations
+        inputs = None
+        out: dict[str, dict[str, float]] = {}
+        for iv in due:
+            feats = features if self._registrations == registrations else None
+            missing = feats is None or any(feats.get(n) is None for n in self._plasticity_networks)
+            if inputs is None and (iv.needs_inputs or (iv.needs_features and missing)):
+                inputs = self.plasticity_inputs(batch)
+            out[iv.name] = (iv.after_update(update, inputs, features=feats) if iv.needs_features
+                            else iv.after_update(update, inputs))
+        return out
 
     def plasticity_draws_random(self) -> bool:
         """Whether the next update's interventions may draw from the global generators (seed
