@@ -558,8 +558,10 @@ class PlasticityInjection(Intervention):
     Defaults: the last two linear layers (the paper injects into the head), actor and critic;
     `at` must be set (the paper injects once, a quarter into training on Atari).
 
-    It changes the networks' structure, so it needs the autograd update paths: SAC with
-    agent.fused=false, several seeds with batch_seeds=false.  It composes with every regularizer,
+    It changes the networks' structure: `plasticity_structure_changed` lets the agent rebuild what
+    it derived from the modules (SAC's fused update plans its forward/backward anew: the trunk, then
+    the three heads, agents/fused.py `InjectedPlan`; several seeds need batch_seeds=false).
+    It composes with every regularizer,
     full resets, and the unit-level interventions that act on trainable parameters: redo,
     partial_reset and shrink_perturb see the trunk and the fresh head θ' (`trainable_view`) and
     leave θ and θ'' frozen; per-element Adam steps of entries re-initialised before the injection
@@ -582,8 +584,6 @@ class PlasticityInjection(Intervention):
         if clash:
             raise ConfigError(f"plasticity injection does not compose with '{clash[0]}': {self.INCOMPATIBLE[clash[0]]}. "
                               f"It composes with any regularizer and with reset, redo, partial_reset, shrink_perturb")
-        if getattr(getattr(self.host, "cfg", None), "fused", False):
-            raise ConfigError("plasticity injection changes the networks' structure: it needs agent.fused=false")
         unknown = [n for n in self.cfg.networks if n not in networks]
         if unknown:
             raise ConfigError(f"plasticity.injection.networks: unknown network '{unknown[0]}'. "
