@@ -536,8 +536,7 @@ def test_old_checkpoints_with_top_level_cbp_state_load():
 
 def sac_seed_difference(pcfg):
     """Largest parameter difference between seed group members and single-seed agents."""
-    cfg = SACConfig(hidden_sizes=(16, 16), num_critics=2, replay_ratio=3, batch_size=16,
-                    fused="injection" not in pcfg.interventions)
+    cfg = SACConfig(hidden_sizes=(16, 16), num_critics=2, replay_ratio=3, batch_size=16)
     seeds = [3, 4, 5]
     single, single_rngs = _agents(cfg, pcfg, seeds)
     batched, rngs = _agents(cfg, pcfg, seeds)
@@ -584,7 +583,7 @@ def ppo_seed_difference(pcfg):
 @pytest.mark.parametrize("name", sorted(FAST))
 def test_seed_groups_equal_single_seed_runs(kind, name):
     pcfg = PlasticityConfig(**FAST[name])
-    if name == "injection":  # structure changes: only the one-after-the-other group (test below)
+    if name == "injection" and kind == "ppo":  # not stacked yet: the one-after-the-other group (test below)
         with pytest.raises(ConfigError, match="batch_seeds=false"):
             (sac_seed_difference if kind == "sac" else ppo_seed_difference)(pcfg)
         return
@@ -881,6 +880,95 @@ def test_injection_seeds_updated_in_turn_equal_single_seed_runs(kind):
         assert a.intervention("injection").injected and b.intervention("injection").injected
         for x, y in zip(a.actor.parameters(), b.actor.parameters()):
             assert torch.equal(x, y)
+
+
+def _sac_group_batches(g, seeds, updates=3):
+    return [Batch(torch.randn(updates, 16, 5, generator=g), torch.rand(updates, 16, 3, generator=g) * 2 - 1,
+                  torch.randn(updates, 16, generator=g), torch.randn(updates, 16, 5, generator=g),
+                  torch.zeros(updates, 16)) for _ in seeds]
+
+
+@pytest.mark.parametrize("num_critics,layer_norm,interventions", [
+    (1, True, ()), (2, False, ("redo", "partial_reset", "shrink_perturb"))])
+def test_injection_in_a_batched_sac_seed_group_equals_single_seed_runs(num_critics, layer_norm, interventions):
+    """num_seeds=3 batched: every seed injects at update 3 (a fresh head from its own generators),
+    the group stacks the injected networks anew (trunk and three heads) and seed i goes on as the
+    single-seed run with seed i, also with redo, partial resets and shrink-and-perturb after it."""
+    from rl_plasticity.agents.fused import InjectedPlan
+
+    pcfg = PlasticityConfig(**_fast("+".join(["injection", *interventions])))
+    cfg = SACConfig(hidden_sizes=(16, 16), num_critics=num_critics, layer_norm=layer_norm, replay_ratio=3,
+                    batch_size=16)
+    seeds = [3, 4, 5]
+    single, single_rngs = _agents(cfg, pcfg, seeds)
+    batched, rngs = _agents(cfg, pcfg, seeds)
+    group = SACSeedGroup(batched, rngs)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):  # updates 1-12
+        batches = _sac_group_batches(g, seeds)
+        group.update(batches)
+        for agent, batch, rng in zip(single, batches, single_rngs):
+            with rng:
+                agent.update(batch)
+    assert all(isinstance(plan, InjectedPlan) for plan in (group._fused.actor, group._fused.critic,
+                                                           group._fused.target))
+    for a, b in zip(single, batched):
+        assert a.intervention("injection").injected and b.intervention("injection").injected
+        for net in ("actor", "critic", "critic_target"):
+            for (key, v), w in zip(getattr(a, net).state_dict().items(), getattr(b, net).state_dict().values()):
+                torch.testing.assert_close(w, v, rtol=0, atol=1e-5, msg=f"{net}.{key}")
+        fresh = list(b.actor.net[-1].fresh.parameters())
+        assert all(p.grad is not None for p in fresh)  # θ' trains in the stacks, θ and θ'' do not
+        assert all(p.grad is None for p in b.actor.net[-1].fresh_frozen.parameters())
+        for name in interventions:
+            assert a.intervention(name).state_dict() == b.intervention(name).state_dict(), name
+    # Seeds draw different fresh heads (each from its own generators).
+    assert not torch.equal(batched[0].actor.net[-1].fresh[0].weight, batched[1].actor.net[-1].fresh[0].weight)
+
+
+def test_sac_seed_equality_after_injection_fails_when_its_draw_is_not_declared(monkeypatch):
+    """As test_seed_equality_fails_when_randomness_is_not_declared, for the injection's fresh head."""
+    monkeypatch.setattr(INTERVENTIONS["injection"], "draws_random", lambda self, next_update: False)
+    assert sac_seed_difference(PlasticityConfig(**FAST["injection"])) > 1e-3
+
+
+def test_a_batched_sac_seed_group_refuses_seeds_whose_layouts_part():
+    seeds = [3, 4]
+    agents, rngs = _agents(SACConfig(hidden_sizes=(16, 16), replay_ratio=1, batch_size=16),
+                           PlasticityConfig(interventions=["injection"], injection={"at": 10**6}), seeds)
+    group = SACSeedGroup(agents, rngs)
+    agents[0].intervention("injection").inject()  # seed 3 alone
+    with pytest.raises(RuntimeError, match=r"no longer have the same layout \(seeds \[0\] changed\).*batch_seeds=false"):
+        group.update(_sac_group_batches(torch.Generator().manual_seed(0), seeds, updates=1))
+
+
+def test_a_batched_sac_seed_group_resumes_after_injection_with_bitwise_equal_updates():
+    """Seeds saved after the injection load into new agents (`prepare_load` injects first); a new
+    group over them stacks the injected layout, and its next updates equal the first group's."""
+    pcfg = PlasticityConfig(name="l2", coef=1e-3, **_fast("injection+redo"))
+    cfg = SACConfig(hidden_sizes=(16, 16), num_critics=2, replay_ratio=3, batch_size=16)
+    seeds = [3, 4]
+    first, rngs = _agents(cfg, pcfg, seeds)
+    group = SACSeedGroup(first, rngs)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):  # updates 1-6: injected after update 3
+        group.update(_sac_group_batches(g, seeds))
+    states = [copy.deepcopy(a.state_dict()) for a in first]
+    second, rngs2 = _agents(cfg, pcfg, [10, 11])
+    for agent, state in zip(second, states):
+        agent.load_state_dict(state)
+    for rng, saved in zip(rngs2, rngs):
+        rng.python, rng.numpy, rng.torch, rng.cuda = saved.python, saved.numpy, saved.torch.clone(), saved.cuda
+    resumed = SACSeedGroup(second, rngs2)
+    for _ in range(2):
+        batches = _sac_group_batches(g, seeds)
+        group.update(batches)
+        resumed.update(batches)
+    for a, b in zip(first, second):
+        assert b.intervention("injection").injected
+        for net in ("actor", "critic", "critic_target"):
+            for v, w in zip(getattr(a, net).state_dict().values(), getattr(b, net).state_dict().values()):
+                assert torch.equal(v, w)
 
 
 def test_report_labels_name_the_interventions():

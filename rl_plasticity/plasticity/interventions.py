@@ -559,8 +559,10 @@ class PlasticityInjection(Intervention):
     `at` must be set (the paper injects once, a quarter into training on Atari).
 
     It changes the networks' structure: `plasticity_structure_changed` lets the agent rebuild what
-    it derived from the modules (SAC's fused update plans its forward/backward anew: the trunk, then
-    the three heads, agents/fused.py `InjectedPlan`; several seeds need batch_seeds=false).
+    it derived from the modules (SAC's fused update plans its forward and backward anew, the trunk
+    then the three heads: agents/fused.py `InjectedPlan`, compiled again under compile/cudagraphs;
+    a batched SAC seed group, whose seeds all inject at the same update, stacks their networks
+    anew: agents/seeds.py).  Batched PPO seeds do not stack injected networks: batch_seeds=false.
     It composes with every regularizer,
     full resets, and the unit-level interventions that act on trainable parameters: redo,
     partial_reset and shrink_perturb see the trunk and the fresh head θ' (`trainable_view`) and
