@@ -724,6 +724,8 @@ def test_injection_new_parameters_are_in_the_optimizer_and_train(kind):
         assert all(p.requires_grad and id(p) in opt_params for p in head.fresh.parameters()), n
         for frozen in (head.frozen, head.fresh_frozen):
             assert not any(p.requires_grad or id(p) in opt_params for p in frozen.parameters()), n
+            # No gradient left from before the injection (PPO's max_grad_norm clips over them all).
+            assert all(p.grad is None for p in frozen.parameters()), n
     frozen_before = {n: [p.detach().clone() for p in h.frozen.parameters()] for n, h in heads.items()}
     for i in range(2, 6):
         step(i)

@@ -281,7 +281,7 @@ class InjectedPlan:
     def forward(self, x: torch.Tensor, keep: bool = True) -> tuple[torch.Tensor, tuple]:
         z, trunk_cache = self.trunk.forward(x, keep) if self.trunk is not None else (x, None)
         (a, ca), (b, cb), (c, cc) = (head.forward(z, keep) for head in self.heads)
-        return (a + b) - c, (trunk_cache, (ca, cb, cc))
+        return InjectedHead.combine(a, b, c), (trunk_cache, (ca, cb, cc))
 
     @torch.no_grad()
     def backward(self, cache: tuple, grad_out: torch.Tensor, start: int = 0, param_rows: Optional[int] = None,

@@ -540,9 +540,14 @@ class InjectedHead(nn.Module):
             z = layer(z) if detached is None or isinstance(layer, (nn.ReLU, CReLU)) else layer(z, detached)
         return z
 
+    @staticmethod
+    def combine(frozen: torch.Tensor, fresh: torch.Tensor, fresh_frozen: torch.Tensor) -> torch.Tensor:
+        """h_θ(z) + h_θ'(z) − h_θ''(z) from the three heads' outputs (Nikishin et al. 2023, §3, Eq. 1);
+        the fused update and the batched seeds sum them here too, in this order."""
+        return (frozen + fresh) - fresh_frozen
+
     def forward(self, z: torch.Tensor, detached: Optional[bool] = None) -> torch.Tensor:
-        return (self._run(self.frozen, z, detached) + self._run(self.fresh, z, detached)
-                - self._run(self.fresh_frozen, z, detached))
+        return self.combine(*(self._run(head, z, detached) for head in (self.frozen, self.fresh, self.fresh_frozen)))
 
 
 class PlasticityInjection(Intervention):
@@ -637,6 +642,10 @@ class PlasticityInjection(Intervention):
             old = nn.Sequential(*list(seq)[i:])
             fresh = self._fresh_copy(old)
             fresh_frozen = copy.deepcopy(fresh)
+            # Frozen from here on, without the gradient of the last update (which a gradient clip
+            # over all the network's parameters, PPO's max_grad_norm, would otherwise count).
+            for p in old.parameters():
+                p.grad = None
             old.requires_grad_(False)
             fresh_frozen.requires_grad_(False)
             head = InjectedHead(old, fresh, fresh_frozen)
