@@ -583,10 +583,6 @@ def ppo_seed_difference(pcfg):
 @pytest.mark.parametrize("name", sorted(FAST))
 def test_seed_groups_equal_single_seed_runs(kind, name):
     pcfg = PlasticityConfig(**FAST[name])
-    if name == "injection" and kind == "ppo":  # not stacked yet: the one-after-the-other group (test below)
-        with pytest.raises(ConfigError, match="batch_seeds=false"):
-            (sac_seed_difference if kind == "sac" else ppo_seed_difference)(pcfg)
-        return
     difference = (sac_seed_difference if kind == "sac" else ppo_seed_difference)(pcfg)
     assert difference < 1e-5
 
@@ -928,10 +924,44 @@ def test_injection_in_a_batched_sac_seed_group_equals_single_seed_runs(num_criti
     assert not torch.equal(batched[0].actor.net[-1].fresh[0].weight, batched[1].actor.net[-1].fresh[0].weight)
 
 
-def test_sac_seed_equality_after_injection_fails_when_its_draw_is_not_declared(monkeypatch):
+@pytest.mark.parametrize("kind", ["sac", "ppo"])
+def test_seed_equality_after_injection_fails_when_its_draw_is_not_declared(kind, monkeypatch):
     """As test_seed_equality_fails_when_randomness_is_not_declared, for the injection's fresh head."""
     monkeypatch.setattr(INTERVENTIONS["injection"], "draws_random", lambda self, next_update: False)
-    assert sac_seed_difference(PlasticityConfig(**FAST["injection"])) > 1e-3
+    pcfg = PlasticityConfig(**FAST["injection"])
+    assert (sac_seed_difference if kind == "sac" else ppo_seed_difference)(pcfg) > 1e-3
+
+
+@pytest.mark.parametrize("layer_norm,interventions", [(True, ()), (False, ("redo", "partial_reset", "shrink_perturb"))])
+def test_injection_in_a_batched_ppo_seed_group_equals_single_seed_runs(layer_norm, interventions):
+    """The PPO seed group stacks the injected networks anew (its frozen heads are no autograd
+    leaves) and seed i goes on as the single-seed run, with gradient clipping on."""
+    from rl_plasticity.agents.fused import InjectedPlan
+
+    pcfg = PlasticityConfig(name="l2", coef=1e-3, **_fast("+".join(["injection", *interventions])))
+    cfg = PPOConfig(rollout_steps=32, num_minibatches=4, epochs=2, hidden_sizes=(16, 16), layer_norm=layer_norm,
+                    max_grad_norm=0.5)
+    seeds = [3, 4, 5]
+    single, single_rngs = _agents(cfg, pcfg, seeds, PPOAgent, (6, 2))
+    batched, rngs = _agents(cfg, pcfg, seeds, PPOAgent, (6, 2))
+    group = PPOSeedGroup(batched, rngs)
+    data = np.random.default_rng(0)
+    for _ in range(2):  # minibatch updates 1-16, injected after 3
+        rollouts = [_rollout(data, 32) for _ in seeds]
+        group.update(rollouts)
+        for agent, rollout, rng in zip(single, rollouts, single_rngs):
+            with rng:
+                agent.update(rollout)
+    assert all(isinstance(plan, InjectedPlan) for plan in group._plans.values())
+    for a, b in zip(single, batched):
+        assert a.intervention("injection").injected and b.intervention("injection").injected
+        for net in ("actor", "critic"):
+            for (key, v), w in zip(getattr(a, net).state_dict().items(), getattr(b, net).state_dict().values()):
+                torch.testing.assert_close(w, v, rtol=0, atol=1e-5, msg=f"{net}.{key}")
+        head = b.actor[-1]
+        assert all(not torch.equal(p, q) for p, q in zip(head.fresh.parameters(), head.fresh_frozen.parameters()))
+        for name in interventions:
+            assert a.intervention(name).state_dict() == b.intervention(name).state_dict(), name
 
 
 def test_a_batched_sac_seed_group_refuses_seeds_whose_layouts_part():
@@ -969,6 +999,32 @@ def test_a_batched_sac_seed_group_resumes_after_injection_with_bitwise_equal_upd
     for a, b in zip(first, second):
         assert b.intervention("injection").injected
         for net in ("actor", "critic", "critic_target"):
+            for v, w in zip(getattr(a, net).state_dict().values(), getattr(b, net).state_dict().values()):
+                assert torch.equal(v, w)
+
+
+def test_a_batched_ppo_seed_group_resumes_after_injection_with_bitwise_equal_updates():
+    pcfg = PlasticityConfig(name="l2", coef=1e-3, **_fast("injection+redo"))
+    cfg = PPOConfig(rollout_steps=32, num_minibatches=4, epochs=1, hidden_sizes=(16, 16), max_grad_norm=0.5)
+    seeds = [3, 4]
+    first, rngs = _agents(cfg, pcfg, seeds, PPOAgent, (6, 2))
+    group = PPOSeedGroup(first, rngs)
+    data = np.random.default_rng(0)
+    group.update([_rollout(data, 32) for _ in seeds])  # minibatch updates 1-4: injected after 3
+    states = [copy.deepcopy(a.state_dict()) for a in first]
+    second, rngs2 = _agents(cfg, pcfg, [10, 11], PPOAgent, (6, 2))
+    for agent, state in zip(second, states):
+        agent.load_state_dict(state)
+    for rng, saved in zip(rngs2, rngs):
+        rng.python, rng.numpy, rng.torch, rng.cuda = saved.python, saved.numpy, saved.torch.clone(), saved.cuda
+    resumed = PPOSeedGroup(second, rngs2)
+    for _ in range(2):
+        rollouts = [_rollout(data, 32) for _ in seeds]
+        group.update(rollouts)
+        resumed.update(rollouts)
+    for a, b in zip(first, second):
+        assert b.intervention("injection").injected
+        for net in ("actor", "critic"):
             for v, w in zip(getattr(a, net).state_dict().values(), getattr(b, net).state_dict().values()):
                 assert torch.equal(v, w)
 

@@ -12,7 +12,7 @@ Each seed's `nn.Parameter`s stay its own objects but alias slices of the stacked
 everything written per seed (regularizer gradients, the effective-rank step, continual backprop,
 diagnostics, checkpoints) acts on the stacked tensors directly.  A reset's new networks are bound
 to the stacks after the update; a plasticity injection's new modules (SAC: every seed injects at
-the same update) are stacked anew, with new fused plans.
+the same update) are stacked anew, with new plans.
 
 Seed i of an N-seed run therefore follows the single-seed run with seed i: the same batches,
 noise and initialisations, the same arithmetic up to the order of floating-point sums in the
@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from rl_plasticity.agents.accelerate import accelerate
-from rl_plasticity.agents.fused import FusedSAC, MLPPlan, network_plan
+from rl_plasticity.agents.fused import FusedSAC, InjectedPlan, MLPPlan, network_plan
 from rl_plasticity.agents.ppo import STAT_NAMES, explained_variance, ppo_epochs, ppo_loss, ppo_optimizer_step
 from rl_plasticity.agents.sac import sac_update_step, update_noise
 from rl_plasticity.buffers import Batch
-from rl_plasticity.config import ConfigError
 from rl_plasticity.ensemble import crelu
+from rl_plasticity.plasticity.interventions import InjectedHead
 
 
 class SeedRNG:
@@ -288,14 +288,14 @@ class PPOSeedGroup(_StackedSeeds):
         first = self.agents[0]
         if any(a.cfg != first.cfg or a.plasticity_cfg != first.plasticity_cfg for a in self.agents):
             raise ValueError("PPOSeedGroup: the seeds' agent and plasticity settings must be the same")
-        if first.intervention("injection") is not None:
-            raise ConfigError("plasticity injection with batched PPO seeds is not supported: use batch_seeds=false")
         self._stack()
 
     def _parameters(self, agent: Any) -> list[torch.Tensor]:
         return [*agent.actor.parameters(), *agent.critic.parameters(), agent.log_std]
 
     def _stack(self) -> None:
+        """Stacks of every seed's parameters, bound, and the plans over them (again when a
+        plasticity injection changed the modules; its frozen heads are no autograd leaves)."""
         n = len(self.agents)
         first = self.agents[0]
         self._storage: dict[str, list[torch.Tensor]] = {}
@@ -304,7 +304,8 @@ class PPOSeedGroup(_StackedSeeds):
                                    for p in getattr(first, name).parameters()]
         log_std = first.log_std
         self._storage["log_std"] = [torch.empty((n, *log_std.shape), device=log_std.device, dtype=log_std.dtype)]
-        self._leaves = [t for ts in self._storage.values() for t in ts]
+        stacked = [t for ts in self._storage.values() for t in ts]
+        self._leaves = [t for t, p in zip(stacked, self._parameters(first)) if p.requires_grad]
         for t in self._leaves:
             t.requires_grad_(True)
             t.grad = torch.zeros_like(t)
@@ -312,8 +313,7 @@ class PPOSeedGroup(_StackedSeeds):
         for i in range(n):
             self._bind_seed(i)
         self._stacked_layout = self._layout(first)
-        self._plans = {name: MLPPlan.stacked_blocks(getattr(first, name), self._storage[name])
-                       for name in ("actor", "critic")}
+        self._plans = {name: network_plan(getattr(first, name), self._storage[name]) for name in ("actor", "critic")}
 
     def _bind_seed(self, i: int) -> None:
         agent = self.agents[i]
@@ -325,8 +325,17 @@ class PPOSeedGroup(_StackedSeeds):
         self._mark_bound(i)
 
     def _forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Network `name` of every seed on its rows, through autograd: x (N, rows, in) -> (N, rows, out)."""
-        for block in self._plans[name].blocks:
+        """Network `name` of every seed on its rows, through autograd: x (N, rows, in) -> (N, rows, out);
+        after plasticity injection the trunk, then its three heads combined (`InjectedHead.combine`)."""
+        plan = self._plans[name]
+        if isinstance(plan, InjectedPlan):
+            z = x if plan.trunk is None else self._run(plan.trunk, x)
+            return InjectedHead.combine(*(self._run(head, z) for head in plan.heads))
+        return self._run(plan, x)
+
+    @staticmethod
+    def _run(plan: MLPPlan, x: torch.Tensor) -> torch.Tensor:
+        for block in plan.blocks:
             x = torch.baddbmm(block.linear.bias, x, block.linear.weight.transpose(1, 2))
             if block.norm is not None:
                 norm = block.norm

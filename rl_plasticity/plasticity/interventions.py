@@ -566,9 +566,8 @@ class PlasticityInjection(Intervention):
     It changes the networks' structure: `plasticity_structure_changed` lets the agent rebuild what
     it derived from the modules (SAC's fused update plans its forward and backward anew, the trunk
     then the three heads: agents/fused.py `InjectedPlan`, compiled again under compile/cudagraphs;
-    a batched SAC seed group, whose seeds all inject at the same update, stacks their networks
-    anew: agents/seeds.py).  Batched PPO seeds do not stack injected networks: batch_seeds=false.
-    It composes with every regularizer,
+    a batched SAC or PPO seed group, whose seeds all inject at the same update, stacks their
+    networks anew: agents/seeds.py).  It composes with every regularizer,
     full resets, and the unit-level interventions that act on trainable parameters: redo,
     partial_reset and shrink_perturb see the trunk and the fresh head θ' (`trainable_view`) and
     leave θ and θ'' frozen; per-element Adam steps of entries re-initialised before the injection
