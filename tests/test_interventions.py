@@ -964,6 +964,24 @@ def test_injection_in_a_batched_ppo_seed_group_equals_single_seed_runs(layer_nor
             assert a.intervention(name).state_dict() == b.intervention(name).state_dict(), name
 
 
+def test_a_batched_sac_seed_group_compiles_its_update_again_after_injection(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # a wrapper that compiles nothing
+    from rl_plasticity.agents.seeds import SeedRNG
+
+    agents, rngs = [], []
+    for s in (3, 4):
+        torch.manual_seed(s)
+        agents.append(SACAgent(5, 3, SACConfig(hidden_sizes=(16, 16), replay_ratio=3, batch_size=16),
+                               plasticity=PlasticityConfig(**FAST["injection"]), seed=s, compile=True))
+        rngs.append(SeedRNG())
+    group = SACSeedGroup(agents, rngs)
+    before, fused_before = group._losses_and_grads, group._fused
+    assert before.compiled == fused_before.losses_and_grads
+    group.update(_sac_group_batches(torch.Generator().manual_seed(0), (3, 4)))  # updates 1-3: injected after 3
+    assert group._fused is not fused_before and group._losses_and_grads is not before
+    assert group._losses_and_grads.compiled == group._fused.losses_and_grads
+
+
 def test_a_batched_sac_seed_group_refuses_seeds_whose_layouts_part():
     seeds = [3, 4]
     agents, rngs = _agents(SACConfig(hidden_sizes=(16, 16), replay_ratio=1, batch_size=16),
