@@ -580,9 +580,9 @@ def ppo_seed_difference(pcfg):
 
 
 @pytest.mark.parametrize("kind", ["sac", "ppo"])
-@pytest.mark.parametrize("name", sorted(FAST))
+@pytest.mark.parametrize("name", sorted(FAST) + ["injection+reset"])  # a reset after the injection: stacked anew
 def test_seed_groups_equal_single_seed_runs(kind, name):
-    pcfg = PlasticityConfig(**FAST[name])
+    pcfg = PlasticityConfig(**_fast(name))
     difference = (sac_seed_difference if kind == "sac" else ppo_seed_difference)(pcfg)
     assert difference < 1e-5
 
