@@ -154,25 +154,31 @@ def test_compile_keys_may_change_on_resume():
 
 
 def make_injected(fused: bool, num_critics: int, layer_norm: bool, interventions: tuple[str, ...] = (),
-                  layers: int = 2, **kw) -> SACAgent:
-    """An agent that injects plasticity after update 2 (Nikishin et al. 2023), with an l2
-    regularizer and `interventions` (redo / partial_reset / shrink_perturb) due after it."""
+                  layers: int = 2, activation: str = "relu", regularizer: str = "l2", **kw) -> SACAgent:
+    """An agent that injects plasticity after update 2 (Nikishin et al. 2023), with a regularizer
+    and `interventions` (redo / partial_reset / shrink_perturb) due after it."""
     torch.manual_seed(7)
-    pcfg = PlasticityConfig(name="l2", coef=1e-3, interventions=["injection", *interventions],
+    pcfg = PlasticityConfig(name=regularizer, coef=1e-3, interventions=["injection", *interventions],
                             injection={"at": 2, "layers": layers}, redo={"every": 3, "tau": 0.3},
                             partial_reset={"every": 4, "layers": 1}, shrink_perturb={"every": 5})
-    cfg = SACConfig(num_critics=num_critics, layer_norm=layer_norm, fused=fused, hidden_sizes=(32, 32))
+    cfg = SACConfig(num_critics=num_critics, layer_norm=layer_norm, fused=fused, hidden_sizes=(32, 32),
+                    activation=activation)
     return SACAgent(OBS, ACT, cfg, "cpu", plasticity=pcfg, seed=3, **kw)
 
 
-@pytest.mark.parametrize("num_critics,layer_norm,interventions,layers", [
-    (1, True, (), 2), (2, False, (), 2), (2, True, ("redo", "partial_reset", "shrink_perturb"), 2), (2, True, (), 3)])
-def test_fused_update_after_plasticity_injection_matches_autograd(num_critics, layer_norm, interventions, layers):
+@pytest.mark.parametrize("num_critics,layer_norm,interventions,layers,activation,regularizer", [
+    (1, True, (), 2, "relu", "l2"), (2, False, (), 2, "relu", "l2"),
+    (2, True, ("redo", "partial_reset", "shrink_perturb"), 2, "relu", "l2"), (2, True, (), 3, "relu", "l2"),
+    (2, True, ("shrink_perturb",), 2, "crelu", "spectral")])
+def test_fused_update_after_plasticity_injection_matches_autograd(num_critics, layer_norm, interventions, layers,
+                                                                  activation, regularizer):
     """After injection the fused path runs trunk → three heads (`fused.InjectedPlan`): every update's
     metrics, the trained parameters' gradients and all parameters (frozen heads, target) follow
     the autograd reference, also with redo, partial resets and shrink-and-perturb after the
-    injection, and with the whole network as the head (`layers`=3: no trunk)."""
-    ref, fused = (make_injected(f, num_critics, layer_norm, interventions, layers) for f in (False, True))
+    injection, with the whole network as the head (`layers`=3: no trunk), and with CReLU and the
+    spectral regularizer's closed-form gradient."""
+    ref, fused = (make_injected(f, num_critics, layer_norm, interventions, layers, activation, regularizer)
+                  for f in (False, True))
     for step in range(5):
         batch = make_batch(updates=2, seed=step)
         torch.manual_seed(100 + step)  # the fresh head and the surgery draw from the global generator
@@ -189,7 +195,7 @@ def test_fused_update_after_plasticity_injection_matches_autograd(num_critics, l
     head = fused.actor.net[-1]
     assert all(p.grad is not None and float(p.grad.abs().max()) > 0 for p in head.fresh.parameters())
     assert all(not torch.equal(p, q) for p, q in zip(head.fresh.parameters(), head.fresh_frozen.parameters()))
-    if interventions:
+    if "redo" in interventions:
         assert fused.intervention("redo").recycled == ref.intervention("redo").recycled
         assert fused.intervention("partial_reset").count == ref.intervention("partial_reset").count == 2
         assert fused.intervention("shrink_perturb").count == ref.intervention("shrink_perturb").count == 2
