@@ -216,3 +216,21 @@ def test_injection_rebuilds_and_rewraps_the_fused_update(monkeypatch):
     assert agent.intervention("injection").injected
     assert len(compiled) == 2 and compiled[-1] == agent._fused.losses_and_grads
     assert agent._losses_and_grads is not before and agent._losses_and_grads.compiled == compiled[-1]
+
+
+def test_a_run_injected_on_the_autograd_path_resumes_on_the_fused_path():
+    """agent.fused may change when a run resumes (run/resume.py): a checkpoint written after an
+    injection on the autograd path (all such runs before the fused path could inject) loads into
+    a fused agent, which injects first (`prepare_load`) and continues as the autograd run does."""
+    import copy
+
+    ref = make_injected(False, 1, True)
+    ref.update(make_batch(updates=3, seed=0))
+    assert ref.intervention("injection").injected
+    fused = make_injected(True, 1, True)
+    fused.load_state_dict(copy.deepcopy(ref.state_dict()))
+    assert type(fused._fused.actor).__name__ == "InjectedPlan"
+    for step in range(1, 4):
+        ref.update(make_batch(updates=2, seed=step))
+        fused.update(make_batch(updates=2, seed=step))
+    assert_close_lists(trained(fused), trained(ref), rtol=1e-4, atol=1e-6)
