@@ -185,17 +185,19 @@ def main() -> None:
             timed(agent, batch, 2)
             ratios, t_base, t_iv = alternate(base, agent, batch, args.rounds, args.calls)
             results[name] = 100 * (statistics.median(ratios) - 1)
-            print(f"{name:14s} one injection {1e3 * seconds:.1f} ms (once, fused plans rebuilt); after it, fused none "
-                  f"{1e3 * statistics.median(t_base):.2f} ms/update, fused injected {1e3 * statistics.median(t_iv):.2f} "
-                  f"ms/update, overhead {results[name]:+.1f}% (rounds {min(ratios):.2f}-{max(ratios):.2f}x)", flush=True)
+            print(f"{name:14s} one injection {1e3 * seconds:.1f} ms (once, fused plans rebuilt); after it, fused "
+                  f"none {1e3 * statistics.median(t_base):.2f} ms/update, fused injected "
+                  f"{1e3 * statistics.median(t_iv):.2f} ms/update, overhead {results[name]:+.1f}% "
+                  f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x)", flush=True)
             autograd, base_autograd = make(name, fused=False), make("none", fused=False)
             call_seconds(autograd, name, batch, repeats=1)
             timed(autograd, batch, 2)
             timed(base_autograd, batch, 2)
             a_ratios, t_a_base, t_a_iv = alternate(base_autograd, autograd, batch, args.rounds, args.calls)
             f_ratios, _, _ = alternate(agent, autograd, batch, args.rounds, args.calls)
+            a_overhead = 100 * (statistics.median(a_ratios) - 1)
             print(f"{'':14s} autograd path: none {1e3 * statistics.median(t_a_base):.2f} ms/update, injected "
-                  f"{1e3 * statistics.median(t_a_iv):.2f} ms/update, overhead {100 * (statistics.median(a_ratios) - 1):+.1f}% "
+                  f"{1e3 * statistics.median(t_a_iv):.2f} ms/update, overhead {a_overhead:+.1f}% "
                   f"(rounds {min(a_ratios):.2f}-{max(a_ratios):.2f}x); injected, autograd against fused (alternating): "
                   f"{statistics.median(f_ratios):.2f}x (rounds {min(f_ratios):.2f}-{max(f_ratios):.2f}x)", flush=True)
             continue

@@ -988,7 +988,8 @@ def test_a_batched_sac_seed_group_refuses_seeds_whose_layouts_part():
                            PlasticityConfig(interventions=["injection"], injection={"at": 10**6}), seeds)
     group = SACSeedGroup(agents, rngs)
     agents[0].intervention("injection").inject()  # seed 3 alone
-    with pytest.raises(RuntimeError, match=r"no longer have the same layout \(seeds \[0\] changed\).*batch_seeds=false"):
+    with pytest.raises(RuntimeError,
+                       match=r"no longer have the same layout \(seeds \[0\] changed\).*batch_seeds=false"):
         group.update(_sac_group_batches(torch.Generator().manual_seed(0), seeds, updates=1))
 
 
