@@ -234,3 +234,21 @@ def test_a_run_injected_on_the_autograd_path_resumes_on_the_fused_path():
         ref.update(make_batch(updates=2, seed=step))
         fused.update(make_batch(updates=2, seed=step))
     assert_close_lists(trained(fused), trained(ref), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_update_after_injection_matches_the_eager_update():
+    """compile=true (inductor on CPU, about a minute): the update compiled anew over the injected
+    plan computes what the uncompiled fused path does."""
+    pytest.importorskip("torch._inductor")
+    plain, compiled = make_injected(True, 2, True), make_injected(True, 2, True, compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fallback would hide a broken compile
+        for step in range(3):
+            batch = make_batch(updates=2, seed=step)
+            torch.manual_seed(100 + step)
+            plain.update(batch)
+            torch.manual_seed(100 + step)
+            compiled.update(batch)
+    assert compiled.intervention("injection").injected and compiled._losses_and_grads.active
+    assert_close_lists(trained(compiled), trained(plain), rtol=1e-4, atol=1e-6)
