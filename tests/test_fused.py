@@ -175,4 +175,104 @@ def test_compiled_update_with_cbp_hands_out_the_same_features():
     assert compiled._losses_and_grads.active
     for name in ("actor", "critic"):
         assert compiled._cbp[name].replaced_total == plain._cbp[name].replaced_total > 0
+
+
+def make_injected(fused: bool, num_critics: int, layer_norm: bool, interventions: tuple[str, ...] = (),
+                  layers: int = 2, activation: str = "relu", regularizer: str = "l2", **kw) -> SACAgent:
+    """An agent that injects plasticity after update 2 (Nikishin et al. 2023), with a regularizer
+    and `interventions` (redo / partial_reset / shrink_perturb) due after it."""
+    torch.manual_seed(7)
+    pcfg = PlasticityConfig(name=regularizer, coef=1e-3, interventions=["injection", *interventions],
+                            injection={"at": 2, "layers": layers}, redo={"every": 3, "tau": 0.3},
+                            partial_reset={"every": 4, "layers": 1}, shrink_perturb={"every": 5})
+    cfg = SACConfig(num_critics=num_critics, layer_norm=layer_norm, fused=fused, hidden_sizes=(32, 32),
+                    activation=activation)
+    return SACAgent(OBS, ACT, cfg, "cpu", plasticity=pcfg, seed=3, **kw)
+
+
+@pytest.mark.parametrize("num_critics,layer_norm,interventions,layers,activation,regularizer", [
+    (1, True, (), 2, "relu", "l2"), (2, False, (), 2, "relu", "l2"),
+    (2, True, ("redo", "partial_reset", "shrink_perturb"), 2, "relu", "l2"), (2, True, (), 3, "relu", "l2"),
+    (2, True, ("shrink_perturb",), 2, "crelu", "spectral")])
+def test_fused_update_after_plasticity_injection_matches_autograd(num_critics, layer_norm, interventions, layers,
+                                                                  activation, regularizer):
+    """After injection the fused path runs trunk → three heads (`fused.InjectedPlan`): every update's
+    metrics, the trained parameters' gradients and all parameters (frozen heads, target) follow
+    the autograd reference, also with redo, partial resets and shrink-and-perturb after the
+    injection, with the whole network as the head (`layers`=3: no trunk), and with CReLU and the
+    spectral regularizer's closed-form gradient."""
+    ref, fused = (make_injected(f, num_critics, layer_norm, interventions, layers, activation, regularizer)
+                  for f in (False, True))
+    for step in range(5):
+        batch = make_batch(updates=2, seed=step)
+        torch.manual_seed(100 + step)  # the fresh head and the surgery draw from the global generator
+        m_ref = ref.update(batch)
+        torch.manual_seed(100 + step)
+        m_fused = fused.update(batch)
+        for key in m_ref:
+            torch.testing.assert_close(m_fused[key], m_ref[key], rtol=1e-5, atol=1e-6, msg=key)
+        live = lambda agent: [p.grad for p in [*agent.actor.parameters(), *agent.critic.parameters()]  # noqa: E731
+                              if p.requires_grad]
+        assert_close_lists(live(fused), live(ref), rtol=1e-4, atol=1e-6)
+        assert_close_lists(trained(fused), trained(ref), rtol=1e-4, atol=1e-6)
+    assert fused.intervention("injection").injected and type(fused._fused.critic).__name__ == "InjectedPlan"
+    head = fused.actor.net[-1]
+    assert all(p.grad is not None and float(p.grad.abs().max()) > 0 for p in head.fresh.parameters())
+    assert all(not torch.equal(p, q) for p, q in zip(head.fresh.parameters(), head.fresh_frozen.parameters()))
+    if "redo" in interventions:
+        assert fused.intervention("redo").recycled == ref.intervention("redo").recycled
+        assert fused.intervention("partial_reset").count == ref.intervention("partial_reset").count == 2
+        assert fused.intervention("shrink_perturb").count == ref.intervention("shrink_perturb").count == 2
+
+
+def test_injection_rebuilds_and_rewraps_the_fused_update(monkeypatch):
+    """The injected structure needs a new plan, and a compiled update must be compiled again over it."""
+    compiled = []
+
+    def recording_compile(fn, **kwargs):
+        compiled.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    agent = make_injected(True, 2, True, compile=True)
+    before = agent._losses_and_grads
+    agent.update(make_batch(updates=2))
+    assert agent.intervention("injection").injected
+    assert len(compiled) == 2 and compiled[-1] == agent._fused.losses_and_grads
+    assert agent._losses_and_grads is not before and agent._losses_and_grads.compiled == compiled[-1]
+
+
+def test_a_run_injected_on_the_autograd_path_resumes_on_the_fused_path():
+    """agent.fused may change when a run resumes (run/resume.py): a checkpoint written after an
+    injection on the autograd path (all such runs before the fused path could inject) loads into
+    a fused agent, which injects first (`prepare_load`) and continues as the autograd run does."""
+    import copy
+
+    ref = make_injected(False, 1, True)
+    ref.update(make_batch(updates=3, seed=0))
+    assert ref.intervention("injection").injected
+    fused = make_injected(True, 1, True)
+    fused.load_state_dict(copy.deepcopy(ref.state_dict()))
+    assert type(fused._fused.actor).__name__ == "InjectedPlan"
+    for step in range(1, 4):
+        ref.update(make_batch(updates=2, seed=step))
+        fused.update(make_batch(updates=2, seed=step))
+    assert_close_lists(trained(fused), trained(ref), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_update_after_injection_matches_the_eager_update():
+    """compile=true (inductor on CPU, about a minute): the update compiled anew over the injected
+    plan computes what the uncompiled fused path does."""
+    pytest.importorskip("torch._inductor")
+    plain, compiled = make_injected(True, 2, True), make_injected(True, 2, True, compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fallback would hide a broken compile
+        for step in range(3):
+            batch = make_batch(updates=2, seed=step)
+            torch.manual_seed(100 + step)
+            plain.update(batch)
+            torch.manual_seed(100 + step)
+            compiled.update(batch)
+    assert compiled.intervention("injection").injected and compiled._losses_and_grads.active
     assert_close_lists(trained(compiled), trained(plain), rtol=1e-4, atol=1e-6)

@@ -487,9 +487,11 @@ def _fast(name):
     return merged
 
 
-@pytest.mark.parametrize("name", sorted(FAST) + ["injection+redo+partial_reset+shrink_perturb"])
-def test_checkpoint_round_trip_gives_bitwise_equal_next_updates(name):
-    cfg = SACConfig(hidden_sizes=(16, 16), replay_ratio=2, batch_size=16, fused="injection" not in name)
+@pytest.mark.parametrize("name,fused", [(name, True) for name in sorted(FAST)] + [
+    ("injection", False), ("injection+redo+partial_reset+shrink_perturb", True),
+    ("injection+redo+partial_reset+shrink_perturb", False)])
+def test_checkpoint_round_trip_gives_bitwise_equal_next_updates(name, fused):
+    cfg = SACConfig(hidden_sizes=(16, 16), replay_ratio=2, batch_size=16, fused=fused)
     pcfg = PlasticityConfig(name="l2", coef=1e-3, **_fast(name))
     torch.manual_seed(0)
     a = SACAgent(5, 3, cfg, plasticity=pcfg, seed=0)
@@ -536,8 +538,7 @@ def test_old_checkpoints_with_top_level_cbp_state_load():
 
 def sac_seed_difference(pcfg):
     """Largest parameter difference between seed group members and single-seed agents."""
-    cfg = SACConfig(hidden_sizes=(16, 16), num_critics=2, replay_ratio=3, batch_size=16,
-                    fused="injection" not in pcfg.interventions)
+    cfg = SACConfig(hidden_sizes=(16, 16), num_critics=2, replay_ratio=3, batch_size=16)
     seeds = [3, 4, 5]
     single, single_rngs = _agents(cfg, pcfg, seeds)
     batched, rngs = _agents(cfg, pcfg, seeds)
@@ -581,13 +582,9 @@ def ppo_seed_difference(pcfg):
 
 
 @pytest.mark.parametrize("kind", ["sac", "ppo"])
-@pytest.mark.parametrize("name", sorted(FAST))
+@pytest.mark.parametrize("name", sorted(FAST) + ["injection+reset"])  # a reset after the injection: stacked anew
 def test_seed_groups_equal_single_seed_runs(kind, name):
-    pcfg = PlasticityConfig(**FAST[name])
-    if name == "injection":  # structure changes: only the one-after-the-other group (test below)
-        with pytest.raises(ConfigError, match="batch_seeds=false"):
-            (sac_seed_difference if kind == "sac" else ppo_seed_difference)(pcfg)
-        return
+    pcfg = PlasticityConfig(**_fast(name))
     difference = (sac_seed_difference if kind == "sac" else ppo_seed_difference)(pcfg)
     assert difference < 1e-5
 
@@ -630,7 +627,7 @@ def test_cli_composes_injection_with_the_unit_level_interventions(agent, tmp_pat
     shrink-and-perturb on the injected networks; the checkpoint holds what each did."""
     if agent == "sac":
         args = ["agent=sac", "env=gym", "env.id=Pendulum-v1", "total_steps=200", "agent.prefill_steps=100",
-                "agent.replay_ratio=2", "agent.batch_size=32", "agent.fused=false"]
+                "agent.replay_ratio=2", "agent.batch_size=32"]  # the fused update
     else:
         args = ["agent=ppo", "env=slippery-ant", "env.change_every=100", "total_steps=256", "agent.rollout_steps=128",
                 "agent.num_minibatches=4", "agent.epochs=25"]  # 200 minibatch updates
@@ -725,6 +722,8 @@ def test_injection_new_parameters_are_in_the_optimizer_and_train(kind):
         assert all(p.requires_grad and id(p) in opt_params for p in head.fresh.parameters()), n
         for frozen in (head.frozen, head.fresh_frozen):
             assert not any(p.requires_grad or id(p) in opt_params for p in frozen.parameters()), n
+            # No gradient left from before the injection (PPO's max_grad_norm clips over them all).
+            assert all(p.grad is None for p in frozen.parameters()), n
     frozen_before = {n: [p.detach().clone() for p in h.frozen.parameters()] for n, h in heads.items()}
     for i in range(2, 6):
         step(i)
@@ -761,9 +760,6 @@ def test_injection_leaves_the_output_unchanged_at_injection():
 
 
 def test_injection_refuses_what_it_cannot_do():
-    with pytest.raises(ConfigError, match="agent.fused=false"):
-        SACAgent(5, 3, SACConfig(hidden_sizes=(8,)), plasticity=PlasticityConfig(
-            interventions=["injection"], injection={"at": 5}))
     with pytest.raises(ConfigError, match="injection.at must be set"):
         PPOAgent(6, 2, PPOConfig(hidden_sizes=(8,)), plasticity=PlasticityConfig(interventions=["injection"]))
     for clash in ("cbp", "er_step"):
@@ -884,6 +880,174 @@ def test_injection_seeds_updated_in_turn_equal_single_seed_runs(kind):
         assert a.intervention("injection").injected and b.intervention("injection").injected
         for x, y in zip(a.actor.parameters(), b.actor.parameters()):
             assert torch.equal(x, y)
+
+
+def _sac_group_batches(g, seeds, updates=3):
+    return [Batch(torch.randn(updates, 16, 5, generator=g), torch.rand(updates, 16, 3, generator=g) * 2 - 1,
+                  torch.randn(updates, 16, generator=g), torch.randn(updates, 16, 5, generator=g),
+                  torch.zeros(updates, 16)) for _ in seeds]
+
+
+@pytest.mark.parametrize("num_critics,layer_norm,interventions", [
+    (1, True, ()), (2, False, ("redo", "partial_reset", "shrink_perturb"))])
+def test_injection_in_a_batched_sac_seed_group_equals_single_seed_runs(num_critics, layer_norm, interventions):
+    """num_seeds=3 batched: every seed injects at update 3 (a fresh head from its own generators),
+    the group stacks the injected networks anew (trunk and three heads) and seed i goes on as the
+    single-seed run with seed i, also with redo, partial resets and shrink-and-perturb after it."""
+    from rl_plasticity.agents.fused import InjectedPlan
+
+    pcfg = PlasticityConfig(**_fast("+".join(["injection", *interventions])))
+    cfg = SACConfig(hidden_sizes=(16, 16), num_critics=num_critics, layer_norm=layer_norm, replay_ratio=3,
+                    batch_size=16)
+    seeds = [3, 4, 5]
+    single, single_rngs = _agents(cfg, pcfg, seeds)
+    batched, rngs = _agents(cfg, pcfg, seeds)
+    group = SACSeedGroup(batched, rngs)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):  # updates 1-12
+        batches = _sac_group_batches(g, seeds)
+        group.update(batches)
+        for agent, batch, rng in zip(single, batches, single_rngs):
+            with rng:
+                agent.update(batch)
+    assert all(isinstance(plan, InjectedPlan) for plan in (group._fused.actor, group._fused.critic,
+                                                           group._fused.target))
+    for a, b in zip(single, batched):
+        assert a.intervention("injection").injected and b.intervention("injection").injected
+        for net in ("actor", "critic", "critic_target"):
+            for (key, v), w in zip(getattr(a, net).state_dict().items(), getattr(b, net).state_dict().values()):
+                torch.testing.assert_close(w, v, rtol=0, atol=1e-5, msg=f"{net}.{key}")
+        fresh = list(b.actor.net[-1].fresh.parameters())
+        assert all(p.grad is not None for p in fresh)  # θ' trains in the stacks, θ and θ'' do not
+        assert all(p.grad is None for p in b.actor.net[-1].fresh_frozen.parameters())
+        for name in interventions:
+            assert a.intervention(name).state_dict() == b.intervention(name).state_dict(), name
+    # Seeds draw different fresh heads (each from its own generators).
+    assert not torch.equal(batched[0].actor.net[-1].fresh[0].weight, batched[1].actor.net[-1].fresh[0].weight)
+
+
+@pytest.mark.parametrize("kind", ["sac", "ppo"])
+def test_seed_equality_after_injection_fails_when_its_draw_is_not_declared(kind, monkeypatch):
+    """As test_seed_equality_fails_when_randomness_is_not_declared, for the injection's fresh head."""
+    monkeypatch.setattr(INTERVENTIONS["injection"], "draws_random", lambda self, next_update: False)
+    pcfg = PlasticityConfig(**FAST["injection"])
+    assert (sac_seed_difference if kind == "sac" else ppo_seed_difference)(pcfg) > 1e-3
+
+
+@pytest.mark.parametrize("layer_norm,interventions", [(True, ()), (False, ("redo", "partial_reset", "shrink_perturb"))])
+def test_injection_in_a_batched_ppo_seed_group_equals_single_seed_runs(layer_norm, interventions):
+    """The PPO seed group stacks the injected networks anew (its frozen heads are no autograd
+    leaves) and seed i goes on as the single-seed run, with gradient clipping on."""
+    from rl_plasticity.agents.fused import InjectedPlan
+
+    pcfg = PlasticityConfig(name="l2", coef=1e-3, **_fast("+".join(["injection", *interventions])))
+    cfg = PPOConfig(rollout_steps=32, num_minibatches=4, epochs=2, hidden_sizes=(16, 16), layer_norm=layer_norm,
+                    max_grad_norm=0.5)
+    seeds = [3, 4, 5]
+    single, single_rngs = _agents(cfg, pcfg, seeds, PPOAgent, (6, 2))
+    batched, rngs = _agents(cfg, pcfg, seeds, PPOAgent, (6, 2))
+    group = PPOSeedGroup(batched, rngs)
+    data = np.random.default_rng(0)
+    for _ in range(2):  # minibatch updates 1-16, injected after 3
+        rollouts = [_rollout(data, 32) for _ in seeds]
+        group.update(rollouts)
+        for agent, rollout, rng in zip(single, rollouts, single_rngs):
+            with rng:
+                agent.update(rollout)
+    assert all(isinstance(plan, InjectedPlan) for plan in group._plans.values())
+    for a, b in zip(single, batched):
+        assert a.intervention("injection").injected and b.intervention("injection").injected
+        for net in ("actor", "critic"):
+            for (key, v), w in zip(getattr(a, net).state_dict().items(), getattr(b, net).state_dict().values()):
+                torch.testing.assert_close(w, v, rtol=0, atol=1e-5, msg=f"{net}.{key}")
+        head = b.actor[-1]
+        assert all(not torch.equal(p, q) for p, q in zip(head.fresh.parameters(), head.fresh_frozen.parameters()))
+        for name in interventions:
+            assert a.intervention(name).state_dict() == b.intervention(name).state_dict(), name
+
+
+def test_a_batched_sac_seed_group_compiles_its_update_again_after_injection(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # a wrapper that compiles nothing
+    from rl_plasticity.agents.seeds import SeedRNG
+
+    agents, rngs = [], []
+    for s in (3, 4):
+        torch.manual_seed(s)
+        agents.append(SACAgent(5, 3, SACConfig(hidden_sizes=(16, 16), replay_ratio=3, batch_size=16),
+                               plasticity=PlasticityConfig(**FAST["injection"]), seed=s, compile=True))
+        rngs.append(SeedRNG())
+    group = SACSeedGroup(agents, rngs)
+    before, fused_before = group._losses_and_grads, group._fused
+    assert before.compiled == fused_before.losses_and_grads
+    group.update(_sac_group_batches(torch.Generator().manual_seed(0), (3, 4)))  # updates 1-3: injected after 3
+    assert group._fused is not fused_before and group._losses_and_grads is not before
+    assert group._losses_and_grads.compiled == group._fused.losses_and_grads
+
+
+def test_a_batched_sac_seed_group_refuses_seeds_whose_layouts_part():
+    seeds = [3, 4]
+    agents, rngs = _agents(SACConfig(hidden_sizes=(16, 16), replay_ratio=1, batch_size=16),
+                           PlasticityConfig(interventions=["injection"], injection={"at": 10**6}), seeds)
+    group = SACSeedGroup(agents, rngs)
+    agents[0].intervention("injection").inject()  # seed 3 alone
+    with pytest.raises(RuntimeError,
+                       match=r"no longer have the same layout \(seeds \[0\] changed\).*batch_seeds=false"):
+        group.update(_sac_group_batches(torch.Generator().manual_seed(0), seeds, updates=1))
+
+
+def test_a_batched_sac_seed_group_resumes_after_injection_with_bitwise_equal_updates():
+    """Seeds saved after the injection load into new agents (`prepare_load` injects first); a new
+    group over them stacks the injected layout, and its next updates equal the first group's."""
+    pcfg = PlasticityConfig(name="l2", coef=1e-3, **_fast("injection+redo"))
+    cfg = SACConfig(hidden_sizes=(16, 16), num_critics=2, replay_ratio=3, batch_size=16)
+    seeds = [3, 4]
+    first, rngs = _agents(cfg, pcfg, seeds)
+    group = SACSeedGroup(first, rngs)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):  # updates 1-6: injected after update 3
+        group.update(_sac_group_batches(g, seeds))
+    states = [copy.deepcopy(a.state_dict()) for a in first]
+    second, rngs2 = _agents(cfg, pcfg, [10, 11])
+    for agent, state in zip(second, states):
+        agent.load_state_dict(state)
+    for rng, saved in zip(rngs2, rngs):
+        rng.python, rng.numpy, rng.torch, rng.cuda = saved.python, saved.numpy, saved.torch.clone(), saved.cuda
+    resumed = SACSeedGroup(second, rngs2)
+    for _ in range(2):
+        batches = _sac_group_batches(g, seeds)
+        group.update(batches)
+        resumed.update(batches)
+    for a, b in zip(first, second):
+        assert b.intervention("injection").injected
+        for net in ("actor", "critic", "critic_target"):
+            for v, w in zip(getattr(a, net).state_dict().values(), getattr(b, net).state_dict().values()):
+                assert torch.equal(v, w)
+
+
+def test_a_batched_ppo_seed_group_resumes_after_injection_with_bitwise_equal_updates():
+    pcfg = PlasticityConfig(name="l2", coef=1e-3, **_fast("injection+redo"))
+    cfg = PPOConfig(rollout_steps=32, num_minibatches=4, epochs=1, hidden_sizes=(16, 16), max_grad_norm=0.5)
+    seeds = [3, 4]
+    first, rngs = _agents(cfg, pcfg, seeds, PPOAgent, (6, 2))
+    group = PPOSeedGroup(first, rngs)
+    data = np.random.default_rng(0)
+    group.update([_rollout(data, 32) for _ in seeds])  # minibatch updates 1-4: injected after 3
+    states = [copy.deepcopy(a.state_dict()) for a in first]
+    second, rngs2 = _agents(cfg, pcfg, [10, 11], PPOAgent, (6, 2))
+    for agent, state in zip(second, states):
+        agent.load_state_dict(state)
+    for rng, saved in zip(rngs2, rngs):
+        rng.python, rng.numpy, rng.torch, rng.cuda = saved.python, saved.numpy, saved.torch.clone(), saved.cuda
+    resumed = PPOSeedGroup(second, rngs2)
+    for _ in range(2):
+        rollouts = [_rollout(data, 32) for _ in seeds]
+        group.update(rollouts)
+        resumed.update(rollouts)
+    for a, b in zip(first, second):
+        assert b.intervention("injection").injected
+        for net in ("actor", "critic"):
+            for v, w in zip(getattr(a, net).state_dict().values(), getattr(b, net).state_dict().values()):
+                assert torch.equal(v, w)
 
 
 def test_report_labels_name_the_interventions():

@@ -14,12 +14,13 @@ with the eager path to float tolerance) and saves work where autograd cannot see
   persistent `.grad` buffers with `out=` (no allocation per update);
 - nothing synchronises with the host, so the updates of one env step queue back to back.
 
-Networks are walked once (`MLPPlan`) and read through their modules at every call, so the plan
-stays valid across optimizer steps; a reset builds new modules and a new plan.
+Networks are walked once (`network_plan`: an `MLPPlan`, or after plasticity injection an
+`InjectedPlan`, a trunk and three heads) and read through their modules at every call, so the
+plan stays valid across optimizer steps; a reset or an injection builds new modules and a new plan.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ from rl_plasticity.agents.formulas import (actor_loss as sac_actor_loss, critic_
                                            temperature_loss_backward)
 from rl_plasticity.ensemble import Block, EnsembleLinear, chain_blocks, crelu
 from rl_plasticity.optim import adam_step, adam_step_many  # noqa: F401  (re-exported: their old home)
+from rl_plasticity.plasticity.interventions import InjectedHead
 
 aten = torch.ops.aten
 
@@ -93,9 +95,10 @@ class MLPPlan:
         return blocks
 
     @classmethod
-    def stacked_blocks(cls, network: nn.Module, weights: list[torch.Tensor]) -> "MLPPlan":
+    def stacked_blocks(cls, network: nn.Module, weights: Iterable[torch.Tensor]) -> "MLPPlan":
         """A plan over stacked parameters: `weights` are the stacked tensors, in the order of
-        `network.parameters()`, each (seeds · members, ...) as agents/seeds.py lays them out."""
+        `network.parameters()`, each (seeds · members, ...) as agents/seeds.py lays them out (an
+        iterator is consumed up to this network's last tensor)."""
         it = iter(weights)
         blocks = []
         for block in cls._walk(network):
@@ -159,14 +162,17 @@ class MLPPlan:
     # -- backward -----------------------------------------------------------------------------
     @torch.no_grad()
     def backward(self, cache: list, grad_out: torch.Tensor, start: int = 0, param_rows: Optional[int] = None,
-                 input_rows: Optional[slice] = None, input_cols: Optional[slice] = None) -> Optional[torch.Tensor]:
+                 input_rows: Optional[slice] = None, input_cols: Optional[slice] = None,
+                 param_grads: bool = True) -> Optional[torch.Tensor]:
         """Write parameter gradients into `.grad` and return the input gradient if asked.
 
         The cached forward rows from `start` on are the ones `grad_out` belongs to; parameter
         gradients come from the first `param_rows` of them (all when None), so rows that only
         carry an input gradient (a loss reading the network through fixed parameters) add
         nothing to them.  The input gradient is returned for `input_rows` × `input_cols`
-        (summed over members when the input was shared), or None when neither is given.
+        (summed over members when the input was shared), or None when neither is given.  Without
+        `param_grads` (frozen parameters: the heads θ, θ'' of plasticity injection) only the input
+        gradient is computed and no `.grad` is touched.
         """
         # Per block, from the output back (d: the gradient at the block's output a):
         #   activation  a = relu(y): d_y = d·[a > 0]; CReLU: `crelu_backward`;
@@ -192,44 +198,47 @@ class MLPPlan:
                 d = aten.threshold_backward(d, a, 0)
             if block.norm is not None:
                 g, beta = self._norm_params(block.norm)
-                gg, gb = _grad_buffer(block.norm.weight), _grad_buffer(block.norm.bias)
                 width = z.shape[-1]
                 if not batched:
-                    if p == d.shape[0]:
+                    if param_grads and p == d.shape[0]:
                         d, dg, db = aten.native_layer_norm_backward(d, z, [width], mean, rstd, g, beta, [True, True, True])
                     else:
-                        _, dg, db = aten.native_layer_norm_backward(d[:p], z[:p], [width], mean[:p], rstd[:p], g, beta,
-                                                                    [False, True, True])
+                        if param_grads:
+                            _, dg, db = aten.native_layer_norm_backward(d[:p], z[:p], [width], mean[:p], rstd[:p], g,
+                                                                        beta, [False, True, True])
                         d = aten.native_layer_norm_backward(d, z, [width], mean, rstd, g, beta, [True, False, False])[0]
-                    gg.view(-1).copy_(dg)
-                    gb.view(-1).copy_(db)
+                    if param_grads:
+                        _grad_buffer(block.norm.weight).view(-1).copy_(dg)
+                        _grad_buffer(block.norm.bias).view(-1).copy_(db)
                 else:
-                    torch.sum(d[:, :p] * xhat[:, :p], dim=1, keepdim=True, out=gg)
-                    torch.sum(d[:, :p], dim=1, keepdim=True, out=gb)
+                    if param_grads:
+                        torch.sum(d[:, :p] * xhat[:, :p], dim=1, keepdim=True, out=_grad_buffer(block.norm.weight))
+                        torch.sum(d[:, :p], dim=1, keepdim=True, out=_grad_buffer(block.norm.bias))
                     # The row slice of a (members, rows, 1) statistic is not contiguous, and the
                     # kernel reads it as if it were (wrong rows for every member after the first).
                     d = aten.native_layer_norm_backward(d * g, z, [width], mean.contiguous(), rstd.contiguous(), None,
                                                         None, [True, False, False])[0]
             lin = block.linear
-            gw, gbias = _grad_buffer(lin.weight), _grad_buffer(lin.bias)
             w = self._weight(lin)
-            if not batched:
-                dp, hp = d[:p], h[:p]
-                if isinstance(lin, nn.Linear):
-                    torch.mm(dp.t(), hp, out=gw)
+            if param_grads:
+                gw, gbias = _grad_buffer(lin.weight), _grad_buffer(lin.bias)
+                if not batched:
+                    dp, hp = d[:p], h[:p]
+                    if isinstance(lin, nn.Linear):
+                        torch.mm(dp.t(), hp, out=gw)
+                    else:
+                        torch.mm(hp.t(), dp, out=gw[0])
+                    torch.sum(dp, dim=0, out=gbias.view(-1))
                 else:
-                    torch.mm(hp.t(), dp, out=gw[0])
-                torch.sum(dp, dim=0, out=gbias.view(-1))
-            else:
-                dp = d[:, :p]
-                if getattr(lin, "transposed", False):  # stacked nn.Linear weights: (members, out, in)
-                    hp = h[:p].expand(dp.shape[0], -1, -1) if h.dim() == 2 else h[:, :p]
-                    torch.bmm(dp.transpose(1, 2), hp, out=gw)
-                elif h.dim() == 2:
-                    torch.matmul(h[:p].t(), dp, out=gw)
-                else:
-                    torch.bmm(h[:, :p].transpose(1, 2), dp, out=gw)
-                torch.sum(dp, dim=1, keepdim=True, out=gbias)
+                    dp = d[:, :p]
+                    if getattr(lin, "transposed", False):  # stacked nn.Linear weights: (members, out, in)
+                        hp = h[:p].expand(dp.shape[0], -1, -1) if h.dim() == 2 else h[:, :p]
+                        torch.bmm(dp.transpose(1, 2), hp, out=gw)
+                    elif h.dim() == 2:
+                        torch.matmul(h[:p].t(), dp, out=gw)
+                    else:
+                        torch.bmm(h[:, :p].transpose(1, 2), dp, out=gw)
+                    torch.sum(dp, dim=1, keepdim=True, out=gbias)
             if index > 0:
                 wt = w.t() if not batched else w.transpose(1, 2)
                 # One output unit (a critic's head): an outer product, which as a matmul with
@@ -247,6 +256,77 @@ class MLPPlan:
         return result
 
 
+class InjectedPlan:
+    """Forward and backward of a network after plasticity injection (Nikishin et al. 2023, §3,
+    Eq. 1; `interventions.InjectedHead`): a trunk, then three heads on its output z, summed as
+    h_θ(z) + h_θ'(z) − h_θ''(z).  Each part is an `MLPPlan` and runs its own forward and backward
+    (the per-layer formulas live there); this class only wires them: forward sums the heads in
+    the order the module does, backward sends ±(the output gradient) into each head, takes
+    parameter gradients from the fresh head θ' alone (θ and θ'' are frozen: input gradients only),
+    adds the three input gradients at z and passes the sum through the trunk.  Without a trunk
+    (the head is the whole network) the heads' input gradients are the network's.
+
+    Same call signatures as `MLPPlan.forward` / `MLPPlan.backward`, so `FusedSAC` takes either.
+    """
+
+    SIGNS = (1.0, 1.0, -1.0)      # θ, θ', θ''
+    TRAINED = (False, True, False)
+
+    def __init__(self, trunk: Optional[MLPPlan], heads: tuple[MLPPlan, MLPPlan, MLPPlan]):
+        self.trunk, self.heads = trunk, heads
+        first = trunk if trunk is not None else heads[0]
+        self.stacked, self.members, self.batched = first.stacked, first.members, first.batched
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, keep: bool = True) -> tuple[torch.Tensor, tuple]:
+        z, trunk_cache = self.trunk.forward(x, keep) if self.trunk is not None else (x, None)
+        (a, ca), (b, cb), (c, cc) = (head.forward(z, keep) for head in self.heads)
+        return InjectedHead.combine(a, b, c), (trunk_cache, (ca, cb, cc))
+
+    @torch.no_grad()
+    def backward(self, cache: tuple, grad_out: torch.Tensor, start: int = 0, param_rows: Optional[int] = None,
+                 input_rows: Optional[slice] = None, input_cols: Optional[slice] = None,
+                 param_grads: bool = True) -> Optional[torch.Tensor]:
+        """As `MLPPlan.backward`."""
+        trunk_cache, head_caches = cache
+        # The heads' input is z (all its rows wanted), or without a trunk the network's input.
+        rows, cols = (input_rows, input_cols) if self.trunk is None else (slice(None), None)
+        wants_input = rows is not None or cols is not None
+        d_z = None
+        for head, head_cache, sign, trained in zip(self.heads, head_caches, self.SIGNS, self.TRAINED):
+            own = trained and param_grads
+            if not (own or wants_input):
+                continue  # a frozen head whose input gradient nobody reads
+            g = head.backward(head_cache, grad_out if sign > 0 else -grad_out, start, param_rows, rows, cols,
+                              param_grads=own)
+            if g is not None:
+                d_z = g if d_z is None else d_z + g
+        if self.trunk is None:
+            return d_z
+        return self.trunk.backward(trunk_cache, d_z, start, param_rows, input_rows, input_cols, param_grads)
+
+
+Plan = Union[MLPPlan, InjectedPlan]
+
+
+def network_plan(network: nn.Module, weights: Optional[Iterable[torch.Tensor]] = None) -> Plan:
+    """The plan of `network` (an nn.Sequential, or a module with `.layers`): an `MLPPlan`, or
+    after plasticity injection (its last layer an `InjectedHead`) an `InjectedPlan`.  With
+    `weights` (stacked tensors in the order of `network.parameters()`, agents/seeds.py) the plan
+    reads those instead of the network's own parameters (`MLPPlan.stacked_blocks`)."""
+    it = None if weights is None else iter(weights)
+
+    def plan(part: nn.Module) -> MLPPlan:
+        return MLPPlan(part) if it is None else MLPPlan.stacked_blocks(part, it)
+
+    seq = network.layers if isinstance(getattr(network, "layers", None), nn.Sequential) else network
+    if not (isinstance(seq, nn.Sequential) and len(seq) and isinstance(seq[-1], InjectedHead)):
+        return plan(network)
+    head = seq[-1]
+    trunk = plan(nn.Sequential(*list(seq)[:-1])) if len(seq) > 1 else None
+    return InjectedPlan(trunk, (plan(head.frozen), plan(head.fresh), plan(head.fresh_frozen)))
+
+
 class FusedSAC:
     """The fused update of one `SACAgent` (see the module docstring); same maths as
     `SACAgent._update_once`, which stays the reference.
@@ -257,7 +337,7 @@ class FusedSAC:
     members, and each metric comes back per seed, shape (seeds,).
     """
 
-    def __init__(self, agent=None, *, plans: Optional[tuple[MLPPlan, MLPPlan, MLPPlan]] = None,
+    def __init__(self, agent=None, *, plans: Optional[tuple[Plan, Plan, Plan]] = None,
                  log_alpha: Optional[torch.Tensor] = None, seeds: Optional[int] = None, template=None):
         template = agent if agent is not None else template
         self.cfg = template.cfg
@@ -267,9 +347,9 @@ class FusedSAC:
         self.num_critics = template.cfg.num_critics
         self.seeds = seeds
         if agent is not None:
-            self.actor = MLPPlan(agent.actor.net)
-            self.critic = MLPPlan(agent.critic.net)
-            self.target = MLPPlan(agent.critic_target.net)
+            self.actor = network_plan(agent.actor.net)
+            self.critic = network_plan(agent.critic.net)
+            self.target = network_plan(agent.critic_target.net)
             # A reset builds a new temperature tensor and, with it, a new FusedSAC.
             self.log_alpha = agent.log_alpha
             if self.actor.members != 1:

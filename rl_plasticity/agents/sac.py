@@ -176,9 +176,14 @@ class SACAgent(PlasticityMixin):
         self._critic_params = list(self.critic.parameters())
         self._target_params = list(self.critic_target.parameters())
         self.register_networks({"actor": self.actor.net, "critic": self.critic.net})
-        self._fused = FusedSAC(self) if cfg.fused else None
+        self._build_fused()
+
+    def _build_fused(self) -> None:
+        """The fused update's plans over the current modules, wrapped as `compile`/`cudagraphs` ask.
+        A reset or a plasticity injection builds new modules, so the plans are rebuilt and the
+        function compiled again."""
+        self._fused = FusedSAC(self) if self.cfg.fused else None
         if self._fused is not None:
-            # A reset builds new modules, so the compiled function is rebuilt (and recompiled) too.
             self._losses_and_grads = accelerate(self._fused.losses_and_grads, self.device, self._compile,
                                                 self._cudagraphs, "the fused SAC update")
 
@@ -195,6 +200,7 @@ class SACAgent(PlasticityMixin):
     def plasticity_structure_changed(self) -> None:
         self._critic_params = list(self.critic.parameters())
         self._target_params = list(self.critic_target.parameters())
+        self._build_fused()
         super().plasticity_structure_changed()
 
     def plasticity_inputs(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:

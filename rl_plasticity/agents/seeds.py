@@ -10,7 +10,9 @@ seeds × critics), one fused Adam call over every seed's tensors and one target-
 backward of every seed's policy and value networks, one fused Adam call).
 Each seed's `nn.Parameter`s stay its own objects but alias slices of the stacked storage, so
 everything written per seed (regularizer gradients, the effective-rank step, continual backprop,
-diagnostics, checkpoints) acts on the stacked tensors directly.
+diagnostics, checkpoints) acts on the stacked tensors directly.  A reset's new networks are bound
+to the stacks after the update; a plasticity injection's new modules (SAC: every seed injects at
+the same update) are stacked anew, with new plans.
 
 Seed i of an N-seed run therefore follows the single-seed run with seed i: the same batches,
 noise and initialisations, the same arithmetic up to the order of floating-point sums in the
@@ -31,11 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from rl_plasticity.agents.accelerate import accelerate
-from rl_plasticity.agents.fused import FusedSAC, MLPPlan
+from rl_plasticity.agents.fused import FusedSAC, InjectedPlan, MLPPlan, network_plan
 from rl_plasticity.agents.ppo import STAT_NAMES, explained_variance, ppo_epochs, ppo_loss, ppo_optimizer_step
 from rl_plasticity.agents.sac import sac_update_step, update_noise
 from rl_plasticity.buffers import Batch
 from rl_plasticity.ensemble import crelu
+from rl_plasticity.plasticity.interventions import InjectedHead
 
 
 class SeedRNG:
@@ -116,29 +119,59 @@ class _StackedSeeds:
         if len(agents) < 1:
             raise ValueError(f"{type(self).__name__} needs at least one agent")
         self.agents = list(agents)
-        if any(a.intervention("injection") is not None for a in self.agents):
-            from rl_plasticity.config import ConfigError
-
-            raise ConfigError("plasticity injection changes the networks' structure, which batched seeds stack: "
-                              "use batch_seeds=false")
         self.rngs = list(rngs) if rngs is not None else [None] * len(self.agents)
-        self._bound_actor: list[Any] = [None] * len(self.agents)  # to notice a reset's new networks
+        # To notice a reset's new networks and a plasticity injection's new modules.
+        self._bound_actor: list[Any] = [None] * len(self.agents)
+        self._bound_changes: list[int] = [0] * len(self.agents)
+        self._stale: set[int] = set()
 
     def _bind_seed(self, i: int) -> None:
         raise NotImplementedError
 
+    def _stack(self) -> None:
+        raise NotImplementedError
+
+    def _parameters(self, agent: Any) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _layout(self, agent: Any) -> list[tuple[tuple[int, ...], bool]]:
+        """What the stacks depend on: the shape and trainability of each parameter, in order."""
+        return [(tuple(p.shape), p.requires_grad) for p in self._parameters(agent)]
+
+    def _mark_bound(self, i: int) -> None:
+        self._bound_actor[i] = self.agents[i].actor
+        self._bound_changes[i] = self.agents[i].plasticity_structure_changes
+
     def _after_update(self, i: int, batch: Any, features: Any = None) -> None:
         """Seed i's `plasticity_after_update(batch, features)` (features: seed i's hidden features
         of the update's training forward, or None), under its own torch generators when it may
-        draw from them; then its new networks bound to the stacks if a reset built them."""
+        draw from them.  A reset's new networks or an injection's new modules are bound to the
+        stacks once every seed has had its turn (the seeds share the intervention settings, so
+        they change together): bound in place when the layout is the one stacked (a reset),
+        stacked anew when it changed (an injection, a reset after one)."""
         agent, rng = self.agents[i], self.rngs[i]
         if rng is not None and _needs_rng(agent):
             with rng.torch_only():
                 agent.plasticity_after_update(batch, features)
         else:
             agent.plasticity_after_update(batch, features)
-        if agent.actor is not self._bound_actor[i]:
-            self._bind_seed(i)
+        if agent.actor is not self._bound_actor[i] or agent.plasticity_structure_changes != self._bound_changes[i]:
+            self._stale.add(i)
+        if self._stale and i == len(self.agents) - 1:
+            self._rebind()
+
+    def _rebind(self) -> None:
+        layouts = [self._layout(a) for a in self.agents]
+        if any(layout != layouts[0] for layout in layouts):
+            raise RuntimeError(f"{type(self).__name__}: the seeds' networks no longer have the same layout (seeds "
+                               f"{sorted(self._stale)} changed); batched seeds need the same interventions at the "
+                               f"same updates (batch_seeds=false runs them in turn)")
+        if layouts[0] == self._stacked_layout:
+            for i in sorted(self._stale):
+                self._bind_seed(i)
+        else:
+            self._stack()
+        self._stale.clear()
 
 
 class SACSeedGroup(_StackedSeeds):
@@ -176,22 +209,29 @@ class SACSeedGroup(_StackedSeeds):
             return _network_shape(n, param)
         return (n * param.shape[0], *param.shape[1:])
 
+    def _parameters(self, agent: Any) -> list[torch.Tensor]:
+        return [p for net in self._networks(agent) for p in net.parameters()]
+
     def _stack(self) -> None:
+        """Stacks of every seed's parameters, bound, and the batched fused update over them (again
+        when a plasticity injection changed the modules: new plans, compiled anew)."""
         agents = self.agents
         self._storage: list[list[torch.Tensor]] = []
         for kind in range(3):
             params0 = list(self._networks(agents[0])[kind].parameters())
             storage = [torch.empty(self._stacked_shape(kind, p), device=p.device, dtype=p.dtype) for p in params0]
-            if kind < 2:  # the target network has no gradient
-                for t in storage:
-                    t.grad = torch.zeros_like(t)
+            if kind < 2:  # the target network and the frozen heads of an injection have no gradient
+                for t, p in zip(storage, params0):
+                    if p.requires_grad:
+                        t.grad = torch.zeros_like(t)
             self._storage.append(storage)
         dev = agents[0].log_alpha.device
         self._alpha = torch.empty(len(agents), device=dev)
         self._alpha.grad = torch.zeros_like(self._alpha)
         for i in range(len(agents)):
             self._bind_seed(i)
-        plans = tuple(MLPPlan.stacked_blocks(self._networks(agents[0])[k], self._storage[k]) for k in range(3))
+        self._stacked_layout = self._layout(agents[0])
+        plans = tuple(network_plan(self._networks(agents[0])[k], self._storage[k]) for k in range(3))
         self._fused = FusedSAC(plans=plans, log_alpha=self._alpha, seeds=len(agents), template=agents[0])
         self._losses_and_grads = accelerate(self._fused.losses_and_grads, agents[0].device, agents[0]._compile,
                                             agents[0]._cudagraphs, "the batched multi-seed SAC update")
@@ -202,7 +242,7 @@ class SACSeedGroup(_StackedSeeds):
             for p, t in zip(net.parameters(), self._storage[kind]):
                 _bind(p, t, t.grad, self._index(kind, p, i))
         _bind(agent.log_alpha, self._alpha, self._alpha.grad, i)
-        self._bound_actor[i] = agent.actor
+        self._mark_bound(i)
 
     # -- the update ---------------------------------------------------------------------------
     def update(self, batches: Sequence[Batch]) -> list[dict[str, torch.Tensor]]:
@@ -255,7 +295,12 @@ class PPOSeedGroup(_StackedSeeds):
             raise ValueError("PPOSeedGroup: the seeds' agent and plasticity settings must be the same")
         self._stack()
 
+    def _parameters(self, agent: Any) -> list[torch.Tensor]:
+        return [*agent.actor.parameters(), *agent.critic.parameters(), agent.log_std]
+
     def _stack(self) -> None:
+        """Stacks of every seed's parameters, bound, and the plans over them (again when a
+        plasticity injection changed the modules; its frozen heads are no autograd leaves)."""
         n = len(self.agents)
         first = self.agents[0]
         self._storage: dict[str, list[torch.Tensor]] = {}
@@ -264,15 +309,16 @@ class PPOSeedGroup(_StackedSeeds):
                                    for p in getattr(first, name).parameters()]
         log_std = first.log_std
         self._storage["log_std"] = [torch.empty((n, *log_std.shape), device=log_std.device, dtype=log_std.dtype)]
-        self._leaves = [t for ts in self._storage.values() for t in ts]
+        stacked = [t for ts in self._storage.values() for t in ts]
+        self._leaves = [t for t, p in zip(stacked, self._parameters(first)) if p.requires_grad]
         for t in self._leaves:
             t.requires_grad_(True)
             t.grad = torch.zeros_like(t)
         self._leaf_grads = [t.grad for t in self._leaves]
         for i in range(n):
             self._bind_seed(i)
-        self._plans = {name: MLPPlan.stacked_blocks(getattr(first, name), self._storage[name])
-                       for name in ("actor", "critic")}
+        self._stacked_layout = self._layout(first)
+        self._plans = {name: network_plan(getattr(first, name), self._storage[name]) for name in ("actor", "critic")}
         self._features: dict[str, list[torch.Tensor]] | None = None  # the last minibatch's, when recorded
 
     def _bind_seed(self, i: int) -> None:
@@ -282,12 +328,22 @@ class PPOSeedGroup(_StackedSeeds):
                 _bind(p, t, t.grad, _network_index(p, i))
         t = self._storage["log_std"][0]
         _bind(agent.log_std, t, t.grad, i)
-        self._bound_actor[i] = agent.actor
+        self._mark_bound(i)
 
     def _forward(self, name: str, x: torch.Tensor, hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Network `name` of every seed on its rows, through autograd: x (N, rows, in) -> (N, rows, out);
-        with `hidden`, each hidden layer's post-activation output (N, rows, width) appended, detached."""
-        for block in self._plans[name].blocks:
+        after plasticity injection the trunk, then its three heads combined (`InjectedHead.combine`).
+        With `hidden` (continual backprop, which does not compose with injection), each hidden
+        layer's post-activation output (N, rows, width) appended, detached."""
+        plan = self._plans[name]
+        if isinstance(plan, InjectedPlan):
+            z = x if plan.trunk is None else self._run(plan.trunk, x)
+            return InjectedHead.combine(*(self._run(head, z) for head in plan.heads))
+        return self._run(plan, x, hidden)
+
+    @staticmethod
+    def _run(plan: MLPPlan, x: torch.Tensor, hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
+        for block in plan.blocks:
             x = torch.baddbmm(block.linear.bias, x, block.linear.weight.transpose(1, 2))
             if block.norm is not None:
                 norm = block.norm

@@ -555,9 +555,14 @@ class InjectedHead(nn.Module):
             z = layer(z) if detached is None or isinstance(layer, (nn.ReLU, CReLU)) else layer(z, detached)
         return z
 
+    @staticmethod
+    def combine(frozen: torch.Tensor, fresh: torch.Tensor, fresh_frozen: torch.Tensor) -> torch.Tensor:
+        """h_θ(z) + h_θ'(z) − h_θ''(z) from the three heads' outputs (Nikishin et al. 2023, §3, Eq. 1);
+        the fused update and the batched seeds sum them here too, in this order."""
+        return (frozen + fresh) - fresh_frozen
+
     def forward(self, z: torch.Tensor, detached: Optional[bool] = None) -> torch.Tensor:
-        return (self._run(self.frozen, z, detached) + self._run(self.fresh, z, detached)
-                - self._run(self.fresh_frozen, z, detached))
+        return self.combine(*(self._run(head, z, detached) for head in (self.frozen, self.fresh, self.fresh_frozen)))
 
 
 class PlasticityInjection(Intervention):
@@ -573,8 +578,11 @@ class PlasticityInjection(Intervention):
     Defaults: the last two linear layers (the paper injects into the head), actor and critic;
     `at` must be set (the paper injects once, a quarter into training on Atari).
 
-    It changes the networks' structure, so it needs the autograd update paths: SAC with
-    agent.fused=false, several seeds with batch_seeds=false.  It composes with every regularizer,
+    It changes the networks' structure: `plasticity_structure_changed` lets the agent rebuild what
+    it derived from the modules (SAC's fused update plans its forward and backward anew, the trunk
+    then the three heads: agents/fused.py `InjectedPlan`, compiled again under compile/cudagraphs;
+    a batched SAC or PPO seed group, whose seeds all inject at the same update, stacks their
+    networks anew: agents/seeds.py).  It composes with every regularizer,
     full resets, and the unit-level interventions that act on trainable parameters: redo,
     partial_reset and shrink_perturb see the trunk and the fresh head θ' (`trainable_view`) and
     leave θ and θ'' frozen; per-element Adam steps of entries re-initialised before the injection
@@ -597,8 +605,6 @@ class PlasticityInjection(Intervention):
         if clash:
             raise ConfigError(f"plasticity injection does not compose with '{clash[0]}': {self.INCOMPATIBLE[clash[0]]}. "
                               f"It composes with any regularizer and with reset, redo, partial_reset, shrink_perturb")
-        if getattr(getattr(self.host, "cfg", None), "fused", False):
-            raise ConfigError("plasticity injection changes the networks' structure: it needs agent.fused=false")
         unknown = [n for n in self.cfg.networks if n not in networks]
         if unknown:
             raise ConfigError(f"plasticity.injection.networks: unknown network '{unknown[0]}'. "
@@ -650,6 +656,10 @@ class PlasticityInjection(Intervention):
             old = nn.Sequential(*list(seq)[i:])
             fresh = self._fresh_copy(old)
             fresh_frozen = copy.deepcopy(fresh)
+            # Frozen from here on, without the gradient of the last update (which a gradient clip
+            # over all the network's parameters, PPO's max_grad_norm, would otherwise count).
+            for p in old.parameters():
+                p.grad = None
             old.requires_grad_(False)
             fresh_frozen.requires_grad_(False)
             head = InjectedHead(old, fresh, fresh_frozen)

@@ -216,6 +216,7 @@ class PlasticityMixin:
         self.plasticity_cfg = cfg
         self.plasticity_updates = 0
         self.reset_count = 0
+        self.plasticity_structure_changes = 0  # seed groups restack their networks when this moves
         self._plasticity_networks: dict[str, nn.Module] = {}
         self.interventions: list[Intervention] = [
             INTERVENTIONS[name](self, getattr(cfg, name, None)) for name in cfg.interventions]
@@ -544,6 +545,7 @@ class PlasticityMixin:
     def plasticity_structure_changed(self) -> None:
         """An intervention (plasticity injection) changed the networks' modules: the agent refreshes
         what it derived from them (parameter lists), then the networks are registered again."""
+        self.plasticity_structure_changes += 1
         self.register_networks(self._plasticity_networks)
 
     def plasticity_prepare_load(self, state: Mapping[str, Any]) -> None:
