@@ -155,6 +155,33 @@ def test_l2_is_the_squared_norm():
     torch.testing.assert_close(REGULARIZERS["l2"](net).penalty(), expected)
 
 
+@pytest.mark.parametrize("name", ["l2", "l2_init", "l2_er", "cbp_l2"])
+def test_l2_direct_gradient_equals_autograd_and_skips_frozen_parameters(name):
+    """Issue 19: L2 and L2-init add 2·coef·θ (or 2·coef·(θ − θ₀)) in place instead of a graph per
+    update; the gradient is autograd's through `penalty()` (float64, exact up to rounding), added
+    to what `.grad` held, a missing `.grad` created, and a frozen parameter (as plasticity
+    injection leaves) gets none, as through autograd."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 3)).double()
+    reg = REGULARIZERS[name](net)
+    assert reg.direct_gradient
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))  # away from θ₀ (l2_init) and from LayerNorm's 1 and 0
+    net[3].requires_grad_(False)
+    coef = 0.37
+    ref = torch.autograd.grad(coef * reg.penalty(), [p for p in net.parameters() if p.requires_grad])
+    before = torch.randn_like(net[0].weight)
+    net[0].weight.grad = before.clone()
+    reg.add_penalty_gradient(coef)
+    trained = [p for p in net.parameters() if p.requires_grad]
+    torch.testing.assert_close(net[0].weight.grad, before + ref[0], rtol=1e-12, atol=1e-12)
+    for p, g in zip(trained[1:], ref[1:]):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-12)
+    assert all(p.grad is None for p in net[3].parameters())
+    torch.testing.assert_close(reg.last_value(), coef * reg.penalty())
+
+
 def test_l2_init_and_wasserstein_are_zero_at_init_and_differ_under_permutation():
     torch.manual_seed(1)
     net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 2))

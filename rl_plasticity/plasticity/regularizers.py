@@ -90,14 +90,47 @@ class EffectiveRankOnly(Regularizer):
     """ER has no loss term: its own optimizer maximises effective rank (see EffectiveRankStep)."""
 
 
+def _trained_grads(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(parameters, their `.grad`) of the trained ones among `params` (frozen ones, e.g. the heads
+    plasticity injection froze, get no gradient, as through autograd); a missing `.grad` is zeros."""
+    trained = [p for p in params if p.requires_grad]
+    for p in trained:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return trained, [p.grad for p in trained]
+
+
 @register("l2")
 class L2(Regularizer):
+    """‖θ‖² over every parameter of the network (weight decay as a loss term, coef · ‖θ‖²: the L2
+    of spectral-collapse-l2-er.md §7 and Algorithm 1, λ‖W‖²₂; Dohare et al. 2024's L2).
+
+    In training its gradient 2 · coef · θ is added directly (`add_penalty_gradient`, one foreach
+    op over the trained parameters), which is what autograd through `penalty()` computes, without
+    a graph per update.
+    """
+
     def __init__(self, network: nn.Module, k: float = 2.0):
         super().__init__(network, k)
         self.params = list(network.parameters())
+        self._last_coef = 0.0
 
     def penalty(self) -> torch.Tensor:
         return torch.stack([p.square().sum() for p in self.params]).sum()
+
+    direct_gradient = True
+
+    @torch.no_grad()
+    def add_penalty_gradient(self, coef: float) -> None:
+        """Add ∇(coef · ‖θ‖²) = 2 · coef · θ to the trained parameters' `.grad` in place."""
+        trained, grads = _trained_grads(self.params)
+        torch._foreach_add_(grads, trained, alpha=2.0 * coef)
+        self._last_coef = coef
+
+    @torch.no_grad()
+    def last_value(self) -> torch.Tensor:
+        """coef · penalty at the current parameters (for `losses/plasticity`)."""
+        return self._last_coef * self.penalty()
 
 
 @register("l2_er")
@@ -133,8 +166,32 @@ class _InitialParams(Regularizer):
 
 @register("l2_init")
 class L2Init(_InitialParams):
+    """‖θ − θ₀‖² over every parameter (L2 towards the initial parameters, "L2 Init" of Kumar et al.
+    2023, a baseline of spectral-regularization.md §5).  In training its gradient
+    2 · coef · (θ − θ₀) is added directly (`add_penalty_gradient`), as autograd through
+    `penalty()` computes it."""
+
+    def __init__(self, network: nn.Module, k: float = 2.0):
+        super().__init__(network, k)
+        self._last_coef = 0.0
+
     def penalty(self) -> torch.Tensor:
         return torch.stack([(p - p0).square().sum() for p, p0 in zip(self.params, self.initial)]).sum()
+
+    direct_gradient = True
+
+    @torch.no_grad()
+    def add_penalty_gradient(self, coef: float) -> None:
+        """Add ∇(coef · ‖θ − θ₀‖²) = 2 · coef · (θ − θ₀) to the trained parameters' `.grad` in place."""
+        pairs = [(p, p0) for p, p0 in zip(self.params, self.initial) if p.requires_grad]
+        trained, grads = _trained_grads([p for p, _ in pairs])
+        torch._foreach_add_(grads, torch._foreach_sub(trained, [p0 for _, p0 in pairs]), alpha=2.0 * coef)
+        self._last_coef = coef
+
+    @torch.no_grad()
+    def last_value(self) -> torch.Tensor:
+        """coef · penalty at the current parameters (for `losses/plasticity`)."""
+        return self._last_coef * self.penalty()
 
 
 def _member_rows(p: torch.Tensor, ensemble: bool) -> torch.Tensor:
