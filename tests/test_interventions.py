@@ -995,6 +995,26 @@ def test_a_batched_sac_seed_group_refuses_seeds_whose_layouts_part():
         group.update(_sac_group_batches(torch.Generator().manual_seed(0), seeds, updates=1))
 
 
+def _resumed_agents(first, rngs, cfg, pcfg, *agent_args):
+    """New agents (other seeds) loaded with `first`'s saved states, their generators set to the
+    saved `rngs`: what a resumed run's seeds start from."""
+    states = [copy.deepcopy(a.state_dict()) for a in first]
+    second, rngs2 = _agents(cfg, pcfg, [10, 11], *agent_args)
+    for agent, state in zip(second, states):
+        agent.load_state_dict(state)
+    for rng, saved in zip(rngs2, rngs):
+        rng.python, rng.numpy, rng.torch, rng.cuda = saved.python, saved.numpy, saved.torch.clone(), saved.cuda
+    return second, rngs2
+
+
+def _assert_injected_and_equal(first, second, nets):
+    for a, b in zip(first, second):
+        assert b.intervention("injection").injected
+        for net in nets:
+            for v, w in zip(getattr(a, net).state_dict().values(), getattr(b, net).state_dict().values()):
+                assert torch.equal(v, w)
+
+
 def test_a_batched_sac_seed_group_resumes_after_injection_with_bitwise_equal_updates():
     """Seeds saved after the injection load into new agents (`prepare_load` injects first); a new
     group over them stacks the injected layout, and its next updates equal the first group's."""
@@ -1006,22 +1026,13 @@ def test_a_batched_sac_seed_group_resumes_after_injection_with_bitwise_equal_upd
     g = torch.Generator().manual_seed(0)
     for _ in range(2):  # updates 1-6: injected after update 3
         group.update(_sac_group_batches(g, seeds))
-    states = [copy.deepcopy(a.state_dict()) for a in first]
-    second, rngs2 = _agents(cfg, pcfg, [10, 11])
-    for agent, state in zip(second, states):
-        agent.load_state_dict(state)
-    for rng, saved in zip(rngs2, rngs):
-        rng.python, rng.numpy, rng.torch, rng.cuda = saved.python, saved.numpy, saved.torch.clone(), saved.cuda
+    second, rngs2 = _resumed_agents(first, rngs, cfg, pcfg)
     resumed = SACSeedGroup(second, rngs2)
     for _ in range(2):
         batches = _sac_group_batches(g, seeds)
         group.update(batches)
         resumed.update(batches)
-    for a, b in zip(first, second):
-        assert b.intervention("injection").injected
-        for net in ("actor", "critic", "critic_target"):
-            for v, w in zip(getattr(a, net).state_dict().values(), getattr(b, net).state_dict().values()):
-                assert torch.equal(v, w)
+    _assert_injected_and_equal(first, second, ("actor", "critic", "critic_target"))
 
 
 def test_a_batched_ppo_seed_group_resumes_after_injection_with_bitwise_equal_updates():
@@ -1032,22 +1043,13 @@ def test_a_batched_ppo_seed_group_resumes_after_injection_with_bitwise_equal_upd
     group = PPOSeedGroup(first, rngs)
     data = np.random.default_rng(0)
     group.update([_rollout(data, 32) for _ in seeds])  # minibatch updates 1-4: injected after 3
-    states = [copy.deepcopy(a.state_dict()) for a in first]
-    second, rngs2 = _agents(cfg, pcfg, [10, 11], PPOAgent, (6, 2))
-    for agent, state in zip(second, states):
-        agent.load_state_dict(state)
-    for rng, saved in zip(rngs2, rngs):
-        rng.python, rng.numpy, rng.torch, rng.cuda = saved.python, saved.numpy, saved.torch.clone(), saved.cuda
+    second, rngs2 = _resumed_agents(first, rngs, cfg, pcfg, PPOAgent, (6, 2))
     resumed = PPOSeedGroup(second, rngs2)
     for _ in range(2):
         rollouts = [_rollout(data, 32) for _ in seeds]
         group.update(rollouts)
         resumed.update(rollouts)
-    for a, b in zip(first, second):
-        assert b.intervention("injection").injected
-        for net in ("actor", "critic"):
-            for v, w in zip(getattr(a, net).state_dict().values(), getattr(b, net).state_dict().values()):
-                assert torch.equal(v, w)
+    _assert_injected_and_equal(first, second, ("actor", "critic"))
 
 
 def test_report_labels_name_the_interventions():
