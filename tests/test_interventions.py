@@ -693,13 +693,16 @@ def test_intervention_presets_compose(tmp_path):
 
 
 # -- plasticity injection -------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["sac", "ppo"])
-def test_injection_new_parameters_are_in_the_optimizer_and_train(kind):
+@pytest.mark.parametrize("kind", ["sac", "sac_fused", "ppo"])
+@pytest.mark.parametrize("regularizer", ["l2", "spectral", "wasserstein", "parseval"])
+def test_injection_new_parameters_are_in_the_optimizer_and_train(kind, regularizer):
+    """Also: a regularizer's closed-form gradient (added in place, not by autograd) leaves the
+    frozen heads without a gradient, as autograd would (PPO's max_grad_norm clips over them all)."""
     torch.manual_seed(0)
-    pcfg = PlasticityConfig(name="l2", coef=1e-4, interventions=["injection"], injection={"at": 2, "layers": 2})
-    if kind == "sac":
-        agent = SACAgent(5, 3, SACConfig(hidden_sizes=(16, 16), replay_ratio=1, batch_size=16, fused=False,
-                                         num_critics=2), plasticity=pcfg)
+    pcfg = PlasticityConfig(name=regularizer, coef=1e-4, interventions=["injection"], injection={"at": 2, "layers": 2})
+    if kind in ("sac", "sac_fused"):
+        agent = SACAgent(5, 3, SACConfig(hidden_sizes=(16, 16), replay_ratio=1, batch_size=16,
+                                         fused=kind == "sac_fused", num_critics=2), plasticity=pcfg)
         nets = {"actor": agent.actor.net, "critic": agent.critic.net}
         step = lambda i: agent.update(sac_batch(updates=1, seed=i))  # noqa: E731
     else:
@@ -712,7 +715,7 @@ def test_injection_new_parameters_are_in_the_optimizer_and_train(kind):
     assert not agent.plasticity_draws_random()  # update 1 does not inject
     step(0)  # SAC: update 1; PPO: updates 1-4 (injected after update 2, then trained twice)
     assert iv.injected == (kind == "ppo")
-    if kind == "sac":
+    if kind != "ppo":
         assert agent.plasticity_draws_random()  # update 2 injects: a fresh head is drawn
         step(1)
         assert iv.injected
@@ -731,7 +734,8 @@ def test_injection_new_parameters_are_in_the_optimizer_and_train(kind):
         # θ' trains away from its frozen copy θ''; θ and θ'' stay where they were.
         assert all(not torch.equal(p, q) for p, q in zip(head.fresh.parameters(), head.fresh_frozen.parameters())), n
         assert all(torch.equal(p, q) for p, q in zip(head.frozen.parameters(), frozen_before[n])), n
-    if kind == "sac":  # the target critic has the injected head too, and follows the critic
+        assert all(p.grad is None for f in (head.frozen, head.fresh_frozen) for p in f.parameters()), n
+    if kind != "ppo":  # the target critic has the injected head too, and follows the critic
         target_head = agent.critic_target.net.layers[-1]
         assert len(list(target_head.parameters())) == len(list(heads["critic"].parameters()))
 
@@ -990,9 +994,27 @@ def test_a_batched_sac_seed_group_refuses_seeds_whose_layouts_part():
                            PlasticityConfig(interventions=["injection"], injection={"at": 10**6}), seeds)
     group = SACSeedGroup(agents, rngs)
     agents[0].intervention("injection").inject()  # seed 3 alone
-    with pytest.raises(RuntimeError,
-                       match=r"no longer have the same layout \(seeds \[0\] changed\).*batch_seeds=false"):
+    other = [p.clone() for p in agents[1].actor.parameters()]
+    with pytest.raises(RuntimeError, match=r"no longer have the same layout \(changed: seed\+0, counted from the "
+                                           r"run's first seed\).*batch_seeds=false"):
         group.update(_sac_group_batches(torch.Generator().manual_seed(0), seeds, updates=1))
+    assert all(torch.equal(p, q) for p, q in zip(agents[1].actor.parameters(), other))  # refused before updating
+
+
+def test_a_batched_sac_seed_group_notices_an_injection_made_outside_its_updates():
+    """A Python caller injects every seed between two group updates: the next update runs over
+    the injected layout (stacked anew before it), so the fresh heads train from that update on."""
+    seeds = [3, 4]
+    agents, rngs = _agents(SACConfig(hidden_sizes=(16, 16), replay_ratio=1, batch_size=16),
+                           PlasticityConfig(interventions=["injection"], injection={"at": 10**6}), seeds)
+    group = SACSeedGroup(agents, rngs)
+    for agent in agents:
+        agent.intervention("injection").inject()
+    fresh = [[p.clone() for p in a.actor.net[-1].fresh.parameters()] for a in agents]
+    group.update(_sac_group_batches(torch.Generator().manual_seed(0), seeds, updates=1))
+    assert type(group._fused.actor).__name__ == "InjectedPlan"
+    for agent, before in zip(agents, fresh):
+        assert all(not torch.equal(p, q) for p, q in zip(agent.actor.net[-1].fresh.parameters(), before))
 
 
 def _resumed_agents(first, rngs, cfg, pcfg, *agent_args):

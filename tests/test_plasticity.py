@@ -180,6 +180,11 @@ def test_l2_direct_gradient_equals_autograd_and_skips_frozen_parameters(name):
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-12)
     assert all(p.grad is None for p in net[3].parameters())
     torch.testing.assert_close(reg.last_value(), coef * reg.penalty())
+    net.requires_grad_(False)  # a network with nothing to train: no gradient, no error
+    for p in net.parameters():
+        p.grad = None
+    reg.add_penalty_gradient(coef)
+    assert all(p.grad is None for p in net.parameters())
 
 
 def test_l2_init_and_wasserstein_are_zero_at_init_and_differ_under_permutation():

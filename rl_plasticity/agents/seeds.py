@@ -155,17 +155,31 @@ class _StackedSeeds:
                 agent.plasticity_after_update(batch, features)
         else:
             agent.plasticity_after_update(batch, features)
+        self._note_change(i)
+        if self._stale and i == len(self.agents) - 1:
+            self._rebind()
+
+    def _note_change(self, i: int) -> None:
+        agent = self.agents[i]
         if agent.actor is not self._bound_actor[i] or agent.plasticity_structure_changes != self._bound_changes[i]:
             self._stale.add(i)
-        if self._stale and i == len(self.agents) - 1:
+
+    def _sync(self) -> None:
+        """Before a batched update: bind or stack anew what changed outside the group's own
+        after-update work (a Python caller's reset, injection or checkpoint load on one of its
+        agents), so that no update runs over stale stacks."""
+        for i in range(len(self.agents)):
+            self._note_change(i)
+        if self._stale:
             self._rebind()
 
     def _rebind(self) -> None:
         layouts = [self._layout(a) for a in self.agents]
         if any(layout != layouts[0] for layout in layouts):
-            raise RuntimeError(f"{type(self).__name__}: the seeds' networks no longer have the same layout (seeds "
-                               f"{sorted(self._stale)} changed); batched seeds need the same interventions at the "
-                               f"same updates (batch_seeds=false runs them in turn)")
+            changed = ", ".join(f"seed+{i}" for i in sorted(self._stale))
+            raise RuntimeError(f"{type(self).__name__}: the seeds' networks no longer have the same layout (changed: "
+                               f"{changed}, counted from the run's first seed); batched seeds need the same "
+                               f"interventions at the same updates (batch_seeds=false runs them in turn)")
         if layouts[0] == self._stacked_layout:
             for i in sorted(self._stale):
                 self._bind_seed(i)
@@ -250,6 +264,7 @@ class SACSeedGroup(_StackedSeeds):
         n = len(agents)
         if len(batches) != n:
             raise ValueError(f"{len(batches)} batches for {n} seeds")
+        self._sync()
         updates, size = batches[0].obs.shape[0], batches[0].obs.shape[1]
         # Each seed's noise from its own generator, drawn as SACAgent.update draws it.
         noise = torch.stack([update_noise(a, updates, size) for a in agents], 1)
@@ -360,6 +375,7 @@ class PPOSeedGroup(_StackedSeeds):
         n = len(agents)
         if len(rollouts) != n:
             raise ValueError(f"{len(rollouts)} rollouts for {n} seeds")
+        self._sync()
         dev = agents[0].device
         data = {k: torch.stack([torch.from_numpy(r[k]) for r in rollouts]).to(dev) for k in rollouts[0]}
         seed_index = torch.arange(n, device=dev).unsqueeze(1)

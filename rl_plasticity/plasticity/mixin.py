@@ -244,6 +244,10 @@ class PlasticityMixin:
         """(Re)build regularizer state, initial-parameter copies and ER optimizers for `networks`."""
         cfg = self.plasticity_cfg
         self._plasticity_networks = dict(networks)
+        # Parameters no optimizer steps (the heads plasticity injection froze): autograd gives them no
+        # gradient, so neither may a regularizer's closed-form gradient (_add_direct_gradients).
+        self._frozen_params = {name: [p for p in net.parameters() if not p.requires_grad]
+                               for name, net in networks.items()}
         self._registrations = getattr(self, "_registrations", 0) + 1  # features recorded before are stale
         self._regularizers: dict[str, Regularizer] = {
             name: REGULARIZERS[cfg.name].build(net, cfg) for name, net in networks.items()}
@@ -316,6 +320,8 @@ class PlasticityMixin:
             coef = self.plasticity_cfg.coef_for(name)
             if reg.direct_gradient and coef != 0.0 and not (skip_taken and name in self._penalty_taken):
                 reg.add_penalty_gradient(coef)
+                for p in self._frozen_params[name]:
+                    p.grad = None
                 self._direct_penalty.add(name)
                 self._last_penalty.pop(name, None)
                 self._penalty_taken.add(name)

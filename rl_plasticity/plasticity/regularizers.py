@@ -124,7 +124,8 @@ class L2(Regularizer):
     def add_penalty_gradient(self, coef: float) -> None:
         """Add ∇(coef · ‖θ‖²) = 2 · coef · θ to the trained parameters' `.grad` in place."""
         trained, grads = _trained_grads(self.params)
-        torch._foreach_add_(grads, trained, alpha=2.0 * coef)
+        if trained:
+            torch._foreach_add_(grads, trained, alpha=2.0 * coef)
         self._last_coef = coef
 
     @torch.no_grad()
@@ -185,7 +186,8 @@ class L2Init(_InitialParams):
         """Add ∇(coef · ‖θ − θ₀‖²) = 2 · coef · (θ − θ₀) to the trained parameters' `.grad` in place."""
         pairs = [(p, p0) for p, p0 in zip(self.params, self.initial) if p.requires_grad]
         trained, grads = _trained_grads([p for p, _ in pairs])
-        torch._foreach_add_(grads, torch._foreach_sub(trained, [p0 for _, p0 in pairs]), alpha=2.0 * coef)
+        if trained:
+            torch._foreach_add_(grads, torch._foreach_sub(trained, [p0 for _, p0 in pairs]), alpha=2.0 * coef)
         self._last_coef = coef
 
     @torch.no_grad()
