@@ -392,6 +392,7 @@ class PPOSeedGroup(_StackedSeeds):
 
         stats = ppo_epochs(agents[0].cfg, agents[0].plasticity_cfg, data["obs"].shape[1],
                            [a.generator for a in agents], dev, minibatch, after_update)  # (N, 5)
+        self._features = None  # the last minibatch's activations are not kept between updates
         explained = explained_variance(data["value"], data["return"])
         out = []
         for i, agent in enumerate(agents):
