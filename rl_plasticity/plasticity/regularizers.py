@@ -70,8 +70,13 @@ class Regularizer:
     def add_penalty_gradient(self, coef: float) -> None:
         raise NotImplementedError
 
+    _last_coef = 0.0  # the coefficient of the last closed-form gradient (`add_penalty_gradient` sets it)
+
+    @torch.no_grad()
     def last_value(self) -> torch.Tensor:
-        raise NotImplementedError
+        """coef · penalty at the current parameters (for `losses/plasticity`), for a regularizer
+        that adds its gradient itself."""
+        return self._last_coef * self.penalty()
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -113,7 +118,6 @@ class L2(Regularizer):
     def __init__(self, network: nn.Module, k: float = 2.0):
         super().__init__(network, k)
         self.params = list(network.parameters())
-        self._last_coef = 0.0
 
     def penalty(self) -> torch.Tensor:
         return torch.stack([p.square().sum() for p in self.params]).sum()
@@ -127,11 +131,6 @@ class L2(Regularizer):
         if trained:
             torch._foreach_add_(grads, trained, alpha=2.0 * coef)
         self._last_coef = coef
-
-    @torch.no_grad()
-    def last_value(self) -> torch.Tensor:
-        """coef · penalty at the current parameters (for `losses/plasticity`)."""
-        return self._last_coef * self.penalty()
 
 
 @register("l2_er")
@@ -172,10 +171,6 @@ class L2Init(_InitialParams):
     2 · coef · (θ − θ₀) is added directly (`add_penalty_gradient`), as autograd through
     `penalty()` computes it."""
 
-    def __init__(self, network: nn.Module, k: float = 2.0):
-        super().__init__(network, k)
-        self._last_coef = 0.0
-
     def penalty(self) -> torch.Tensor:
         return torch.stack([(p - p0).square().sum() for p, p0 in zip(self.params, self.initial)]).sum()
 
@@ -189,11 +184,6 @@ class L2Init(_InitialParams):
         if trained:
             torch._foreach_add_(grads, torch._foreach_sub(trained, [p0 for _, p0 in pairs]), alpha=2.0 * coef)
         self._last_coef = coef
-
-    @torch.no_grad()
-    def last_value(self) -> torch.Tensor:
-        """coef · penalty at the current parameters (for `losses/plasticity`)."""
-        return self._last_coef * self.penalty()
 
 
 def _member_rows(p: torch.Tensor, ensemble: bool) -> torch.Tensor:
@@ -235,7 +225,6 @@ class Wasserstein(_InitialParams):
         ens = {id(w.param) for w in weights if w.kind == "ensemble"} | {id(v.param) for v in vectors if v.ensemble}
         self.ensemble = [id(p) in ens for p in self.params]
         self.sorted_initial = [_member_rows(p0, e).sort(-1).values for p0, e in zip(self.initial, self.ensemble)]
-        self._last_coef = 0.0
 
     def penalty(self) -> torch.Tensor:
         terms = [(_member_rows(p, e).sort(-1).values - s0).square().sum()
@@ -257,11 +246,6 @@ class Wasserstein(_InitialParams):
                 p.grad = torch.zeros_like(p)
             p.grad.add_(grad.view(p.shape), alpha=2.0 * coef)
         self._last_coef = coef
-
-    @torch.no_grad()
-    def last_value(self) -> torch.Tensor:
-        """coef · penalty at the current parameters (for `losses/plasticity`)."""
-        return self._last_coef * self.penalty()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -419,7 +403,7 @@ class Spectral(Regularizer):
                 value = value + (rows - 1.0).square().sum()
             else:
                 value = value + rows.square().sum(-1).pow(self.k).sum()
-        return getattr(self, "_last_coef", 0.0) * value
+        return self._last_coef * value
 
     def penalty_autograd(self) -> torch.Tensor:
         """The penalty at the current u, v through autograd on uᵀWv (no power-iteration step)."""
@@ -470,7 +454,6 @@ class Parseval(Regularizer):
         self.weights = weights[:-1]
         self.params = [w.param for w in self.weights]
         self.scales = [1.0 if width is None else (float(width) / self._rows(w).shape[-2]) ** 2 for w in self.weights]
-        self._last_coef = 0.0
 
     @classmethod
     def build(cls, network: nn.Module, cfg: Any) -> "Parseval":
@@ -510,8 +493,3 @@ class Parseval(Regularizer):
             target = self._rows(w, w.param.grad)  # a view of .grad in the same layout
             target.add_(grad, alpha=4.0 * coef * scale)
         self._last_coef = coef
-
-    @torch.no_grad()
-    def last_value(self) -> torch.Tensor:
-        """coef · penalty at the current parameters (for `losses/plasticity`)."""
-        return self._last_coef * self.penalty()
