@@ -10,6 +10,8 @@ environment and method (both from the run's saved config; seeds pooled) and writ
   and number of runs, plus an aggregate row per method across environments;
 - with `--sweep KEY`: `sensitivity_<KEY>_<env>.png` + `sensitivity_<KEY>.csv`, final return
   against the swept hyper-parameter;
+- for an env that changes task (Slippery Ant, continual DMC): `task_returns_<env>.png` +
+  `task_returns.csv`, each method's return averaged within each task, mean ± s.e. over seeds;
 - `diagnostics_<env>.png`: plasticity diagnostics over time (spectral, parameter and gradient
   norms, effective rank, dormant fraction, Q overestimation), mean over seeds;
 - where runs measured curvature (`plasticity.curvature_every`, `plasticity.curvature_task_start`):
@@ -685,6 +687,104 @@ def curves(report: Report, colors: Mapping[str, Any]) -> None:
                            + "\n\n".join(f"![{env}: learning curves]({p.name})" for env, p in figures))
 
 
+def run_reach(run: Run) -> tuple[int, bool]:
+    """How far a run got: the last step any of its scalars was logged at, and whether that is its
+    whole budget (`total_steps` of its config; a finished run's last episode may end before it)."""
+    reached = max((int(xs[-1]) for xs, _ in run.scalars.values() if len(xs)), default=0)
+    total = run.config.get("total_steps")
+    return reached, isinstance(total, (int, float)) and reached >= total
+
+
+def task_means(series: Series, changes: Sequence[int], complete: bool) -> list[float]:
+    """A run's mean of `series` within each of its tasks: task k runs from its k-th change (step 0
+    for the first) up to, not including, the next, where `changes` are the steps at which the run
+    first logged a new `env/` value (env_task_changes of the run alone).  nan for a task it logged
+    nothing in, and for its last task unless the run is `complete` (it may stop in mid-task)."""
+    steps, values = series
+    bounds = [0, *changes, math.inf]
+    out = []
+    for k in range(len(bounds) - 1):
+        inside = (steps >= bounds[k]) & (steps < bounds[k + 1])
+        finished = k < len(changes) or complete
+        out.append(float(values[inside].mean()) if inside.any() and finished else float("nan"))
+    return out
+
+
+def task_returns(report: Report, colors: Mapping[str, Any]) -> None:
+    """task_returns.csv and task_returns_<env>.png for non-stationary envs: each method's return
+    averaged within each task (Dohare et al. 2024's per-task average of Slippery Ant and the
+    continual benchmarks; the per-task view of spectral-collapse-l2-er.md Fig. 3), mean ± s.e.
+    over the runs that finished the task.  Each run's tasks come from its own `env/` scalars
+    (`env/friction`, `env/task`, logged at episode ends), so a task starts at the first step a
+    run logged its value: runs switch at slightly different steps, and task k is their k-th."""
+    csv_rows = []
+    figures = []
+    tables = []
+    for env in report.envs:
+        env_runs = [r for r in report.runs if r.env == env]
+        changes = {id(r): env_task_changes([r]) for r in env_runs}
+        if not any(changes.values()):
+            continue
+        n_tasks = 1 + max(len(c) for c in changes.values())
+        starts = [[([0, *changes[id(r)]] + [None] * n_tasks)[k] for r in env_runs] for k in range(n_tasks)]
+        first = [min(x for x in col if x is not None) for col in starts]
+        last = [max(x for x in col if x is not None) for col in starts]
+        fig, axes = _figure()
+        ax = axes[0, 0]
+        md_rows = []
+        for m in report.methods:
+            group = report.group(env, m)
+            if not group:
+                continue
+            per_run = np.full((len(group), n_tasks), np.nan)
+            for i, r in enumerate(group):
+                means = task_means(r.scalars[report.metric], changes[id(r)], run_reach(r)[1])
+                per_run[i, :len(means)] = means
+            cells = []
+            xs, means, ses, ns = [], [], [], []
+            for k in range(n_tasks):
+                done = per_run[:, k][np.isfinite(per_run[:, k])]
+                if not len(done):
+                    cells.append("–")
+                    continue
+                mean, se = mean_se(done)
+                csv_rows.append((env, m, k + 1, first[k], last[k], mean, se, len(done), len(group)))
+                xs.append(k + 1), means.append(mean), ses.append(se), ns.append(len(done))
+                cells.append(fmt(mean) + ("" if not np.isfinite(se) else f" ± {fmt(se)}")
+                             + ("" if len(done) == len(group) else f" (n={len(done)})"))
+            md_rows.append([m, str(len(group)), *cells])
+            if xs:
+                x, y, e = np.array(xs), np.array(means), np.nan_to_num(np.array(ses))
+                ax.plot(x, y, marker="o", color=colors[m], label=f"{m} (n={len(group)})")
+                ax.fill_between(x, y - e, y + e, color=colors[m], alpha=0.2, lw=0)
+                if min(ns) < len(group) or len(xs) < n_tasks:
+                    report.note(f"{env} / {m}: not all of its {len(group)} runs finished every task; "
+                                "a task's mean is over the runs that finished it")
+        ax.set_xticks(range(1, n_tasks + 1))
+        ax.set_xlabel("task (in the order the runs met them)")
+        ax.set_ylabel(f"mean {report.metric} within the task")
+        ax.set_title(f"{env}: return per task, mean ± standard error over seeds")
+        ax.legend(fontsize="small", loc="best")
+        figures.append((env, report.save(fig, f"task_returns_{slug(env)}.png")))
+        header = ("method", "runs", *[f"task {k + 1} (from {first[k]:,})" for k in range(n_tasks)])
+        tables.append(f"**{env}**\n\n" + markdown_table(header, md_rows))
+    if not figures:
+        return
+    path = report.out / "task_returns.csv"
+    write_csv(path, ("env", "method", "task", "start_step_first", "start_step_last", "mean", "se", "runs",
+                     "runs_in_method"), csv_rows)
+    report.written.append(path)
+    report.sections.append(
+        "## Return per task\n\nFor environments that change task (an `env/` scalar such as `env/friction` or "
+        f"`env/task` changes): each run's mean `{report.metric}` within each of its tasks, then mean ± standard "
+        "error over the runs that finished that task (n given where fewer than the method's runs). A run's task "
+        "starts at the first step it logged the task's value (its first episode end there), so runs start a "
+        "task at slightly different steps; the header gives the earliest (`start_step_first`, "
+        "`start_step_last` in `task_returns.csv`).\n\n"
+        + "\n\n".join(tables) + "\n\n"
+        + "\n\n".join(f"![{env}: return per task]({p.name})" for env, p in figures))
+
+
 def sensitivity(report: Report, key: str, stat: str, method_keys: Sequence[str] | None,
                 colors: Mapping[str, Any]) -> None:
     """Final return against the swept key, methods labelled without it."""
@@ -1162,6 +1262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     colors = method_colors(methods)
     table(report)
     curves(report, colors)
+    task_returns(report, colors)
     if args.sweep:
         sensitivity(report, args.sweep, args.sweep_stat, method_keys, colors)
     diagnostics(report, colors)

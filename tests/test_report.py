@@ -353,3 +353,57 @@ def test_runs_of_different_lengths_and_single_points_are_drawn_with_caveats(tmp_
 
 def _diag_points(n):
     return {tag: [float(i + 1) for i in range(n)] for tag in diagnostics_of(1.0, 0)}
+
+
+def test_return_per_task_of_a_non_stationary_env(tmp_path):
+    """Each run's mean return within each of its tasks (from its own `env/task` scalar, logged at
+    episode ends, so runs switch at different steps), then mean ± s.e. over the runs that finished
+    the task; a stopped run counts only in the tasks it finished, a finished one in all."""
+    root = tmp_path / "runs"
+
+    def write(name, cfg, episodes, last_log):
+        """episodes: (end step, task, return) of each episode."""
+        writer = SummaryWriter(str(root / name))
+        writer.add_text("config", "\n".join("    " + line for line in OmegaConf.to_yaml(cfg).splitlines()), 0)
+        for step, task, value in episodes:
+            writer.add_scalar("charts/episode_return", value, step)
+            writer.add_scalar("env/task", float(task), step)
+        writer.add_scalar("charts/sps", 1.0, last_log)
+        writer.close()
+
+    # The env switches task at steps 1,000 and 2,000; an episode's end logs the task it ran in.
+    write("none_0", config(seed=0), [(400, 0, 10), (800, 0, 20), (1200, 1, 30), (1600, 1, 50),
+                                     (2400, 2, 70), (2900, 2, 90)], 3000)     # finished (total_steps 3,000)
+    write("none_1", config(seed=1), [(500, 0, 20), (900, 0, 40), (1100, 0, 60), (1700, 1, 10),
+                                     (2100, 2, 30), (2800, 2, 50)], 3000)     # switched at 1,700 and 2,100
+    write("none_2", config(seed=2), [(400, 0, 0), (800, 0, 100), (1300, 1, 60), (1500, 1, 0)], 1600)  # stopped
+    write("spectral_0", config(plasticity="spectral", coef=1e-4),
+          [(400, 0, 5), (800, 0, 5), (1200, 1, 6), (1600, 1, 8), (2400, 2, 9), (2900, 2, 11)], 3000)
+    out = tmp_path / "out"
+    assert main([str(root), "--out", str(out), "--reps", REPS, "--metric", "charts/episode_return"]) == 0
+
+    rows = {(r["method"], int(r["task"])): r for r in read_csv(out / "task_returns.csv")}
+    assert sorted(rows) == [("sac+LN", k) for k in (1, 2, 3)] + [("sac+LN+spectral", k) for k in (1, 2, 3)]
+    # sac+LN: task 1 finished by all three runs (means 15, 40, 50); task 2 by two (40, 10): the
+    # stopped run began it but stopped in it; task 3 by the two finished runs (80, 40).
+    for task, means, first, last in ((1, [15, 40, 50], 0, 0), (2, [40, 10], 1200, 1700),
+                                     (3, [80, 40], 2100, 2400)):
+        row = rows[("sac+LN", task)]
+        assert (int(row["start_step_first"]), int(row["start_step_last"])) == (first, last)
+        assert int(row["runs"]) == len(means) and int(row["runs_in_method"]) == 3
+        assert float(row["mean"]) == pytest.approx(np.mean(means))
+        assert float(row["se"]) == pytest.approx(np.std(means, ddof=1) / np.sqrt(len(means)))
+    assert [float(rows[("sac+LN+spectral", k)]["mean"]) for k in (1, 2, 3)] == [5.0, 7.0, 10.0]
+    assert rows[("sac+LN+spectral", 1)]["se"] == "nan"
+    assert_png(out / "task_returns_cheetah-run.png")
+    summary = (out / "summary.md").read_text()
+    assert "## Return per task" in summary
+    assert "| method | runs | task 1 (from 0) | task 2 (from 1,200) | task 3 (from 2,100) |" in summary
+    assert "| sac+LN | 3 | 35.0 ± 10.4 | 25.0 ± 15.0 (n=2) | 60.0 ± 20.0 (n=2) |" in summary
+    assert "cheetah-run / sac+LN: not all of its 3 runs finished every task" in summary
+
+
+def test_no_return_per_task_for_a_stationary_env(suite):
+    _, out = suite
+    assert not (out / "task_returns.csv").exists()
+    assert "## Return per task" not in (out / "summary.md").read_text()
