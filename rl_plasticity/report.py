@@ -71,6 +71,7 @@ NETWORK_METRICS = (
     ("gradient norm", ("grad_norm",)),
     ("feature effective rank", ("feature_effective_rank",)),
     ("dormant fraction", ("dormant_fraction",)),
+    ("dead units (never active on the probe)", ("dead_units",)),  # spectral-collapse-l2-er.md Fig. 6
 )
 VALUE_METRICS = (("Q overestimation", "value/overestimation"),)
 # Curvature panels (title, metric under curvature/<network>/ and curvature_task/<network>/), the

@@ -67,6 +67,7 @@ def diagnostics_of(scale, seed):
         out[f"plasticity/{net}/grad_norm"] = {s: 0.1 + seed / 10 for s in STEPS}
         out[f"plasticity/{net}/dormant_fraction"] = {s: 0.05 * scale * s / 3000 for s in STEPS}
         out[f"plasticity/{net}/feature_effective_rank"] = {s: 200 - 20 * scale * s / 3000 for s in STEPS}
+        out[f"plasticity/{net}/dead_units"] = {s: float(round(10 * scale * s / 3000)) for s in STEPS}
     return out
 
 
@@ -333,7 +334,7 @@ def test_runs_of_different_lengths_and_single_points_are_drawn_with_caveats(tmp_
     # Every panel of both figures shows every method, with markers (a single point is visible).
     for name in ("curves_cheetah-run.png", "diagnostics_cheetah-run.png"):
         panels = [ax for ax in figures[name].axes if ax.get_visible()]
-        assert len(panels) == (1 if name.startswith("curves") else 11)
+        assert len(panels) == (1 if name.startswith("curves") else 13)
         for ax in panels:
             drawn = [line for line in ax.get_lines() if np.isfinite(np.asarray(line.get_ydata(), float)).any()]
             assert len({line.get_color() for line in drawn}) == 2, (name, ax.get_title())
