@@ -60,6 +60,12 @@ STUDIES: dict[str, tuple[str, str, dict[str, tuple[str, tuple[str, ...]]]]] = {
                        "redo": ("sac_redo", ())}),
 }
 
+# study -> {report subfolder: metric}: further reports beside the main one.  Slippery Ant's online
+# return alone cannot tell a policy that walks from one that ends its episodes early (the Ant
+# terminates when its torso leaves 0.2-1.0 m, and every step costs control), so its episode
+# lengths get a report too.
+EXTRA_METRICS: dict[str, dict[str, str]] = {"slippery-ant": {"episode_length": "charts/episode_length"}}
+
 
 def command(study: str, arm: str, seeds: Sequence[int], run_dir: Path, extra: Sequence[str] = ()) -> list[str]:
     """The train command of one process: consecutive `seeds` (several: train's `num_seeds`, each in
@@ -132,8 +138,9 @@ def task_metrics(study: str) -> dict[str, str]:
 
 def report(study: str, runs: Path, out: Path, last_k: int) -> int:
     """`python -m rl_plasticity.report` on the study's runs (figures, tables, diagnostics); for a
-    study evaluated on every task, the report of each task's evaluation in `<out>/<task>/` too."""
-    metrics = {"": STUDIES[study][1], **task_metrics(study)}
+    study evaluated on every task, the report of each task's evaluation in `<out>/<task>/` too, and
+    one per EXTRA_METRICS entry in `<out>/<name>/`."""
+    metrics = {"": STUDIES[study][1], **task_metrics(study), **EXTRA_METRICS.get(study, {})}
     rc = 0
     for sub, metric in metrics.items():
         cmd = [sys.executable, "-m", "rl_plasticity.report", str(runs), "--out", str(out / sub),

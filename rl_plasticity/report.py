@@ -360,6 +360,14 @@ def final_score(series: Series, last_k: int = 1) -> float:
     return float(np.mean(series[1][-last_k:]))
 
 
+def run_reach(run: Run) -> tuple[int, bool]:
+    """How far a run got: the last step any of its scalars was logged at, and whether that is its
+    whole budget (`total_steps` of its config; a finished run's last episode may end before it)."""
+    reached = max((int(xs[-1]) for xs, _ in run.scalars.values() if len(xs)), default=0)
+    total = run.config.get("total_steps")
+    return reached, isinstance(total, (int, float)) and reached >= total
+
+
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
     """Mean and standard error std(ddof=1)/sqrt(n) (nan for one value)."""
     x = np.asarray(values, dtype=np.float64)
@@ -594,7 +602,7 @@ def table(report: Report) -> None:
             steps = [int(r.scalars[report.metric][0][-1]) for r in report.group(env, m)]
             rows.append((env, m, len(s), *estimates[m], float(np.mean(s)), float(np.median(s)), min(steps), max(steps),
                          few_runs_caveat(len(s))))
-            if min(steps) != max(steps):
+            if min(steps) != max(steps) and not all(run_reach(r)[1] for r in report.group(env, m)):
                 report.note(f"{env} / {m}: runs end at different steps ({min(steps):,} to {max(steps):,}); "
                             "their final returns compare unequal budgets")
             seeds = [r.seed for r in report.group(env, m)]
@@ -686,14 +694,6 @@ def curves(report: Report, colors: Mapping[str, Any]) -> None:
                            f"legends name methods with fewer than {FEW_RUNS} runs or one point. Data: "
                            "`curves.csv`.\n\n"
                            + "\n\n".join(f"![{env}: learning curves]({p.name})" for env, p in figures))
-
-
-def run_reach(run: Run) -> tuple[int, bool]:
-    """How far a run got: the last step any of its scalars was logged at, and whether that is its
-    whole budget (`total_steps` of its config; a finished run's last episode may end before it)."""
-    reached = max((int(xs[-1]) for xs, _ in run.scalars.values() if len(xs)), default=0)
-    total = run.config.get("total_steps")
-    return reached, isinstance(total, (int, float)) and reached >= total
 
 
 def task_means(series: Series, changes: Sequence[int], complete: bool) -> list[float]:

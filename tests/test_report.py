@@ -402,6 +402,23 @@ def test_return_per_task_of_a_non_stationary_env(tmp_path):
     assert "| method | runs | task 1 (from 0) | task 2 (from 1,200) | task 3 (from 2,100) |" in summary
     assert "| sac+LN | 3 | 35.0 ± 10.4 | 25.0 ± 15.0 (n=2) | 60.0 ± 20.0 (n=2) |" in summary
     assert "cheetah-run / sac+LN: not all of its 3 runs finished every task" in summary
+    # Final returns at the last episode: unequal budgets only because one run stopped; the
+    # spectral run's last episode ends at 2,900 of its 3,000 steps and counts as finished.
+    assert "cheetah-run / sac+LN: runs end at different steps (1,500 to 2,900)" in summary
+
+
+def test_finished_runs_whose_last_episodes_end_at_different_steps_compare_equal_budgets(tmp_path):
+    root = tmp_path / "runs"
+    for seed, last in ((0, 2900), (1, 2750)):
+        writer = SummaryWriter(str(root / f"seed_{seed}"))
+        writer.add_text("config", "\n".join("    " + line for line in OmegaConf.to_yaml(config(seed=seed)).splitlines()), 0)
+        for step in (1000, 2000, last):
+            writer.add_scalar("charts/episode_return", float(step), step)
+        writer.add_scalar("charts/sps", 1.0, 3000)  # both reached total_steps
+        writer.close()
+    out = tmp_path / "out"
+    assert main([str(root), "--out", str(out), "--reps", REPS, "--metric", "charts/episode_return"]) == 0
+    assert "runs end at different steps" not in (out / "summary.md").read_text()
 
 
 def test_no_return_per_task_for_a_stationary_env(suite):

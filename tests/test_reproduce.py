@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,15 @@ def test_a_study_runs_end_to_end_through_train_and_the_report(tmp_path, capsys):
     capsys.readouterr()
     assert rep.main(argv) == 0  # again: nothing re-runs
     assert capsys.readouterr().out.count("finished before, skipped") == 2
+
+
+def test_slippery_ant_report_draws_the_episode_lengths_too(tmp_path, monkeypatch):
+    """The online return alone cannot tell walking from ending episodes early: a second report
+    of charts/episode_length goes beside the return's."""
+    rep = _module()
+    calls = []
+    monkeypatch.setattr(rep.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or SimpleNamespace(returncode=0))
+    assert rep.report("slippery-ant", tmp_path / "runs", tmp_path / "out", 5) == 0
+    metrics = {c[c.index("--out") + 1]: c[c.index("--metric") + 1] for c in calls}
+    assert metrics == {str(tmp_path / "out"): "charts/episode_return",
+                       str(tmp_path / "out" / "episode_length"): "charts/episode_length"}
