@@ -412,6 +412,30 @@ def mean_curve(series: Sequence[Series]) -> Curve:
     return Curve(grid, mean, se, runs)
 
 
+# A run's curve with more points than this (an online return logged at every episode end: about
+# 10k per 500k PPO steps on Slippery Ant) is drawn as bin means, CURVE_BINS bins over the runs' steps.
+MAX_CURVE_POINTS = 300
+CURVE_BINS = 100
+
+
+def bin_width(last_step: float, bins: int = CURVE_BINS) -> int:
+    """The bin width for `bins` bins up to `last_step`, rounded up to 1, 2 or 5 times a power of ten."""
+    raw = max(1.0, float(last_step) / bins)
+    scale = 10 ** math.floor(math.log10(raw))
+    return int(next(m * scale for m in (1, 2, 5, 10) if m * scale >= raw))
+
+
+def bin_series(series: Series, width: int) -> Series:
+    """A series' mean within consecutive bins [k·width, (k+1)·width) of steps, at each bin's centre;
+    bins without a value are left out."""
+    steps, values = series
+    index = (steps // width).astype(np.int64)
+    bins, inverse = np.unique(index, return_inverse=True)
+    sums = np.bincount(inverse, weights=values)
+    counts = np.bincount(inverse)
+    return (bins * width + width / 2).astype(np.float64), sums / counts
+
+
 def _rliable() -> tuple[Any, Any]:
     """rliable's library and metrics modules (imported late: they pull in arch and scipy)."""
     from rliable import library, metrics
@@ -663,26 +687,39 @@ def curves(report: Report, colors: Mapping[str, Any]) -> None:
     """curves_<env>.png and curves.csv: mean ± s.e. over seeds of the metric against env steps."""
     csv_rows = []
     figures = []
+    binned = {}
     for env in report.envs:
         fig, axes = _figure()
         ax = axes[0, 0]
         partial = False
+        env_series = [r.scalars[report.metric] for r in report.runs if r.env == env]
+        width = None
+        if max(len(s) for s, _ in env_series) > MAX_CURVE_POINTS:
+            width = binned[env] = bin_width(max(s[-1] for s, _ in env_series))
         for m in report.methods:
             group = report.group(env, m)
             if not group:
                 continue
             series = [r.scalars[report.metric] for r in group]
+            if width:
+                series = [bin_series(s, width) for s in series]
             curve = mean_curve(series)
             partial |= _note_coverage(report, f"{env} / {m}", curve, series)
             csv_rows += [(env, m, int(x), float(y), float(e), int(n))
                          for x, y, e, n in zip(curve.steps, curve.mean, curve.se, curve.runs)]
             plot_curve(ax, curve, colors[m], curve_label(m, len(group), curve), len(group), lw=1.8)
+        changes = env_task_changes([r for r in report.runs if r.env == env])
+        for x in changes:
+            ax.axvline(x, color="0.5", lw=0.8, alpha=0.5, zorder=0)
         _steps_axis(ax)
         ax.set_ylabel(f"evaluation return ({report.metric})" if report.metric == RETURN_TAG else report.metric)
-        ax.set_title(f"{env}: mean ± standard error over seeds")
-        if partial:
-            ax.text(0.01, 0.01, "dashed: fewer runs than the method has", transform=ax.transAxes, fontsize="small",
-                    color="0.35", va="bottom")
+        ax.set_title(f"{env}: mean ± standard error over seeds"
+                     + (f"\n(each run's mean in bins of {width:,} steps)" if width else ""))
+        remarks = (["dashed: fewer runs than the method has"] if partial else []) + (
+            ["grey lines: task changes (each run's first episode end with the new task)"] if changes else [])
+        if remarks:
+            ax.text(0.01, 0.01, "; ".join(remarks), transform=ax.transAxes, fontsize="small", color="0.35",
+                    va="bottom")
         ax.legend(fontsize="small", loc="best")
         figures.append((env, report.save(fig, f"curves_{slug(env)}.png")))
     path = report.out / "curves.csv"
@@ -692,7 +729,11 @@ def curves(report: Report, colors: Mapping[str, Any]) -> None:
                            "runs of different lengths are averaged where they have data, and the curve is dashed "
                            "where it averages fewer runs than the method has (`runs` column of `curves.csv`); "
                            f"legends name methods with fewer than {FEW_RUNS} runs or one point. Data: "
-                           "`curves.csv`.\n\n"
+                           "`curves.csv`."
+                           + "".join(f" {env}: more than {MAX_CURVE_POINTS} points per run, so each run's values are "
+                                     f"averaged within bins of {w:,} steps first (`step` = a bin's centre)."
+                                     for env, w in binned.items())
+                           + "\n\n"
                            + "\n\n".join(f"![{env}: learning curves]({p.name})" for env, p in figures))
 
 

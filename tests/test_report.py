@@ -425,3 +425,30 @@ def test_no_return_per_task_for_a_stationary_env(suite):
     _, out = suite
     assert not (out / "task_returns.csv").exists()
     assert "## Return per task" not in (out / "summary.md").read_text()
+
+
+def test_dense_curves_are_drawn_as_bin_means(tmp_path):
+    """An online return logged at every episode end (thousands of points) is averaged within bins
+    before the mean over runs: 100 bins of 1,000 steps up to 99,999 here, centres at 500, 1,500, ..."""
+    from rl_plasticity.report import bin_series, bin_width
+
+    assert [bin_width(x) for x in (99_999, 100_000, 100_001, 499_996, 37)] == [1000, 1000, 2000, 5000, 1]
+    steps = np.array([10, 20, 990, 1000, 2500])
+    centres, means = bin_series((steps, np.array([1.0, 2.0, 3.0, 10.0, 7.0])), 1000)
+    assert centres.tolist() == [500.0, 1500.0, 2500.0] and means.tolist() == [2.0, 10.0, 7.0]
+
+    root = tmp_path / "runs"
+    rng = np.random.default_rng(0)
+    for seed in (0, 1):
+        writer = SummaryWriter(str(root / f"seed_{seed}"))
+        writer.add_text("config", "\n".join("    " + line for line in OmegaConf.to_yaml(config(seed=seed)).splitlines()), 0)
+        for step in np.sort(rng.choice(np.arange(1, 100_000), 800, replace=False)):
+            writer.add_scalar("charts/episode_return", float(step // 1000 + seed), int(step))
+        writer.close()
+    out = tmp_path / "out"
+    assert main([str(root), "--out", str(out), "--reps", REPS, "--metric", "charts/episode_return"]) == 0
+    rows = read_csv(out / "curves.csv")
+    assert len(rows) <= 100 and all(float(r["step"]) % 1000 == 500 for r in rows)
+    # Every value in bin k is k + seed: the mean over the two seeds is k + 0.5 wherever both have data.
+    assert all(float(r["mean"]) == pytest.approx(float(r["step"]) // 1000 + 0.5) for r in rows if r["runs"] == "2")
+    assert "averaged within bins of 1,000 steps" in (out / "summary.md").read_text()
