@@ -360,12 +360,12 @@ def final_score(series: Series, last_k: int = 1) -> float:
     return float(np.mean(series[1][-last_k:]))
 
 
-def run_reach(run: Run) -> tuple[int, bool]:
-    """How far a run got: the last step any of its scalars was logged at, and whether that is its
-    whole budget (`total_steps` of its config; a finished run's last episode may end before it)."""
+def run_complete(run: Run) -> bool:
+    """Whether a run reached its whole budget (`total_steps` of its config) in any scalar: a finished
+    run's last episode may end before it."""
     reached = max((int(xs[-1]) for xs, _ in run.scalars.values() if len(xs)), default=0)
     total = run.config.get("total_steps")
-    return reached, isinstance(total, (int, float)) and reached >= total
+    return isinstance(total, (int, float)) and reached >= total
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
@@ -626,7 +626,7 @@ def table(report: Report) -> None:
             steps = [int(r.scalars[report.metric][0][-1]) for r in report.group(env, m)]
             rows.append((env, m, len(s), *estimates[m], float(np.mean(s)), float(np.median(s)), min(steps), max(steps),
                          few_runs_caveat(len(s))))
-            if min(steps) != max(steps) and not all(run_reach(r)[1] for r in report.group(env, m)):
+            if min(steps) != max(steps) and not all(run_complete(r) for r in report.group(env, m)):
                 report.note(f"{env} / {m}: runs end at different steps ({min(steps):,} to {max(steps):,}); "
                             "their final returns compare unequal budgets")
             seeds = [r.seed for r in report.group(env, m)]
@@ -768,9 +768,8 @@ def task_returns(report: Report, colors: Mapping[str, Any]) -> None:
         if not any(changes.values()):
             continue
         n_tasks = 1 + max(len(c) for c in changes.values())
-        starts = [[([0, *changes[id(r)]] + [None] * n_tasks)[k] for r in env_runs] for k in range(n_tasks)]
-        first = [min(x for x in col if x is not None) for col in starts]
-        last = [max(x for x in col if x is not None) for col in starts]
+        starts = [[([0, *c])[k] for c in changes.values() if len(c) >= k] for k in range(n_tasks)]
+        first, last = [min(col) for col in starts], [max(col) for col in starts]
         fig, axes = _figure()
         ax = axes[0, 0]
         md_rows = []
@@ -780,7 +779,7 @@ def task_returns(report: Report, colors: Mapping[str, Any]) -> None:
                 continue
             per_run = np.full((len(group), n_tasks), np.nan)
             for i, r in enumerate(group):
-                means = task_means(r.scalars[report.metric], changes[id(r)], run_reach(r)[1])
+                means = task_means(r.scalars[report.metric], changes[id(r)], run_complete(r))
                 per_run[i, :len(means)] = means
             cells = []
             xs, means, ses, ns = [], [], [], []
@@ -791,7 +790,10 @@ def task_returns(report: Report, colors: Mapping[str, Any]) -> None:
                     continue
                 mean, se = mean_se(done)
                 csv_rows.append((env, m, k + 1, first[k], last[k], mean, se, len(done), len(group)))
-                xs.append(k + 1), means.append(mean), ses.append(se), ns.append(len(done))
+                xs.append(k + 1)
+                means.append(mean)
+                ses.append(se)
+                ns.append(len(done))
                 cells.append(fmt(mean) + ("" if not np.isfinite(se) else f" ± {fmt(se)}")
                              + ("" if len(done) == len(group) else f" (n={len(done)})"))
             md_rows.append([m, str(len(group)), *cells])
