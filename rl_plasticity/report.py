@@ -447,7 +447,11 @@ def iqm_intervals(scores: Mapping[str, np.ndarray], reps: int, seed: int) -> dic
     """{name: (IQM, CI low, CI high)} for score matrices of shape (runs, tasks).
 
     IQM is rliable's aggregate_iqm (25% trimmed mean over all entries); the 95% interval is
-    rliable's percentile stratified bootstrap (runs resampled within each task)."""
+    rliable's percentile stratified bootstrap (runs resampled within each task).  rliable's
+    StratifiedBootstrap draws its indices from NumPy's global generator, not from `random_state`,
+    so each entry is resampled with the global generator seeded to `seed` (and restored after):
+    an interval depends on its scores, `reps` and `seed` alone, not on earlier random draws, on the
+    other entries of the call or on their order."""
     if not scores:
         return {}
     library, metrics = _rliable()
@@ -455,11 +459,19 @@ def iqm_intervals(scores: Mapping[str, np.ndarray], reps: int, seed: int) -> dic
     def iqm(x: np.ndarray) -> np.ndarray:
         return np.array([metrics.aggregate_iqm(x)])
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # arch: "random_state is deprecated"
-        point, interval = library.get_interval_estimates(
-            dict(scores), iqm, reps=reps, random_state=np.random.RandomState(seed))
-    return {k: (float(point[k][0]), float(interval[k][0, 0]), float(interval[k][1, 0])) for k in scores}
+    out: dict[str, tuple[float, float, float]] = {}
+    global_state = np.random.get_state()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # arch: "random_state is deprecated"
+            for k, x in scores.items():
+                np.random.seed(seed)
+                point, interval = library.get_interval_estimates(
+                    {k: x}, iqm, reps=reps, random_state=np.random.RandomState(seed))
+                out[k] = (float(point[k][0]), float(interval[k][0, 0]), float(interval[k][1, 0]))
+    finally:
+        np.random.set_state(global_state)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

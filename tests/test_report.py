@@ -452,3 +452,20 @@ def test_dense_curves_are_drawn_as_bin_means(tmp_path):
     # Every value in bin k is k + seed: the mean over the two seeds is k + 0.5 wherever both have data.
     assert all(float(r["mean"]) == pytest.approx(float(r["step"]) // 1000 + 0.5) for r in rows if r["runs"] == "2")
     assert "averaged within bins of 1,000 steps" in (out / "summary.md").read_text()
+
+
+def test_iqm_interval_of_an_entry_depends_on_its_scores_alone():
+    """The bootstrap is seeded per entry: the same scores give the same interval whether they are
+    bootstrapped alone, first or after other entries, whatever NumPy's global generator drew
+    before, and the caller's global generator state is left as it was."""
+    from rl_plasticity.report import iqm_intervals
+    rng = np.random.default_rng(3)
+    a, b, c = (rng.normal(size=(5, 1)) for _ in range(3))
+    alone = iqm_intervals({"a": a}, 500, 0)["a"]
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    assert iqm_intervals({"a": a}, 500, 0)["a"] == alone
+    assert (np.random.get_state()[1] == before).all()
+    assert iqm_intervals({"a": a, "b": b}, 500, 0)["a"] == alone
+    assert iqm_intervals({"c": c, "b": b, "a": a}, 500, 0)["a"] == alone
+    assert alone[1] <= alone[0] <= alone[2]
