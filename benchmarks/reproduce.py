@@ -22,8 +22,11 @@ PPO trains several seeds faster in one process (`--seeds-per-process`, train's `
 seeds' minibatch steps are batched; about 2× at 4 seeds on a 2-core CPU, benchmarks/README.md).
 Each run's directory is kept (`--runs`, default `runs/reproduce/<study>`, outside git); a run that
 was interrupted continues from its newest checkpoint when the command is given again (train's
-`resume=true`), and a finished run is not run again.  Then `python -m rl_plasticity.report` draws
-the study's figures and tables into `--out` (default `benchmarks/results/reproduce/<study>`).
+`resume=true`), and a finished run is not run again.  Every run's TensorBoard event files (not
+its checkpoints: about 20 KB for a continual-DMC run) are copied into `--out`/events/<arm>/seed_<s>/,
+which git keeps, and `python -m rl_plasticity.report` draws the study's figures and tables from that
+copy into `--out` (default `benchmarks/results/reproduce/<study>`): a report can be redrawn, and a
+study completed, on a machine that no longer has the run dirs.
 What each study is expected to show, written before it was run, and what it showed, are in
 benchmarks/README.md ("The papers' effects at CPU scale").
 
@@ -37,6 +40,7 @@ import argparse
 import concurrent.futures
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -136,6 +140,42 @@ def task_metrics(study: str) -> dict[str, str]:
     return {task: eval_task_tag(task) for task in OmegaConf.select(preset, "env.tasks")}
 
 
+EVENT_PREFIX = "events.out.tfevents."
+
+
+def archive_events(runs: Path, archive: Path) -> int:
+    """Copy the event files of every run dir under `runs` to the same relative place under
+    `archive`; returns the number of run dirs copied.  A run dir's copy is replaced as a whole (an
+    event file no longer in the run dir, e.g. of a run deleted and started again, is removed from
+    the copy, so the report does not merge two runs); copies of run dirs not present are kept."""
+    if not runs.is_dir():
+        return 0
+    copied = 0
+    for dirpath, dirnames, filenames in os.walk(runs):
+        dirnames.sort()
+        events = sorted(f for f in filenames if f.startswith(EVENT_PREFIX))
+        if not events:
+            continue
+        dest = archive / Path(dirpath).relative_to(runs)
+        dest.mkdir(parents=True, exist_ok=True)
+        for stale in dest.glob(EVENT_PREFIX + "*"):
+            if stale.name not in events:
+                stale.unlink()
+        for name in events:
+            shutil.copy2(Path(dirpath) / name, dest / name)
+        copied += 1
+    return copied
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the repository where it lies inside it (the report prints where its runs
+    came from, and a committed report should not name this machine's directories)."""
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def report(study: str, runs: Path, out: Path, last_k: int) -> int:
     """`python -m rl_plasticity.report` on the study's runs (figures, tables, diagnostics); for a
     study evaluated on every task, the report of each task's evaluation in `<out>/<task>/` too, and
@@ -143,7 +183,7 @@ def report(study: str, runs: Path, out: Path, last_k: int) -> int:
     metrics = {"": STUDIES[study][1], **task_metrics(study), **EXTRA_METRICS.get(study, {})}
     rc = 0
     for sub, metric in metrics.items():
-        cmd = [sys.executable, "-m", "rl_plasticity.report", str(runs), "--out", str(out / sub),
+        cmd = [sys.executable, "-m", "rl_plasticity.report", _shown(runs), "--out", _shown(out / sub),
                "--metric", metric, "--last-k", str(last_k)]
         print("$ " + shlex.join(cmd), flush=True)
         rc |= subprocess.run(cmd, cwd=REPO).returncode
@@ -163,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None,
                    help="report output (default benchmarks/results/reproduce/<study>)")
     p.add_argument("--last-k", type=int, default=5, help="report's final score: mean of the last K evaluations")
-    p.add_argument("--report-only", action="store_true", help="only draw the report from the runs present")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: copy the event files of the runs present, then draw the report")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--train", nargs="+", default=[], metavar="KEY=VALUE",
                    help="extra train overrides for every run (e.g. a tiny total_steps for a test)")
@@ -186,7 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for line in pool.map(lambda j: run_one(args.study, j[0], j[1], runs, args.train), jobs):
                 print(line, flush=True)
                 failed |= "FAILED" in line
-    rc = report(args.study, runs, out, args.last_k)
+    archive = out / "events"
+    copied = archive_events(runs, archive)
+    print(f"event files of {copied} run dir(s) of {runs} copied to {archive}", flush=True)
+    rc = report(args.study, archive, out, args.last_k)
     return 1 if failed or rc else 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import shutil
 import sys
 from types import SimpleNamespace
 from pathlib import Path
@@ -102,6 +103,36 @@ def test_a_study_runs_end_to_end_through_train_and_the_report(tmp_path, capsys):
     capsys.readouterr()
     assert rep.main(argv) == 0  # again: nothing re-runs
     assert capsys.readouterr().out.count("finished before, skipped") == 2
+    # the report was drawn from the copy of the event files under out/events/, which outlives the run dirs
+    for arm in ("none", "spectral"):
+        copied = sorted(p.name for p in (out / "events" / arm / "seed_0").iterdir())
+        assert copied == sorted(p.name for p in (runs / arm / "seed_0").glob("events.out.tfevents.*")) != []
+    first = (out / "runs.csv").read_text()
+    shutil.rmtree(runs)
+    (out / "runs.csv").unlink()
+    assert rep.main([*argv, "--report-only"]) == 0
+    assert (out / "runs.csv").read_text() == first
+
+
+def test_archive_replaces_a_run_dirs_copy_as_a_whole(tmp_path):
+    """A run deleted and started again must not leave its old event file in the copy (the report
+    would merge two runs), and the copy of a run dir no longer present stays."""
+    rep = _module()
+    runs, archive = tmp_path / "runs", tmp_path / "events"
+    (runs / "a" / "seed_0").mkdir(parents=True)
+    (runs / "a" / "seed_0" / "events.out.tfevents.1.old").write_text("old")
+    (runs / "a" / "seed_0" / "model.pt").write_text("checkpoint")
+    (runs / "b" / "seed_0").mkdir(parents=True)
+    (runs / "b" / "seed_0" / "events.out.tfevents.1.b").write_text("b")
+    assert rep.archive_events(runs, archive) == 2
+    assert not (archive / "a" / "seed_0" / "model.pt").exists()  # event files only
+    (runs / "a" / "seed_0" / "events.out.tfevents.1.old").unlink()
+    (runs / "a" / "seed_0" / "events.out.tfevents.2.new").write_text("new")
+    shutil.rmtree(runs / "b")
+    assert rep.archive_events(runs, archive) == 1
+    assert sorted(p.name for p in (archive / "a" / "seed_0").iterdir()) == ["events.out.tfevents.2.new"]
+    assert (archive / "b" / "seed_0" / "events.out.tfevents.1.b").read_text() == "b"
+    assert rep.archive_events(tmp_path / "absent", archive) == 0
 
 
 def test_slippery_ant_report_draws_the_episode_lengths_too(tmp_path, monkeypatch):
