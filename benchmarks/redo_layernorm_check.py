@@ -29,7 +29,10 @@ def main() -> None:
     p.add_argument("--tau", type=float, default=None, help="default: the run's plasticity.redo.tau, else 0.025")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    state = load_checkpoint(list_checkpoints(f"{args.run_dir}/checkpoints")[-1])
+    found = list_checkpoints(f"{args.run_dir}/checkpoints")
+    if not found:
+        raise SystemExit(f"error: {args.run_dir}: no checkpoints in {args.run_dir}/checkpoints (a SAC run dir of train)")
+    state = load_checkpoint(found[-1])
     agent = _build_agent(state, state["config"], "cpu")
     replay = state.get("replay")
     if not replay:
