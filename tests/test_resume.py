@@ -232,3 +232,26 @@ def test_impossible_values_stop_before_training(args, expected, tmp_path):
     assert expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not list_checkpoints(tmp_path / "r" / "checkpoints")
+
+
+def test_a_fresh_start_over_an_attempt_without_checkpoints_hides_its_points(reference, tmp_path):
+    """An attempt stopped before its first checkpoint leaves event files and nothing to resume: the
+    run starts afresh, and the attempt's points must not merge into its curves (TensorBoard and
+    the report read every event file of the directory).  Found in benchmarks/README.md, Slippery
+    Ant second sitting: a first-friction mean that differed from a deterministic rerun."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = tmp_path / "run"
+    stale = SummaryWriter(str(run_dir))
+    for step in (150, 250, 1150):  # steps the run itself never logs these tags at
+        for tag in TAGS:
+            stale.add_scalar(tag, 1e6, step)
+    stale.close()
+    result = train(*SAC, "total_steps=1200", f"run_dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    assert curves(run_dir, TAGS) == curves(reference["sac"], TAGS)
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 2  # the attempt's file is kept, only hidden
+    from rl_plasticity.report import read_events as report_events
+    scalars, config_text, _ = report_events(run_dir)
+    assert scalars["charts/episode_return"][1].max() < 1e6
+    assert config_text is not None and "Pendulum-v1" in config_text  # the run's own config is kept

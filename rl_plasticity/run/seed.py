@@ -87,7 +87,13 @@ def start_seed(seed: int, directory: Path, container: dict[str, Any], resume_pat
     directory.mkdir(parents=True, exist_ok=True)
     start = resume_state["step"] if resume_state is not None else 0
     # purge_step drops what a crashed process logged after its last checkpoint, so the curves
-    # continue without duplicated points.
+    # continue without duplicated points; a fresh start over event files (an attempt stopped
+    # before its first checkpoint) purges from step 0, so that attempt's points are hidden from
+    # TensorBoard and the report (its file stays on disk).
+    if resume_state is not None:
+        purge_step: Optional[int] = start + 1
+    else:
+        purge_step = 0 if any(directory.glob("events.out.tfevents.*")) else None
     multi = int(container.get("num_seeds", 1)) > 1
     log = from_node(LogConfig, container["log"], "log")
     mirror = None
@@ -98,7 +104,7 @@ def start_seed(seed: int, directory: Path, container: dict[str, Any], resume_pat
         mirror = WandbMirror(directory, container, log.wandb_project, log.wandb_entity,
                              log.wandb_group or (top if multi else None), log.wandb_tags, log.wandb_mode,
                              name=f"{top}/{directory.name}" if multi else top)
-    logger = Logger(str(directory), run.total_steps, purge_step=start + 1 if resume_state is not None else None,
+    logger = Logger(str(directory), run.total_steps, purge_step=purge_step,
                     label=f"seed {seed}" if multi else "", progress_every_s=log.progress_seconds,
                     start_step=start, start_updates=job.agent.update_count, mirror=mirror)
     if resume_state is None:
