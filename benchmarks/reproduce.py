@@ -47,6 +47,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from rl_plasticity.rundir import EVENT_PREFIX
+
 REPO = Path(__file__).resolve().parent.parent
 
 # study -> (scale preset, report metric, {arm: (arm preset, the arm's own scaled overrides)})
@@ -138,9 +140,6 @@ def task_metrics(study: str) -> dict[str, str]:
     if not OmegaConf.select(preset, "eval.all_tasks", default=False):
         return {}
     return {task: eval_task_tag(task) for task in OmegaConf.select(preset, "env.tasks")}
-
-
-EVENT_PREFIX = "events.out.tfevents."
 
 
 def archive_events(runs: Path, archive: Path) -> int:

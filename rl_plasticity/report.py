@@ -50,8 +50,8 @@ import yaml
 
 from rl_plasticity.cli import fail
 from rl_plasticity.names import EVAL_RETURN, NOT_LEARNING_KEYS, TASK_CHANGE, did_you_mean
+from rl_plasticity.rundir import EVENT_PREFIX
 
-EVENT_PREFIX = "events.out.tfevents."
 RETURN_TAG = EVAL_RETURN
 CONFIG_TAG = "config/text_summary"  # SummaryWriter.add_text("config", ...) stores it under this tag
 DEFAULT_REPS = 10_000

@@ -27,6 +27,12 @@ from typing import Any, Optional, Sequence
 from rl_plasticity.config import ConfigError
 
 LOCK_NAME = ".rl_plasticity.lock"
+EVENT_PREFIX = "events.out.tfevents."  # the name of every TensorBoard event file starts so
+
+
+def has_event_files(path: Path) -> bool:
+    """Whether `path` directly holds TensorBoard event files."""
+    return any(path.glob(EVENT_PREFIX + "*"))
 
 # What this package writes into a run directory: a directory holding any of these is a run.
 _RUN_MARKERS = (".hydra", "checkpoints", "train.log", LOCK_NAME, "diverged.json")
@@ -45,7 +51,7 @@ def default_name(root: str, stamp: str, overrides: str, max_len: int = 120) -> s
 
 def is_run(path: Path) -> bool:
     """Whether `path` holds a run of this package (or the seed directories of one)."""
-    if any((path / m).exists() for m in _RUN_MARKERS) or any(path.glob("events.out.tfevents.*")):
+    if any((path / m).exists() for m in _RUN_MARKERS) or has_event_files(path):
         return True
     return any(is_run(d) for d in path.glob("seed_*") if d.is_dir())
 

@@ -6,14 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from rl_plasticity.config import ConfigError
-from rl_plasticity.rundir import LOCK_NAME, RunLock, run_dir_override
+from rl_plasticity.rundir import LOCK_NAME, RunLock, has_event_files, run_dir_override
 
 
 def run_in_progress(run_dir: Path) -> bool:
     """Whether `run_dir` already holds a run's work: checkpoints or TensorBoard events."""
     from rl_plasticity.checkpoint import list_checkpoints
 
-    return bool(list_checkpoints(run_dir / "checkpoints")) or any(run_dir.glob("events.out.tfevents.*"))
+    return bool(list_checkpoints(run_dir / "checkpoints")) or has_event_files(run_dir)
 
 
 def seed_runs(run_dir: Path, config: dict[str, Any]) -> list[tuple[int, Path, dict[str, Any]]]:

@@ -19,6 +19,7 @@ from rl_plasticity.run.layout import seed_runs
 from rl_plasticity.run.resume import forget, resume_point
 from rl_plasticity.run.rng import rng_state, seed_everything, set_rng_state
 from rl_plasticity.run.settings import CheckpointConfig, LogConfig, RunConfig
+from rl_plasticity.rundir import has_event_files
 
 
 def _yaml_block(cfg: dict[str, Any]) -> str:
@@ -93,7 +94,7 @@ def start_seed(seed: int, directory: Path, container: dict[str, Any], resume_pat
     if resume_state is not None:
         purge_step: Optional[int] = start + 1
     else:
-        purge_step = 0 if any(directory.glob("events.out.tfevents.*")) else None
+        purge_step = 0 if has_event_files(directory) else None
     multi = int(container.get("num_seeds", 1)) > 1
     log = from_node(LogConfig, container["log"], "log")
     mirror = None
