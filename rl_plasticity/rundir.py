@@ -34,6 +34,7 @@ def has_event_files(path: Path) -> bool:
     """Whether `path` directly holds TensorBoard event files."""
     return any(path.glob(EVENT_PREFIX + "*"))
 
+
 # What this package writes into a run directory: a directory holding any of these is a run.
 _RUN_MARKERS = (".hydra", "checkpoints", "train.log", LOCK_NAME, "diverged.json")
 
