@@ -232,6 +232,19 @@ def test_resumed_run_merges_event_files(tmp_path):
     assert int(row["final_step"]) == 4000 and float(row["final_return"]) == 50.0
 
 
+def test_runs_csv_names_run_dirs_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """A report committed with its runs must not carry this machine's absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    write_run(tmp_path / "runs" / "a", config(), {0: 1.0, 1000: 2.0})
+    assert main(["runs", "--out", "out", "--reps", REPS]) == 0
+    (row,) = read_csv(tmp_path / "out" / "runs.csv")
+    assert row["run_dir"] == str(Path("runs") / "a")
+    monkeypatch.chdir(tmp_path / "out")  # runs not below the working directory: absolute
+    assert main([str(tmp_path / "runs"), "--out", ".", "--reps", REPS]) == 0
+    (row,) = read_csv(tmp_path / "out" / "runs.csv")
+    assert row["run_dir"] == str((tmp_path / "runs" / "a").resolve())
+
+
 def test_hydra_config_fallback_and_method_keys(tmp_path):
     root = tmp_path / "multi"
     (root / ".hydra").mkdir(parents=True)
