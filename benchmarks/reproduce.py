@@ -23,8 +23,8 @@ seeds' minibatch steps are batched; about 2× at 4 seeds on a 2-core CPU, benchm
 Each run's directory is kept (`--runs`, default `runs/reproduce/<study>`, outside git); a run that
 was interrupted continues from its newest checkpoint when the command is given again (train's
 `resume=true`), and a finished run is not run again.  Every run's TensorBoard event files (not
-its checkpoints: about 0.1 MB for a continual-DMC run, 2.3 MB for a Slippery Ant seed) are copied into `--out`/events/<arm>/seed_<s>/,
-which git keeps, and `python -m rl_plasticity.report` draws the study's figures and tables from that
+its checkpoints: about 0.1 MB for a continual-DMC run, 2.3 MB for a Slippery Ant seed) are copied
+into `--out`/events/<arm>/seed_<s>/, which git keeps, and `python -m rl_plasticity.report` draws the study's figures and tables from that
 copy into `--out` (default `benchmarks/results/reproduce/<study>`): a report can be redrawn, and a
 study completed, on a machine that no longer has the run dirs.
 What each study is expected to show, written before it was run, and what it showed, are in
@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from rl_plasticity.rundir import EVENT_PREFIX
+from rl_plasticity.rundir import EVENT_PREFIX, shown_path
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -164,15 +164,6 @@ def archive_events(runs: Path, archive: Path) -> int:
     return len(run_dirs)
 
 
-def _shown(path: Path) -> str:
-    """`path` relative to the repository where it lies inside it (the report's summary names the
-    folder its runs came from, and a committed summary should not name this machine's directories)."""
-    try:
-        return str(path.relative_to(REPO))
-    except ValueError:
-        return str(path)
-
-
 def report(study: str, runs: Path, out: Path, last_k: int) -> int:
     """`python -m rl_plasticity.report` on the study's runs (figures, tables, diagnostics); for a
     study evaluated on every task, the report of each task's evaluation in `<out>/<task>/` too, and
@@ -180,8 +171,8 @@ def report(study: str, runs: Path, out: Path, last_k: int) -> int:
     metrics = {"": STUDIES[study][1], **task_metrics(study), **EXTRA_METRICS.get(study, {})}
     rc = 0
     for sub, metric in metrics.items():
-        cmd = [sys.executable, "-m", "rl_plasticity.report", _shown(runs), "--out", _shown(out / sub),
-               "--metric", metric, "--last-k", str(last_k)]
+        cmd = [sys.executable, "-m", "rl_plasticity.report", shown_path(runs, REPO),
+               "--out", shown_path(out / sub, REPO), "--metric", metric, "--last-k", str(last_k)]
         print("$ " + shlex.join(cmd), flush=True)
         rc |= subprocess.run(cmd, cwd=REPO).returncode
     return rc

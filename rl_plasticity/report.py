@@ -50,7 +50,7 @@ import yaml
 
 from rl_plasticity.cli import fail
 from rl_plasticity.names import EVAL_RETURN, NOT_LEARNING_KEYS, TASK_CHANGE, did_you_mean
-from rl_plasticity.rundir import EVENT_PREFIX
+from rl_plasticity.rundir import EVENT_PREFIX, shown_path
 
 RETURN_TAG = EVAL_RETURN
 CONFIG_TAG = "config/text_summary"  # SummaryWriter.add_text("config", ...) stores it under this tag
@@ -1218,18 +1218,9 @@ def hessian_density(report: Report, colors: Mapping[str, Any], choices: Sequence
         + "\n\n".join(f"![{env}: Hessian density]({p.name})" for env, p in figures))
 
 
-def _shown_path(path: Path) -> str:
-    """A run dir as `runs.csv` names it: relative to the working directory where it lies below it,
-    so a committed report does not carry the machine's absolute paths; absolute otherwise."""
-    try:
-        return str(path.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
 def runs_table(report: Report) -> None:
     rows = [(r.env, r.method, format_value(r.seed), int(r.scalars[report.metric][0][-1]), report.score(r),
-             r.config_source, _shown_path(r.path)) for r in sorted(report.runs, key=lambda r: (r.env, r.method, str(r.path)))]
+             r.config_source, shown_path(r.path)) for r in sorted(report.runs, key=lambda r: (r.env, r.method, str(r.path)))]
     path = report.out / "runs.csv"
     write_csv(path, ("env", "method", "seed", "final_step", "final_return", "config_from", "run_dir"), rows)
     report.written.append(path)

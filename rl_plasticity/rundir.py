@@ -35,6 +35,15 @@ def has_event_files(path: Path) -> bool:
     return any(path.glob(EVENT_PREFIX + "*"))
 
 
+def shown_path(path: Path, base: Optional[Path] = None) -> str:
+    """`path` as a committed report names it: relative to `base` (default: the working directory)
+    where it lies below it, so the report carries no machine's absolute paths; as given otherwise."""
+    try:
+        return str(path.relative_to((base or Path.cwd()).resolve()))
+    except ValueError:
+        return str(path)
+
+
 # What this package writes into a run directory: a directory holding any of these is a run.
 _RUN_MARKERS = (".hydra", "checkpoints", "train.log", LOCK_NAME, "diverged.json")
 
